@@ -1,0 +1,187 @@
+"""Load a YAML config into a frozen `Config`, turning every problem into a message a person can act on."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dolphin_train.config.schema import Config, DatasetConfig, SpecialTokens, documented_fields
+from dolphin_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Nested mappings whose keys are checked against a schema (other dict-valued keys are free-form).
+_NESTED_MODELS: dict[str, type[BaseModel]] = {"datasets": DatasetConfig, "special_tokens": SpecialTokens}
+
+
+class _DuplicateTrackingLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate keys instead of silently keeping the last one."""
+
+    duplicates: list[tuple[str, Any, Any, int]]
+
+
+def _construct_mapping(loader: _DuplicateTrackingLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        k = loader.construct_object(key_node, deep=deep)
+        v = loader.construct_object(value_node, deep=deep)
+        if k in seen:
+            loader.duplicates.append((k, seen[k], v, key_node.start_mark.line + 1))
+        seen[k] = v
+    return seen
+
+
+_DuplicateTrackingLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file safely. Repeated keys with equal values are tolerated (the Dolphin 2.9 config
+    repeats `logging_steps: 1`); repeated keys with different values are an error, since which one wins
+    would be a guess."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], source=str(path))
+    text = path.read_text(encoding="utf-8")
+    loader = _DuplicateTrackingLoader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"expected a mapping of keys to values, got {type(data).__name__}"], str(path))
+    problems = []
+    for k, first, second, line in loader.duplicates:
+        if first == second:
+            log.info("%s: key %r is repeated (line %d) with the same value", path, k, line)
+        else:
+            problems.append(f"{k}: set twice with different values ({first!r}, then {second!r} on line {line})")
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return data
+
+
+def parse_override_value(text: str) -> Any:
+    """`--learning_rate 1e-5` → 1e-05: values are read as YAML scalars, so numbers, booleans and
+    lists (`--tokens '[a, b]'`) work as they would in the file."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return _coerce_yaml11_float(value)
+
+
+def _coerce_yaml11_float(value: Any) -> Any:
+    # YAML 1.1 reads `2e-5` (no dot) as a string; pydantic coerces it for float fields, but overrides of
+    # free-form keys should see the number too.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c.isdigit() for c in value) and "e" in value.lower() else value
+        except ValueError:
+            return value
+    return value
+
+
+def _drop_nulls(value: Any) -> Any:
+    """axolotl configs write `key:` (null) to mean "not set": treat it as absent so the default applies."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the closest candidate, or ''."""
+    match = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The schema model that owns the mapping at `loc` (for suggesting key names)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, str) and part in _NESTED_MODELS and model is Config:
+            model = _NESTED_MODELS[part]
+    return model
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe_error(err: Mapping[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    where = _format_loc(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = loc[-1]
+        known = documented_fields(_model_at(loc[:-1]))
+        return f"{where}: unknown key{suggest(name, known)}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    hint = ""
+    if kind == "literal_error" and isinstance(value, str):
+        expected = [s.strip().strip("'") for s in err.get("ctx", {}).get("expected", "").replace(" or ", ",").split(",")]
+        hint = suggest(value, [e for e in expected if e])
+    if not where:  # model-level check: the message names its keys
+        return msg
+    return f"{where}: {value!r} is not allowed: {msg}{hint}"
+
+
+def _unsupported_settings(cfg: Config) -> list[str]:
+    """Known keys whose non-default values are not implemented yet: never silently ignored."""
+    problems = []
+    for name, info in Config.model_fields.items():
+        extra = info.json_schema_extra or {}
+        if extra.get("unsupported") and getattr(cfg, name) != info.default:
+            problems.append(f"{info.alias or name}: {getattr(cfg, name)!r} is not supported yet")
+    return problems
+
+
+def validate_mapping(data: Mapping[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping; raises ConfigError listing every problem."""
+    cleaned = _drop_nulls(dict(data))
+    try:
+        cfg = Config.model_validate(cleaned)
+    except ValidationError as exc:
+        problems = [_describe_error(e) for e in exc.errors()]
+        raise ConfigError(problems, source=source) from None
+    problems = _unsupported_settings(cfg)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Top-level keys from the command line replace those of the file (unknown ones are errors)."""
+    known = documented_fields(Config)
+    unknown = [f"--{k}: unknown key{suggest(k, known)}" for k in overrides if k not in known]
+    if unknown:
+        raise ConfigError(unknown, source=f"{source} (command-line overrides)")
+    return {**data, **overrides}
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """YAML file (+ command-line overrides) → validated, frozen Config."""
+    data = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides, str(path))
+    return validate_mapping(data, source=str(path))

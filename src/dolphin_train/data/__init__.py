@@ -1,0 +1,1 @@
+"""Data stage: files → validated conversations → ChatML token ids and labels → cached, packed rows."""

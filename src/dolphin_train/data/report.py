@@ -1,0 +1,56 @@
+"""The preparation report: what happened to every row, shown to the user and cached with the data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PreparationReport:
+    """What happened to every row: nothing is dropped or truncated without being counted here."""
+
+    rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_trainable: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    longest: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    sequence_len: int = 0
+    fingerprint: str = ""
+    from_cache: bool = False
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_too_long + self.dropped_no_trainable
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreparationReport:
+        return cls(**json.loads(text))
+
+    def table(self) -> Any:
+        """A rich Table for the console."""
+        from rich.table import Table
+
+        t = Table(title="Prepared data" + (" (from cache)" if self.from_cache else ""), show_header=False)
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        for path, n in self.rows_read.items():
+            t.add_row(f"rows read: {path}", f"{n:,}")
+        t.add_row("kept", f"{self.kept:,}")
+        t.add_row(f"truncated to {self.sequence_len} tokens", f"{self.truncated:,}")
+        t.add_row(f"dropped: longer than {self.sequence_len} tokens", f"{self.dropped_too_long:,}")
+        t.add_row("dropped: no trainable token", f"{self.dropped_no_trainable:,}")
+        t.add_row("tokens (trainable)", f"{self.tokens:,} ({self.trainable_tokens:,})")
+        t.add_row("longest row", f"{self.longest:,}")
+        t.add_row("train / eval rows", f"{self.train_rows:,} / {self.eval_rows:,}")
+        t.add_row("fingerprint", self.fingerprint)
+        return t

@@ -1,0 +1,1 @@
+"""Model stage: tokenizer (+ added tokens, chat template) and model (weights, precision, attention)."""

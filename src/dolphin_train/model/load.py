@@ -1,0 +1,106 @@
+"""Load (or initialise) the model at the right precision and attention backend, sized to the tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dolphin_train.config.resolve import RuntimeSettings
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+from dolphin_train.model.tokenizer import LoadedTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _model_class(cfg: Config) -> Any:
+    import transformers
+
+    cls = getattr(transformers, cfg.model_type, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise DolphinError(f"model_type: {cfg.model_type!r} is not a transformers model class")
+    return cls
+
+
+def _load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
+    """Without DeepSpeed, full fine-tuning keeps float32 master weights and autocasts to bf16/fp16: pure
+    bf16 weights lose small Adam updates. DeepSpeed keeps its own fp32 master copy, so the model loads in
+    the compute dtype there."""
+    import torch
+
+    if cfg.deepspeed and runtime.bf16:
+        return torch.bfloat16
+    if cfg.deepspeed and runtime.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def _model_config(cfg: Config) -> Any:
+    from transformers import AutoConfig
+
+    source = cfg.base_model_config or cfg.base_model
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DolphinError(f"cannot load the model config from {source!r}: {exc}") from None
+    for name, value in (cfg.model_config_overrides or {}).items():
+        setattr(config, name, value)
+    return config
+
+
+def init_new_embeddings(model: Any, new_token_ids: list[int]) -> None:
+    """Rows of newly added tokens start at the mean of the existing rows (input and output embeddings):
+    a random row would give the new token an arbitrary, often huge, initial logit."""
+    import torch
+
+    if not new_token_ids:
+        return
+    first_new = min(new_token_ids)
+    layers = [model.get_input_embeddings()]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not layers[0].weight:
+        layers.append(out)
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight
+            mean = weight[:first_new].float().mean(dim=0).to(weight.dtype)
+            weight[new_token_ids] = mean
+
+
+def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Any:
+    import torch
+
+    config = _model_config(cfg)
+    cls = _model_class(cfg)
+    dtype = _load_dtype(cfg, runtime)
+    kwargs = {"dtype": dtype, "attn_implementation": runtime.attn_implementation}
+    if cfg.train_from_scratch:
+        torch.manual_seed(cfg.seed)
+        model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        log.info("Initialised %s from scratch", type(model).__name__)
+    else:
+        try:
+            model = cls.from_pretrained(
+                cfg.base_model, config=config, trust_remote_code=cfg.trust_remote_code, **kwargs
+            )
+        except OSError as exc:
+            raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
+    tokenizer = tok.tokenizer
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    init_new_embeddings(model, tok.new_token_ids)
+    _sync_special_token_ids(model, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def _sync_special_token_ids(model: Any, tokenizer: Any) -> None:
+    """The saved config and generation config name the tokenizer's bos/eos/pad, so `generate`, vLLM and
+    GGUF converters stop at `<|im_end|>` without extra flags."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(model.config, name, value)
+            if model.generation_config is not None:
+                setattr(model.generation_config, name, value)

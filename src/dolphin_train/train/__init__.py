@@ -1,0 +1,1 @@
+"""Train stage: a thin wrapper over transformers.Trainer (arguments, collator, schedule, summaries)."""

@@ -1,0 +1,95 @@
+"""Config + runtime + schedule → transformers.TrainingArguments (the only place this mapping lives)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dolphin_train.config.resolve import RuntimeSettings
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+from dolphin_train.train.schedule import TrainingSchedule
+
+
+def deepspeed_config(cfg: Config) -> str | dict[str, Any] | None:
+    if cfg.deepspeed is None or isinstance(cfg.deepspeed, dict):
+        return cfg.deepspeed
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise DolphinError(
+            f"deepspeed: {cfg.deepspeed} not found (relative paths are resolved from {Path.cwd()}; "
+            "the repository ships deepspeed_configs/)"
+        )
+    return str(path)
+
+
+def wandb_environment(cfg: Config) -> dict[str, str]:
+    """wandb reads its settings from the environment; map the config's wandb_* keys onto it."""
+    pairs = {
+        "WANDB_PROJECT": cfg.wandb_project,
+        "WANDB_ENTITY": cfg.wandb_entity,
+        "WANDB_NAME": cfg.wandb_name,
+        "WANDB_RUN_ID": cfg.wandb_run_id,
+        "WANDB_MODE": cfg.wandb_mode,
+        "WANDB_WATCH": cfg.wandb_watch,
+        "WANDB_LOG_MODEL": cfg.wandb_log_model,
+    }
+    env = {k: v for k, v in pairs.items() if v is not None}
+    if cfg.wandb_run_id:
+        env["WANDB_RESUME"] = "allow"
+    return env
+
+
+def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule) -> Any:
+    from transformers import TrainingArguments
+
+    os.environ.update(wandb_environment(cfg))
+    has_eval = schedule.eval_steps is not None or cfg.val_set_size > 0
+    optional = {
+        k: v
+        for k, v in {
+            "adam_beta1": cfg.adam_beta1,
+            "adam_beta2": cfg.adam_beta2,
+            "adam_epsilon": cfg.adam_epsilon,
+            "lr_scheduler_kwargs": cfg.lr_scheduler_kwargs,
+            "gradient_checkpointing_kwargs": cfg.gradient_checkpointing_kwargs,
+            "save_total_limit": cfg.save_total_limit,
+        }.items()
+        if v is not None
+    }
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=schedule.total_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=schedule.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=runtime.bf16,
+        fp16=runtime.fp16,
+        tf32=runtime.tf32 if runtime.device == "cuda" else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if schedule.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=schedule.eval_steps,
+        eval_on_start=has_eval,
+        save_strategy="steps" if schedule.save_steps else "epoch",
+        save_steps=schedule.save_steps or 500,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["wandb"] if cfg.wandb_project else "none",
+        run_name=cfg.wandb_name,
+        deepspeed=deepspeed_config(cfg),
+        # Our rows carry only what the model needs; the column check would drop position_ids.
+        remove_unused_columns=False,
+        # The loss is the mean over every trainable token of the global batch, on any number of processes.
+        average_tokens_across_devices=True,
+        include_num_input_tokens_seen="non_padding",
+        **optional,
+    )

@@ -1,0 +1,161 @@
+"""The training run: every stage of the flow, in order, then transformers.Trainer does the loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
+from dolphin_train.config.schema import Config
+from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan_packing
+from dolphin_train.data.prepare import PreparedData, prepare_data
+from dolphin_train.errors import DolphinError
+from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
+from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows the Trainer iterates, and how they were packed (None when not packed)."""
+
+    train: Any
+    eval: Any | None
+    train_plan: PackingPlan | None
+    eval_plan: PackingPlan | None
+
+
+def build_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
+    def rows(dataset: Any, packed: bool, seed: int) -> tuple[Any, PackingPlan | None]:
+        if dataset is None:
+            return None, None
+        if not packed:
+            return SingleRows(dataset), None
+        plan = plan_packing(_lengths(dataset), cfg.sequence_len, seed)
+        return PackedRows(dataset, plan), plan
+
+    train, train_plan = rows(prepared.train, cfg.sample_packing, cfg.seed)
+    eval_rows, eval_plan = rows(prepared.eval, cfg.eval_packing, cfg.seed + 1)
+    return TrainingRows(train, eval_rows, train_plan, eval_plan)
+
+
+def _lengths(dataset: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(dataset["length"], dtype=np.int64)
+
+
+def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer) -> PreparedData:
+    """Rank 0 prepares and caches; the other ranks wait, then load the same cache entry."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        return prepare_data(cfg, tok.tokenizer)
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = cfg.resume_from_checkpoint
+    if value is None:
+        return None
+    if value is True or value in ("auto", "true"):
+        out = Path(cfg.output_dir)
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None and value == "auto":
+            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", out)
+        elif last is None:
+            raise DolphinError(f"resume_from_checkpoint: true, but {out} holds no checkpoint")
+        return last
+    if not Path(str(value)).is_dir():
+        raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
+    return str(value)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(cfg.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+
+
+def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
+
+
+def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds: float) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    history = trainer.state.log_history
+    evals = _eval_losses(history)
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    summary = {
+        "config_hash": config_hash(cfg),
+        "data_fingerprint": prepared.report.fingerprint,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 1),
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "eval_losses": evals,
+        "first_eval_loss": evals[0][1] if evals else None,
+        "final_eval_loss": evals[-1][1] if evals else None,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _make_trainer(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows,
+                  schedule: TrainingSchedule) -> Any:
+    from transformers import Trainer
+
+    from dolphin_train.model.load import load_model
+    from dolphin_train.train.arguments import build_training_arguments
+    from dolphin_train.train.collator import ChatCollator
+
+    # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
+    # its weights are partitioned as they load.
+    args = build_training_arguments(cfg, runtime, schedule)
+    model = load_model(cfg, runtime, tok)
+    pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows.train,
+        eval_dataset=rows.eval,
+        data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
+        processing_class=tok.tokenizer,
+    )
+
+
+def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
+    """Prepare data, load the model, train, save the final model and tokenizer, summarise.
+
+    `show` renders tables for the user (the CLI passes its console's print); None prints nothing.
+    """
+    from dolphin_train.train.summary import plan_table
+
+    runtime = resolve_runtime(cfg)
+    log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
+    tok = load_tokenizer(cfg)
+    prepared = prepare_on_main_process_first(cfg, tok)
+    rows = build_rows(cfg, prepared)
+    schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    trainer = _make_trainer(cfg, runtime, tok, rows, schedule)
+    is_main = trainer.is_world_process_zero()
+    if show and is_main:
+        show(prepared.report.table())
+        show(plan_table(cfg, runtime, schedule, rows, trainer.model))
+    resume = resolve_resume(cfg)
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.monotonic() - started
+    if rows.eval is not None:
+        trainer.evaluate()
+    trainer.save_model(cfg.output_dir)
+    summary = write_run_summary(cfg, trainer, prepared, elapsed) if is_main else {}
+    return summary
