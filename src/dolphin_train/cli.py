@@ -45,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
     }
     for name in COMMANDS:
-        _add_common(sub.add_parser(name, help=helps[name], description=helps[name], epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+        _add_common(
+            sub.add_parser(
+                name,
+                help=helps[name],
+                description=helps[name],
+                epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return parser
 
 
@@ -92,6 +99,8 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("dolphin_train").setLevel(level)
     if not verbose:
+        # bitsandbytes warns at import that optional CPU kernels are missing; it works without them.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         # Library chatter (deprecation notices, "loading file..." lines) hides what matters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
@@ -105,7 +114,7 @@ def setup_logging(verbose: bool) -> None:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(soft_wrap=False)
+    return Console(soft_wrap=True)
 
 
 def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -120,8 +129,10 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     resolved.update(bf16=runtime.bf16, fp16=runtime.fp16, tf32=runtime.tf32)
     print(f"# {args.config}: valid. Defaults filled in; `auto` resolved for this machine.")
     print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, allow_unicode=True), end="")
-    print(f"# this machine: {runtime.device}, attention {runtime.attn_implementation} "
-          f"({runtime.attention_note}), {runtime.launcher}")
+    print(
+        f"# this machine: {runtime.device}, attention {runtime.attn_implementation} "
+        f"({runtime.attention_note}), {runtime.launcher}"
+    )
     for warning in _missing_paths(cfg):
         print(f"# warning: {warning}")
     return 0
@@ -139,12 +150,13 @@ def _missing_paths(cfg: Any) -> list[str]:
 
 def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
+    from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.model.tokenizer import load_tokenizer
     from dolphin_train.train.run import prepare_on_main_process_first
 
     cfg = load_config(args.config, overrides)
     tok = load_tokenizer(cfg)
-    prepared = prepare_on_main_process_first(cfg, tok)
+    prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
     if _is_main_process():
         _console().print(prepared.report.table())
         print(f"Prepared data: {prepared.path}" + (" (reused from cache)" if prepared.report.from_cache else ""))
@@ -161,8 +173,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if summary:
         first, final = summary.get("first_eval_loss"), summary.get("final_eval_loss")
         evals = f"; eval loss {first:.4f} → {final:.4f}" if first is not None else ""
-        console.print(f"[bold green]Done[/]: {summary['steps']} steps in {summary['train_seconds']}s{evals}. "
-                      f"Model saved to {cfg.output_dir}")
+        console.print(
+            f"[bold green]Done[/]: {summary['steps']} steps in {summary['train_seconds']}s{evals}. "
+            f"Model saved to {cfg.output_dir}"
+        )
     return 0
 
 

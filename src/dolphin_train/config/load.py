@@ -37,9 +37,7 @@ def _construct_mapping(loader: _DuplicateTrackingLoader, node: yaml.MappingNode,
     return seen
 
 
-_DuplicateTrackingLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
+_DuplicateTrackingLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -139,7 +137,9 @@ def _describe_error(err: Mapping[str, Any]) -> str:
     value = err.get("input")
     hint = ""
     if kind == "literal_error" and isinstance(value, str):
-        expected = [s.strip().strip("'") for s in err.get("ctx", {}).get("expected", "").replace(" or ", ",").split(",")]
+        expected = [
+            s.strip().strip("'") for s in err.get("ctx", {}).get("expected", "").replace(" or ", ",").split(",")
+        ]
         hint = suggest(value, [e for e in expected if e])
     if not where:  # model-level check: the message names its keys
         return msg

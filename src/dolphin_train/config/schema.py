@@ -79,8 +79,7 @@ class DatasetConfig(_Strict):
     )
     field_messages: str | None = key(
         None,
-        "Name of the column holding the turns (default: `conversations` for sharegpt, `messages` for "
-        "chat_template).",
+        "Name of the column holding the turns (default: `conversations` for sharegpt, `messages` for chat_template).",
         "data",
     )
 
@@ -156,7 +155,9 @@ class Config(_Strict):
     lora_target_modules: list[str] | None = key(None, "Modules LoRA adapts.", "model", unsupported=True)
     lora_target_linear: bool | None = key(None, "Adapt every linear layer.", "model", unsupported=True)
     strict: bool = key(
-        False, "axolotl's `strict`; only `false` (dolphin-train always rejects unknown keys).", "model",
+        False,
+        "axolotl's `strict`; only `false` (dolphin-train always rejects unknown keys).",
+        "model",
         unsupported=True,
     )
     flash_attention: bool = key(
@@ -168,7 +169,8 @@ class Config(_Strict):
     sdp_attention: bool = key(False, "Use PyTorch scaled-dot-product attention (the default).", "model")
     xformers_attention: bool = key(False, "xformers attention.", "model", unsupported=True)
     attn_implementation: str | None = key(
-        None, "Force a transformers attention implementation (`sdpa`, `eager`, `flash_attention_2`...).",
+        None,
+        "Force a transformers attention implementation (`sdpa`, `eager`, `flash_attention_2`...).",
         "model",
     )
 
@@ -191,8 +193,7 @@ class Config(_Strict):
     )
     val_set_size: float = key(
         0.0,
-        "Held-out evaluation set: a fraction of the rows (0 < x < 1) or a number of rows (x >= 1); split "
-        "with `seed`.",
+        "Held-out evaluation set: a fraction of the rows (0 < x < 1) or a number of rows (x >= 1); split with `seed`.",
         "data",
         ge=0,
     )
@@ -276,13 +277,16 @@ class Config(_Strict):
 
     # ---- distributed ---------------------------------------------------------------------------
     deepspeed: str | dict[str, Any] | None = key(
-        None, "DeepSpeed config: a JSON file path or an inline mapping (see `deepspeed_configs/`).",
+        None,
+        "DeepSpeed config: a JSON file path or an inline mapping (see `deepspeed_configs/`).",
         "distributed",
     )
     fsdp: list[str] | str | None = key(None, "FSDP options.", "distributed", unsupported=True)
     fsdp_config: dict[str, Any] | None = key(None, "FSDP settings.", "distributed", unsupported=True)
     local_rank: int | None = key(
-        None, "Set by the launcher (torchrun, accelerate); leave it empty in the file.", "distributed",
+        None,
+        "Set by the launcher (torchrun, accelerate); leave it empty in the file.",
+        "distributed",
         unsupported=True,
     )
 

@@ -99,13 +99,13 @@ class ChatMLEncoder:
         rendered = [
             render_chatml(r, c, self.train_on_inputs) for r, c in zip(batch["roles"], batch["contents"], strict=True)
         ]
-        enc = self.tokenizer(
-            [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True
-        )
+        enc = self.tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "trainable": [], "status": []}
         for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
             ids = np.asarray(ids, dtype=np.int64)
-            trained = trained_token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), r.trained_spans, len(r.text))
+            trained = trained_token_mask(
+                np.asarray(offsets, dtype=np.int64).reshape(-1, 2), r.trained_spans, len(r.text)
+            )
             if self.bos_id is not None:
                 ids = np.concatenate(([self.bos_id], ids))
                 trained = np.concatenate(([False], trained))

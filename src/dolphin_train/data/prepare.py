@@ -156,7 +156,9 @@ def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:
         return dataset, None
     size = cfg.val_set_size if cfg.val_set_size < 1 else int(cfg.val_set_size)
     if (size >= 1 and size >= len(dataset)) or (size < 1 and round(size * len(dataset)) < 1):
-        raise DataError(f"val_set_size {cfg.val_set_size} leaves no rows for training or evaluation ({len(dataset)} rows)")
+        raise DataError(
+            f"val_set_size {cfg.val_set_size} leaves no rows for training or evaluation ({len(dataset)} rows)"
+        )
     split = dataset.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
 

@@ -22,8 +22,7 @@ def resolve_data_path(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(
-            f"dataset not found: {path} (relative paths are resolved from the current directory, "
-            f"{Path.cwd()})"
+            f"dataset not found: {path} (relative paths are resolved from the current directory, {Path.cwd()})"
         )
     if p.is_dir():
         raise DataError(f"dataset {path} is a directory; point `path` at a .jsonl or .json file")

@@ -90,8 +90,9 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     init_new_embeddings(model, tok.new_token_ids)
     _sync_special_token_ids(model, tokenizer)
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
+    # No KV cache while training: transformers recognises packed rows (restarting position ids) only when
+    # no cache is built. `save_final_model` turns it back on for inference.
+    model.config.use_cache = False
     return model
 
 

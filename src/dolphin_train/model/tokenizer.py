@@ -53,7 +53,11 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-        log.info("No pad token: using the eos token %r for padding (pad positions are never trained)", tokenizer.eos_token)
+        log.info(
+            "No pad token: using the eos token %r for padding (pad positions are never trained)", tokenizer.eos_token
+        )
+    # Cleanup rewrites " ." as "." when decoding: wrong for byte-level BPE, and it would corrupt chat output.
+    tokenizer.clean_up_tokenization_spaces = False
     if cfg.chat_template == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
     return LoadedTokenizer(tokenizer, list(range(before, len(tokenizer))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,12 @@ def wandb_environment(cfg: Config) -> dict[str, str]:
     return env
 
 
+def _checkpointing_argument(arguments_class: Any) -> str:
+    """transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`."""
+    params = inspect.signature(arguments_class.__init__).parameters
+    return "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+
+
 def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule) -> Any:
     from transformers import TrainingArguments
 
@@ -53,11 +60,14 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
             "adam_beta2": cfg.adam_beta2,
             "adam_epsilon": cfg.adam_epsilon,
             "lr_scheduler_kwargs": cfg.lr_scheduler_kwargs,
-            "gradient_checkpointing_kwargs": cfg.gradient_checkpointing_kwargs,
             "save_total_limit": cfg.save_total_limit,
         }.items()
         if v is not None
     }
+    checkpointing = _checkpointing_argument(TrainingArguments)
+    optional[checkpointing] = cfg.gradient_checkpointing
+    if cfg.gradient_checkpointing_kwargs is not None:
+        optional[f"{checkpointing}_kwargs"] = cfg.gradient_checkpointing_kwargs
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -74,7 +84,10 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         bf16=runtime.bf16,
         fp16=runtime.fp16,
         tf32=runtime.tf32 if runtime.device == "cuda" else None,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_pin_memory=runtime.device == "cuda",
+        use_cpu=runtime.device == "cpu",
+        # Full fine-tuning uses every parameter; the search for unused ones costs a graph traversal per step.
+        ddp_find_unused_parameters=False,
         logging_steps=cfg.logging_steps,
         eval_strategy=("steps" if schedule.eval_steps else "epoch") if has_eval else "no",
         eval_steps=schedule.eval_steps,

@@ -51,11 +51,13 @@ def _lengths(dataset: Any) -> Any:
     return np.asarray(dataset["length"], dtype=np.int64)
 
 
-def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer) -> PreparedData:
+def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer, runtime: RuntimeSettings) -> PreparedData:
     """Rank 0 prepares and caches; the other ranks wait, then load the same cache entry."""
     from accelerate import PartialState
 
-    with PartialState().main_process_first():
+    # accelerate treats a CPU-only torchrun as distributed (gloo) only when told the run is on the CPU;
+    # the same flag reaches TrainingArguments (use_cpu), which shares this process-wide state.
+    with PartialState(cpu=runtime.device == "cpu").main_process_first():
         return prepare_data(cfg, tok.tokenizer)
 
 
@@ -97,6 +99,8 @@ def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds
         "config_hash": config_hash(cfg),
         "data_fingerprint": prepared.report.fingerprint,
         "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "world_size": trainer.args.world_size,
         "train_seconds": round(seconds, 1),
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
@@ -109,8 +113,9 @@ def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds
     return summary
 
 
-def _make_trainer(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows,
-                  schedule: TrainingSchedule) -> Any:
+def make_trainer(
+    cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows, schedule: TrainingSchedule
+) -> Any:
     from transformers import Trainer
 
     from dolphin_train.model.load import load_model
@@ -132,6 +137,38 @@ def _make_trainer(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, r
     )
 
 
+def save_final_model(trainer: Any, output_dir: str) -> None:
+    """safetensors weights, config, generation config and tokenizer (with its chat template), ready for
+    transformers, vLLM and GGUF converters; the KV cache is re-enabled for inference."""
+    trainer.model.config.use_cache = True
+    trainer.save_model(output_dir)
+
+
+@dataclass
+class Run:
+    """Everything assembled for one training run, before the loop starts."""
+
+    cfg: Config
+    runtime: RuntimeSettings
+    tok: LoadedTokenizer
+    prepared: PreparedData
+    rows: TrainingRows
+    schedule: TrainingSchedule
+    trainer: Any
+
+
+def set_up_run(cfg: Config) -> Run:
+    """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
+    runtime = resolve_runtime(cfg)
+    log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
+    tok = load_tokenizer(cfg)
+    prepared = prepare_on_main_process_first(cfg, tok, runtime)
+    rows = build_rows(cfg, prepared)
+    schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    trainer = make_trainer(cfg, runtime, tok, rows, schedule)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer)
+
+
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
     """Prepare data, load the model, train, save the final model and tokenizer, summarise.
 
@@ -139,23 +176,17 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
     """
     from dolphin_train.train.summary import plan_table
 
-    runtime = resolve_runtime(cfg)
-    log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
-    tok = load_tokenizer(cfg)
-    prepared = prepare_on_main_process_first(cfg, tok)
-    rows = build_rows(cfg, prepared)
-    schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
-    trainer = _make_trainer(cfg, runtime, tok, rows, schedule)
+    run = set_up_run(cfg)
+    trainer = run.trainer
     is_main = trainer.is_world_process_zero()
     if show and is_main:
-        show(prepared.report.table())
-        show(plan_table(cfg, runtime, schedule, rows, trainer.model))
+        show(run.prepared.report.table())
+        show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model))
     resume = resolve_resume(cfg)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.monotonic() - started
-    if rows.eval is not None:
+    if run.rows.eval is not None:
         trainer.evaluate()
-    trainer.save_model(cfg.output_dir)
-    summary = write_run_summary(cfg, trainer, prepared, elapsed) if is_main else {}
-    return summary
+    save_final_model(trainer, cfg.output_dir)
+    return write_run_summary(cfg, trainer, run.prepared, elapsed) if is_main else {}

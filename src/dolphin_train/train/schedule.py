@@ -29,14 +29,9 @@ def plan_schedule(cfg: Config, rows: int, world_size: int, has_eval: bool) -> Tr
     micro_batches = math.ceil(rows / (cfg.micro_batch_size * world_size))
     steps_per_epoch = max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    if cfg.warmup_steps is not None:
-        warmup = cfg.warmup_steps
-    else:
-        warmup = round((cfg.warmup_ratio or 0.0) * total)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
     eval_steps = None
     if has_eval:
-        eval_steps = cfg.eval_steps or (
-            max(1, steps_per_epoch // cfg.evals_per_epoch) if cfg.evals_per_epoch else None
-        )
+        eval_steps = cfg.eval_steps or (max(1, steps_per_epoch // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     save_steps = cfg.save_steps or (max(1, steps_per_epoch // cfg.saves_per_epoch) if cfg.saves_per_epoch else None)
     return TrainingSchedule(rows, world_size, micro_batches, steps_per_epoch, total, warmup, eval_steps, save_steps)

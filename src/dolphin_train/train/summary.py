@@ -33,9 +33,13 @@ def plan_table(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule
     effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * schedule.world_size
     tokens = f", up to {effective * cfg.sequence_len:,} tokens" if cfg.sample_packing else ""
     t.add_row("effective batch", f"{effective} rows{tokens}")
-    t.add_row("steps", f"{schedule.total_steps:,} ({schedule.steps_per_epoch:,} per epoch, {schedule.epochs:.2f} epochs)")
+    t.add_row(
+        "steps", f"{schedule.total_steps:,} ({schedule.steps_per_epoch:,} per epoch, {schedule.epochs:.2f} epochs)"
+    )
     t.add_row("warmup steps", f"{schedule.warmup_steps:,}")
-    t.add_row("eval every", f"{schedule.eval_steps} steps" if schedule.eval_steps else ("epoch" if rows.eval else "never"))
+    t.add_row(
+        "eval every", f"{schedule.eval_steps} steps" if schedule.eval_steps else ("epoch" if rows.eval else "never")
+    )
     t.add_row("checkpoint every", f"{schedule.save_steps} steps" if schedule.save_steps else "epoch")
     t.add_row("precision", precision + (" + tf32" if runtime.tf32 else ""))
     t.add_row("attention", f"{runtime.attn_implementation} ({runtime.attention_note})")

@@ -1,0 +1,137 @@
+"""Exact token ids and labels with the real Llama-3 tokenizer, and the masking rule on generated data."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from dolphin_train.config.load import validate_mapping
+from dolphin_train.data.chatml import IGNORE_INDEX, ChatMLEncoder, render_chatml, trained_token_mask
+from dolphin_train.model.tokenizer import load_tokenizer
+
+BOS, IM_END, IM_START = 128000, 128257, 128258
+NL, SYSTEM, USER, ASSISTANT = 198, 9125, 882, 78191
+
+
+@pytest.fixture(scope="module")
+def llama3(llama3_dir: str):
+    cfg = validate_mapping(
+        {
+            "base_model": llama3_dir,
+            "datasets": [{"path": "unused.jsonl"}],
+            "special_tokens": {"eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"},
+            "tokens": ["<|im_start|>", "<|im_end|>"],
+        }
+    )
+    return load_tokenizer(cfg)
+
+
+def _encode(tokenizer, roles, contents, train_on_inputs=False, sequence_len=4096, truncate=False):
+    enc = ChatMLEncoder(tokenizer, sequence_len, train_on_inputs, truncate)
+    out = enc({"roles": [roles], "contents": [contents]})
+    return out["input_ids"][0].tolist(), out["labels"][0].tolist(), out["status"][0]
+
+
+def test_chatml_markers_become_single_new_tokens(llama3) -> None:
+    tok = llama3.tokenizer
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]) == [IM_END, IM_START]
+    assert llama3.new_token_ids == [IM_END, IM_START]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|end_of_text|>"
+    assert tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"] == [
+        IM_START,
+        USER,
+        NL,
+        6151,
+        IM_END,
+    ]
+
+
+def test_system_and_two_turns_exact_ids_and_labels(llama3) -> None:
+    roles = ["system", "user", "assistant", "user", "assistant"]
+    contents = ["You are Dolphin.", "What is 2+2?", "4.", "And 3+3?", "6, since 3+3=6."]
+    ids, labels, status = _encode(llama3.tokenizer, roles, contents)
+    x = IGNORE_INDEX
+    expected_ids = [
+        BOS,
+        IM_START, SYSTEM, NL, 2675, 527, 96096, 13, IM_END, NL,  # system: "You are Dolphin."
+        IM_START, USER, NL, 3923, 374, 220, 17, 10, 17, 30, IM_END, NL,  # user: "What is 2+2?"
+        IM_START, ASSISTANT, NL, 19, 13, IM_END, NL,  # assistant: "4."
+        IM_START, USER, NL, 3112, 220, 18, 10, 18, 30, IM_END, NL,  # user: "And 3+3?"
+        IM_START, ASSISTANT, NL, 21, 11, 2533, 220, 18, 10, 18, 28, 21, 13, IM_END, NL,  # "6, since 3+3=6."
+    ]  # fmt: skip
+    expected_labels = [x] * 25 + [19, 13, IM_END, x] + [x] * 14 + [21, 11, 2533, 220, 18, 10, 18, 28, 21, 13, IM_END, x]
+    assert ids == expected_ids
+    assert labels == expected_labels
+    assert status == 0
+
+
+def test_train_on_inputs_trains_everything_but_the_first_token(llama3) -> None:
+    ids, labels, _ = _encode(llama3.tokenizer, ["user", "assistant"], ["Hi", "Hello!"], train_on_inputs=True)
+    assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]
+
+
+def test_over_long_conversations_are_flagged_or_truncated(llama3) -> None:
+    roles, contents = ["user", "assistant"], ["word " * 80, "answer " * 50]
+    ids, _, status = _encode(llama3.tokenizer, roles, contents, sequence_len=64)
+    assert status == 2 and len(ids) > 64  # TOO_LONG: dropped (and counted) by the pipeline
+    ids, labels, status = _encode(llama3.tokenizer, roles, contents, sequence_len=64, truncate=True)
+    assert status == 3 and len(ids) == 64  # truncated inside the user turn: no trainable token left
+    ids, labels, status = _encode(
+        llama3.tokenizer, ["user", "assistant"], ["Hi", "answer " * 80], sequence_len=64, truncate=True
+    )
+    assert status == 1 and len(ids) == 64 and labels[-1] != IGNORE_INDEX
+
+
+def test_mask_from_offsets_handles_straddling_tokens() -> None:
+    # token 0 covers chars 0-3, token 1 chars 3-6 straddling a span starting at 5, token 2 inside it.
+    offsets = np.array([[0, 3], [3, 6], [6, 9], [9, 9]])
+    assert trained_token_mask(offsets, [(5, 9)], 9).tolist() == [False, True, True, False]
+
+
+def test_rendering_matches_the_saved_chat_template(llama3) -> None:
+    tok = llama3.tokenizer
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+    ]
+    rendered = render_chatml([m["role"] for m in messages], [m["content"] for m in messages], False)
+    assert tok.apply_chat_template(messages, tokenize=False) == rendered.text
+    prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == rendered.text[: rendered.text.index("A<|im_end|>")]
+
+
+def _random_conversation(rng: random.Random) -> tuple[list[str], list[str]]:
+    words = ["alpha", "beta", " gamma", "δέλτα", "emoji 🐬", "code `x = 1`", "\tindent", "new\nline", "  spaces", "42"]
+    roles: list[str] = ["system"] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 4)):
+        roles += ["user", "assistant"]
+    contents = [
+        "".join(rng.choice(words) + rng.choice([" ", "", ". "]) for _ in range(rng.randint(1, 30))).strip() or "x"
+        for _ in roles
+    ]
+    return roles, contents
+
+
+def test_masking_rule_holds_on_a_generated_corpus(llama3) -> None:
+    """Property: decoding each maximal run of trained tokens gives an assistant content + <|im_end|>,
+    in order, and nothing else is trained."""
+    tok = llama3.tokenizer
+    rng = random.Random(0)
+    batch = [_random_conversation(rng) for _ in range(1000)]
+    enc = ChatMLEncoder(tok, 100_000, False, False)
+    out = enc({"roles": [b[0] for b in batch], "contents": [b[1] for b in batch]})
+    for (roles, contents), ids, labels in zip(batch, out["input_ids"], out["labels"], strict=True):
+        runs, current = [], []
+        for i, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+            if lab != IGNORE_INDEX:
+                assert lab == i
+                current.append(i)
+            elif current:
+                runs.append(current)
+                current = []
+        assert not current
+        expected = [c + "<|im_end|>" for r, c in zip(roles, contents, strict=True) if r == "assistant"]
+        assert [tok.decode(r) for r in runs] == expected
