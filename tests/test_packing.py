@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dolphin_train.data.chatml import IGNORE_INDEX
+from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.data.packing import PackedRows, best_fit_decreasing, plan_packing
 from dolphin_train.train.collator import ChatCollator
 

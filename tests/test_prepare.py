@@ -41,7 +41,7 @@ def test_malformed_rows_are_listed_with_file_and_line_before_tokenizing(tmp_path
     assert f"{data}:2: invalid JSON" in text
     assert f"{data}:3: missing field 'conversations'" in text
     assert f"{data}:4: turn 1: unknown role 'robot'" in text
-    assert f"{data}:5: turn 1: empty 'value'" in text
+    assert f"{data}:5: empty turn 1: 'value'" in text
     assert f"{data}:6: no assistant turn" in text
     assert f"{data}:7: missing field 'conversations'" in text
 

@@ -66,28 +66,59 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """One entry of `datasets:`."""
 
-    path: str = key(..., "Local `.jsonl`/`.json` file with one conversation per row.", "data")
+    path: str = key(
+        ...,
+        "A local file (`.jsonl`, `.json`, `.parquet`, `.csv`, `.arrow`), a directory or glob of such files, or a "
+        "Hugging Face hub dataset id (loaded with `datasets.load_dataset`).",
+        "data",
+    )
     type: Literal["sharegpt", "chat_template", "alpaca", "completion"] = key(
         "sharegpt",
-        "Row format. `sharegpt`: a `conversations` list of `{from, value}` turns (roles human/gpt/system). "
-        "`chat_template`: OpenAI-style `messages` list of `{role, content}` (roles user/assistant/system). "
-        "`alpaca` and `completion` are not supported yet.",
+        "Row format. `sharegpt`: a `conversations` list of `{from, value}` turns. `chat_template`: a `messages` "
+        "list of `{role, content}` turns (OpenAI style). `alpaca`: `instruction`, optional `input`, `output`, "
+        "optional `system`, trained as a one-turn conversation. `completion`: raw text in `field`, every token "
+        "trained.",
         "data",
     )
     conversation: Literal["chatml"] = key(
         "chatml", "Prompt format for `sharegpt` rows (axolotl 0.4 key); only `chatml`.", "data"
     )
+    ds_type: Literal["json", "parquet", "csv", "arrow"] | None = key(
+        None, "File type, when the extension does not say it.", "data"
+    )
+    data_files: str | list[str] | None = key(
+        None, "Files to load inside `path` (a directory or a hub dataset).", "data"
+    )
+    split: str = key("train", "Split to load from a hub dataset.", "data")
+    name: str | None = key(None, "Configuration name of a hub dataset.", "data")
     field_messages: str | None = key(
         None,
-        "Name of the column holding the turns (default: `conversations` for sharegpt, `messages` for chat_template).",
+        "Column holding the turns (default: `conversations` for sharegpt, `messages` for chat_template).",
         "data",
     )
-
-    @model_validator(mode="after")
-    def _implemented_types(self) -> DatasetConfig:
-        if self.type in ("alpaca", "completion"):
-            raise ValueError(f"type: {self.type} is not supported yet (use sharegpt or chat_template)")
-        return self
+    message_property_mappings: dict[str, str] | None = key(
+        None,
+        "Keys of each turn: `{role: ..., content: ...}` (default `from`/`value` for sharegpt, "
+        "`role`/`content` for chat_template).",
+        "data",
+    )
+    roles: dict[str, list[str]] | None = key(
+        None,
+        "Role names in the data for each role (`system`, `user`, `assistant`, `tool`), e.g. "
+        "`{user: [human, user], assistant: [gpt, bot]}`; replaces the default mapping.",
+        "data",
+    )
+    field: str | None = key(None, "Column holding the text of `completion` rows (default `text`).", "data")
+    roles_to_train: list[Literal["system", "user", "assistant", "tool"]] = key(
+        ["assistant"], "Roles whose turns are trained.", "data"
+    )
+    train_on_eos: Literal["turn", "last", "all", "none"] = key(
+        "turn",
+        "Which end-of-turn tokens are trained: `turn` those closing a trained turn, `last` only the last one, "
+        "`all` every turn's, `none` no end-of-turn token.",
+        "data",
+    )
+    drop_system_message: bool = key(False, "Remove system turns from this dataset's conversations.", "data")
 
 
 class SpecialTokens(_Strict):
@@ -178,10 +209,17 @@ class Config(_Strict):
     datasets: list[DatasetConfig] = key(..., "Training data, mixed together.", "data", min_length=1)
     chat_template: Literal["chatml", "tokenizer_default"] = key(
         "chatml",
-        "Template that turns conversations into tokens; saved with the tokenizer. `tokenizer_default` is not "
-        "supported yet.",
+        "Template that turns conversations into tokens, saved with the tokenizer. `chatml`, or "
+        "`tokenizer_default`: the tokenizer's own Jinja template (e.g. Llama-3-Instruct's), same masking rules.",
         "data",
     )
+    default_system_message: str | None = key(None, "System message added to conversations that have none.", "data")
+    skip_invalid_rows: bool = key(
+        False,
+        "Drop malformed rows (counted per reason) instead of failing before tokenization.",
+        "data",
+    )
+    shuffle_merged_datasets: bool = key(True, "Shuffle the mixed datasets with `seed`.", "data")
     dataset_prepared_path: str = key(
         "last_run_prepared",
         "Directory for the tokenized-data cache; each preparation lives in a subdirectory named by a "
@@ -329,8 +367,6 @@ class Config(_Strict):
             problems.append("saves_per_epoch and save_steps: set one, not both")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16: choose one precision")
-        if self.chat_template == "tokenizer_default":
-            problems.append("chat_template: tokenizer_default is not supported yet (use chatml)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

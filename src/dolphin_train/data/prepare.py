@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from dolphin_train.config.schema import Config
-from dolphin_train.data.chatml import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ChatMLEncoder
-from dolphin_train.data.formats import RowProblem, to_conversation
+from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
+from dolphin_train.data.formats import RowConverter, RowProblem
 from dolphin_train.data.report import PreparationReport
-from dolphin_train.data.sources import iter_raw_rows, resolve_data_path
-from dolphin_train.errors import DataError
+from dolphin_train.data.sources import Source, iter_source_rows, resolve_source, sources_fingerprint
+from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
+from dolphin_train.errors import DataError, DolphinError
 
 log = logging.getLogger(__name__)
 
@@ -38,57 +39,54 @@ class PreparedData:
     path: Path
 
 
-def _hash_file(path: Path, digest: Any) -> None:
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of everything in the tokenizer that changes ids: vocabulary, merges, added tokens, BOS rule."""
+    """Hash of everything in the tokenizer that changes ids: vocabulary, merges, added tokens, template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise DataError("a fast (Rust) tokenizer is required: the masking uses its character offsets")
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return hashlib.sha256((backend.to_str() + str(tokenizer.chat_template)).encode()).hexdigest()
 
 
-def data_fingerprint(cfg: Config, tokenizer: Any) -> str:
+def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
     """Keyed by the data files' contents (not their paths), the tokenizer, and every key that changes
     tokens, labels or the split: editing a file, a token or `sequence_len` prepares afresh."""
-    digest = hashlib.sha256()
     token_keys = {
         "version": PREPARED_FORMAT_VERSION,
         "datasets": [d.model_dump(exclude={"path"}) for d in cfg.datasets],
         "chat_template": cfg.chat_template,
+        "default_system_message": cfg.default_system_message,
+        "skip_invalid_rows": cfg.skip_invalid_rows,
+        "shuffle_merged_datasets": cfg.shuffle_merged_datasets,
         "sequence_len": cfg.sequence_len,
         "excess_length_strategy": cfg.excess_length_strategy,
         "train_on_inputs": cfg.train_on_inputs,
         "val_set_size": cfg.val_set_size,
         "seed": cfg.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": sources_fingerprint(sources),
     }
-    digest.update(json.dumps(token_keys, sort_keys=True).encode())
-    for ds in cfg.datasets:
-        _hash_file(resolve_data_path(ds.path), digest)
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(json.dumps(token_keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _canonical_rows(cfg: Config, problems: list[str], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+def _canonical_rows(
+    cfg: Config, sources: list[Source], problems: list[str], counts: dict[str, int], skipped: dict[str, int]
+) -> Iterator[dict[str, Any]]:
     """Validate every row of every dataset; yield the good ones, record the bad ones (file and line)."""
-    for ds in cfg.datasets:
-        path = resolve_data_path(ds.path)
+    for source in sources:
+        convert = RowConverter(source.config, cfg.default_system_message, cfg.train_on_inputs)
         n = 0
-        for raw in iter_raw_rows(path):
+        for raw in iter_source_rows(source):
             n += 1
             try:
                 if raw.problem:
-                    raise RowProblem(raw.problem)
-                roles, contents = to_conversation(raw.value, ds)
+                    raise RowProblem("invalid JSON", raw.problem)
+                yield convert(raw.value)
             except RowProblem as exc:
-                problems.append(f"{raw.where}: {exc}")
-                continue
-            yield {"roles": roles, "contents": contents}
-        counts[ds.path] = n
+                if cfg.skip_invalid_rows:
+                    skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+                else:
+                    problems.append(f"{raw.where}: {exc}")
+        counts[source.config.path] = n
 
 
 def _default_num_proc(cfg: Config, rows: int) -> int:
@@ -106,22 +104,76 @@ def _raise_on_problems(problems: list[str]) -> None:
     raise DataError(f"{len(problems)} malformed row(s); nothing was tokenized:\n{listed}{more}")
 
 
-def _tokenize(cfg: Config, tokenizer: Any, work_dir: Path) -> tuple[Any, PreparationReport]:
+def canonical_features() -> Any:
+    """The schema of canonical rows (given explicitly, so that zero rows is not a schema error)."""
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "kind": Value("string"),
+            "roles": Sequence(Value("string")),
+            "contents": Sequence(Value("string")),
+            "train": Sequence(Value("bool")),
+            "train_end": Sequence(Value("bool")),
+        }
+    )
+
+
+def _unwrap_generation_errors(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """`datasets` wraps errors raised while reading; ours are already meant for people."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return build(*args, **kwargs)
+    except DatasetGenerationError as exc:
+        if isinstance(exc.__cause__, DolphinError):
+            raise exc.__cause__ from None
+        raise
+
+
+def _template(cfg: Config, tokenizer: Any) -> Template:
+    if cfg.chat_template == "tokenizer_default":
+        try:
+            return TokenizerTemplate(tokenizer)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    return ChatMLTemplate()
+
+
+def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:
     import datasets
 
     problems: list[str] = []
     report = PreparationReport(sequence_len=cfg.sequence_len)
-    canonical = datasets.Dataset.from_generator(
-        _canonical_rows,
-        gen_kwargs={"cfg": cfg, "problems": problems, "counts": report.rows_read},
-        cache_dir=str(work_dir / "hf_cache"),
-        keep_in_memory=False,
-    )
+    try:
+        canonical = _unwrap_generation_errors(
+            datasets.Dataset.from_generator,
+            _canonical_rows,
+            gen_kwargs={
+                "cfg": cfg,
+                "sources": tuple(sources),  # a tuple: datasets would try to shard over a list
+                "problems": problems,
+                "counts": report.rows_read,
+                "skipped": report.skipped_invalid,
+            },
+            features=canonical_features(),
+            cache_dir=str(work_dir / "hf_cache"),
+            keep_in_memory=False,
+        )
+    except ValueError:  # `datasets` refuses a split with no rows
+        _raise_on_problems(problems)
+        raise DataError("the datasets hold no usable rows") from None
     _raise_on_problems(problems)
     if len(canonical) == 0:
-        raise DataError("the datasets hold no rows")
-    encoder = ChatMLEncoder(
-        tokenizer, cfg.sequence_len, cfg.train_on_inputs, truncate=cfg.excess_length_strategy == "truncate"
+        raise DataError("the datasets hold no usable rows")
+    if cfg.shuffle_merged_datasets and len(cfg.datasets) > 1:
+        canonical = canonical.shuffle(seed=cfg.seed)
+    encoder = ConversationEncoder(
+        tokenizer,
+        cfg.sequence_len,
+        cfg.train_on_inputs,
+        truncate=cfg.excess_length_strategy == "truncate",
+        template=_template(cfg, tokenizer),
     )
     tokenized = canonical.map(
         encoder,
@@ -179,7 +231,8 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     The cache entry is written to a temporary directory and renamed into place, so an interrupted run
     never leaves a half-written entry that a later run would trust.
     """
-    fingerprint = data_fingerprint(cfg, tokenizer)
+    sources = [resolve_source(ds) for ds in cfg.datasets]
+    fingerprint = data_fingerprint(cfg, tokenizer, sources)
     root = Path(cfg.dataset_prepared_path)
     final = root / fingerprint
     if (final / "report.json").exists():
@@ -188,7 +241,7 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=root))
     try:
-        dataset, report = _tokenize(cfg, tokenizer, work)
+        dataset, report = _tokenize(cfg, tokenizer, sources, work)
         train, eval_set = _split(cfg, dataset)
         report.train_rows, report.eval_rows = len(train), (len(eval_set) if eval_set is not None else 0)
         report.fingerprint = fingerprint

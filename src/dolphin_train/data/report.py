@@ -12,6 +12,7 @@ class PreparationReport:
     """What happened to every row: nothing is dropped or truncated without being counted here."""
 
     rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path
+    skipped_invalid: dict[str, int] = field(default_factory=dict)  # per reason (skip_invalid_rows: true)
     kept: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
@@ -27,7 +28,7 @@ class PreparationReport:
 
     @property
     def dropped(self) -> int:
-        return self.dropped_too_long + self.dropped_no_trainable
+        return self.dropped_too_long + self.dropped_no_trainable + sum(self.skipped_invalid.values())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -45,6 +46,8 @@ class PreparationReport:
         t.add_column("value", justify="right")
         for path, n in self.rows_read.items():
             t.add_row(f"rows read: {path}", f"{n:,}")
+        for reason, n in sorted(self.skipped_invalid.items()):
+            t.add_row(f"skipped (invalid): {reason}", f"{n:,}")
         t.add_row("kept", f"{self.kept:,}")
         t.add_row(f"truncated to {self.sequence_len} tokens", f"{self.truncated:,}")
         t.add_row(f"dropped: longer than {self.sequence_len} tokens", f"{self.dropped_too_long:,}")

@@ -1,41 +1,124 @@
-"""Read raw rows from local files, remembering where each came from (file and line) for error messages."""
+"""Read raw rows from files or hub datasets, remembering where each came from for error messages.
+
+JSON Lines and CSV are read by our own line readers (so a broken line is reported by its number,
+instead of failing the whole file inside a library); Parquet and Arrow files and hub datasets go
+through `datasets`, and their rows are named by index.
+"""
 
 from __future__ import annotations
 
+import csv
+import glob
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.schema import DatasetConfig
 from dolphin_train.errors import DataError
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 @dataclass(frozen=True)
 class RawRow:
-    where: str  # "path:line" (JSONL) or "path[index]" (JSON array)
+    where: str  # "path:line" (JSONL), "path[index]" (JSON array, Parquet, CSV, Arrow, hub)
     value: Any  # the parsed row, or None when it could not be parsed
     problem: str | None = None  # why it could not be parsed
 
 
-def resolve_data_path(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
+@dataclass(frozen=True)
+class Source:
+    """What one `datasets:` entry resolves to: local files, or a hub dataset."""
+
+    config: DatasetConfig
+    files: tuple[Path, ...] = ()
+    hub: bool = False
+
+    def fingerprint(self, digest: Any) -> None:
+        """Local files: their contents. Hub datasets: their id, configuration and split."""
+        if self.hub:
+            digest.update(json.dumps(self.config.model_dump(), sort_keys=True).encode())
+            return
+        for path in self.files:
+            digest.update(str(path.name).encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def _supported(path: Path, ds: DatasetConfig) -> bool:
+    return ds.ds_type is not None or path.suffix in FILE_TYPES
+
+
+def resolve_source(ds: DatasetConfig) -> Source:
+    """Expand `path` (file, directory, glob; `data_files` inside a directory) or recognise a hub id."""
+    path = ds.path
+    local = Path(path).expanduser()
+    if any(ch in path for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(str(local), recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DataError(f"dataset {path}: the pattern matches no file")
+    elif local.is_dir():
+        if ds.data_files:
+            names = [ds.data_files] if isinstance(ds.data_files, str) else ds.data_files
+            files = [local / n for n in names]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise DataError(f"dataset {path}: data_files not found: {', '.join(missing)}")
+        else:
+            files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in FILE_TYPES)
+        if not files:
+            raise DataError(f"dataset {path}: the directory holds no .jsonl/.json/.parquet/.csv/.arrow file")
+    elif local.is_file():
+        files = [local]
+    elif _looks_like_hub_id(path):
+        return Source(ds, hub=True)
+    else:
         raise DataError(
             f"dataset not found: {path} (relative paths are resolved from the current directory, {Path.cwd()})"
         )
-    if p.is_dir():
-        raise DataError(f"dataset {path} is a directory; point `path` at a .jsonl or .json file")
-    if p.suffix not in (".jsonl", ".json"):
-        raise DataError(f"dataset {path}: unsupported file type {p.suffix!r} (use .jsonl or .json)")
-    return p
+    unsupported = [str(f) for f in files if not _supported(f, ds)]
+    if unsupported:
+        raise DataError(
+            f"dataset {path}: unsupported file type for {', '.join(unsupported)} "
+            f"(use .jsonl, .json, .parquet, .csv or .arrow, or set ds_type)"
+        )
+    return Source(ds, files=tuple(files))
 
 
-def iter_raw_rows(path: Path) -> Iterator[RawRow]:
-    """Yield every row of a JSONL file (one object per line; blank lines skipped) or a JSON array."""
-    if path.suffix == ".json":
-        yield from _iter_json_array(path)
+def sources_fingerprint(sources: list[Source]) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        source.fingerprint(digest)
+    return digest.hexdigest()
+
+
+def iter_source_rows(source: Source) -> Iterator[RawRow]:
+    if source.hub:
+        yield from _iter_hub(source.config)
         return
+    for path in source.files:
+        kind = source.config.ds_type or FILE_TYPES[path.suffix]
+        if kind == "json" and path.suffix != ".json":
+            yield from _iter_jsonl(path)
+        elif kind == "json":
+            yield from _iter_json_array(path)
+        elif kind == "csv":
+            yield from _iter_csv(path)
+        else:
+            yield from _iter_with_datasets(path, kind)
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRow]:
+    """One object per line; blank lines skipped; a broken line is reported, not fatal here."""
     with path.open("r", encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -50,11 +133,47 @@ def iter_raw_rows(path: Path) -> Iterator[RawRow]:
 def _iter_json_array(path: Path) -> Iterator[RawRow]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if isinstance(data, dict):  # a JSON file holding one JSONL-style object per line also parses here
+    except json.JSONDecodeError:
+        # Many ".json" files are really JSON Lines.
+        yield from _iter_jsonl(path)
+        return
+    if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
     for index, value in enumerate(data):
         yield RawRow(f"{path}[{index}]", value)
+
+
+def _iter_csv(path: Path) -> Iterator[RawRow]:
+    """The standard library's reader keeps every cell as text ("42" is an answer, not a number) and
+    knows each row's line; a header row names the columns."""
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            yield RawRow(f"{path}:{reader.line_num}", dict(row))
+
+
+def _iter_with_datasets(path: Path, kind: str) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        if kind == "arrow":
+            table = datasets.Dataset.from_file(str(path))
+        else:
+            table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # the library's many error types all mean "cannot read this file"
+        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+    for index, value in enumerate(table):
+        yield RawRow(f"{path}[{index}]", value)
+
+
+def _iter_hub(ds: DatasetConfig) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(ds.path, name=ds.name, split=ds.split, data_files=ds.data_files)
+    except Exception as exc:
+        raise DataError(f"cannot load the hub dataset {ds.path!r}: {exc}") from None
+    for index, value in enumerate(table):
+        yield RawRow(f"{ds.path}[{ds.split}][{index}]", value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dolphin_train.config.schema import Config
-from dolphin_train.data.chatml import CHATML_TEMPLATE, IM_END, IM_START
+from dolphin_train.data.templates import CHATML_TEMPLATE, IM_END, IM_START
 from dolphin_train.errors import DolphinError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dolphin_train.data.chatml import IGNORE_INDEX
+from dolphin_train.data.encode import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.data.chatml import IGNORE_INDEX, ChatMLEncoder, render_chatml, trained_token_mask
+from dolphin_train.config.schema import DatasetConfig
+from dolphin_train.data.encode import IGNORE_INDEX, ConversationEncoder, trained_token_mask
+from dolphin_train.data.formats import RowConverter
+from dolphin_train.data.templates import ChatMLTemplate
 from dolphin_train.model.tokenizer import load_tokenizer
 
 BOS, IM_END, IM_START = 128000, 128257, 128258
@@ -28,9 +31,18 @@ def llama3(llama3_dir: str):
     return load_tokenizer(cfg)
 
 
+def chat_rows(conversations, **dataset_keys):
+    """Canonical rows (as the preparation stage stores them) for (roles, contents) pairs."""
+    convert = RowConverter(DatasetConfig(path="-", type="chat_template", **dataset_keys), None, False)
+    rows = [
+        convert({"messages": [{"role": r, "content": c} for r, c in zip(*conv, strict=True)]}) for conv in conversations
+    ]
+    return {k: [row[k] for row in rows] for k in rows[0]}
+
+
 def _encode(tokenizer, roles, contents, train_on_inputs=False, sequence_len=4096, truncate=False):
-    enc = ChatMLEncoder(tokenizer, sequence_len, train_on_inputs, truncate)
-    out = enc({"roles": [roles], "contents": [contents]})
+    enc = ConversationEncoder(tokenizer, sequence_len, train_on_inputs, truncate)
+    out = enc(chat_rows([(roles, contents)]))
     return out["input_ids"][0].tolist(), out["labels"][0].tolist(), out["status"][0]
 
 
@@ -97,7 +109,9 @@ def test_rendering_matches_the_saved_chat_template(llama3) -> None:
         {"role": "user", "content": "U"},
         {"role": "assistant", "content": "A"},
     ]
-    rendered = render_chatml([m["role"] for m in messages], [m["content"] for m in messages], False)
+    rendered = ChatMLTemplate().render(
+        [m["role"] for m in messages], [m["content"] for m in messages], [False, False, True], [False, False, True]
+    )
     assert tok.apply_chat_template(messages, tokenize=False) == rendered.text
     prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     assert prompt == rendered.text[: rendered.text.index("A<|im_end|>")]
@@ -121,8 +135,8 @@ def test_masking_rule_holds_on_a_generated_corpus(llama3) -> None:
     tok = llama3.tokenizer
     rng = random.Random(0)
     batch = [_random_conversation(rng) for _ in range(1000)]
-    enc = ChatMLEncoder(tok, 100_000, False, False)
-    out = enc({"roles": [b[0] for b in batch], "contents": [b[1] for b in batch]})
+    enc = ConversationEncoder(tok, 100_000, False, False)
+    out = enc(chat_rows(batch))
     for (roles, contents), ids, labels in zip(batch, out["input_ids"], out["labels"], strict=True):
         runs, current = [], []
         for i, lab in zip(ids.tolist(), labels.tolist(), strict=True):
