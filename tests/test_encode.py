@@ -149,3 +149,49 @@ def test_masking_rule_holds_on_a_generated_corpus(llama3) -> None:
         assert not current
         expected = [c + "<|im_end|>" for r, c in zip(roles, contents, strict=True) if r == "assistant"]
         assert [tok.decode(r) for r in runs] == expected
+
+
+def test_fast_bpe_engine_gives_identical_ids_and_labels(llama3) -> None:
+    """The tiktoken engine is only an accelerator: same ids, same labels as the Hugging Face path,
+    on a corpus with non-ASCII text, emoji, tabs and newlines."""
+    from dolphin_train.data.fast_bpe import FastBPE
+
+    tok = llama3.tokenizer
+    fast = FastBPE.from_tokenizer(tok)
+    assert fast is not None
+    rng = random.Random(1)
+    batch = chat_rows([_random_conversation(rng) for _ in range(500)])
+    slow_out = ConversationEncoder(tok, 100_000, False, False)(batch)
+    fast_out = ConversationEncoder(tok, 100_000, False, False, fast=fast)(batch)
+    for key in ("input_ids", "labels"):
+        assert [a.tolist() for a in slow_out[key]] == [b.tolist() for b in fast_out[key]]
+
+
+def test_fast_bpe_engine_survives_pickling_and_declines_other_tokenizers(llama3) -> None:
+    import pickle
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dolphin_train.data.fast_bpe import FastBPE
+
+    fast = pickle.loads(pickle.dumps(FastBPE.from_tokenizer(llama3.tokenizer)))
+    assert fast.encode_batch(["Hello world"]) == [
+        llama3.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    ]
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert FastBPE.from_tokenizer(PreTrainedTokenizerFast(tokenizer_object=word_level)) is None
+
+
+def test_mask_rules_agree_for_sorted_and_unsorted_offsets() -> None:
+    from dolphin_train.data.encode import _trained_token_mask_unsorted
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cuts = np.sort(rng.choice(np.arange(1, 300), size=40, replace=False))
+        bounds = np.concatenate(([0], cuts, [300]))
+        offsets = np.stack([bounds[:-1], bounds[1:]], axis=1)
+        a, b = sorted(rng.choice(300, size=2, replace=False))
+        spans = [(int(a), int(b))]
+        assert (trained_token_mask(offsets, spans, 300) == _trained_token_mask_unsorted(offsets, spans, 300)).all()

@@ -16,7 +16,7 @@ from typing import Any
 from dolphin_train import __version__
 from dolphin_train.errors import ConfigError, DolphinError
 
-COMMANDS = ("train", "preprocess", "validate")
+COMMANDS = ("train", "preprocess", "validate", "inspect")
 
 EPILOG = """\
 Any top-level config key can be overridden: dolphin-train CONFIG --learning_rate 1e-5 --num_epochs 2
@@ -43,17 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "prepare the data (or reuse the cache) and train",
         "preprocess": "tokenize, mask and cache the datasets, then print the preparation report",
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
+        "inspect": "show prepared examples with trained tokens highlighted, then length and packing statistics",
     }
+    commands = {}
     for name in COMMANDS:
-        _add_common(
-            sub.add_parser(
-                name,
-                help=helps[name],
-                description=helps[name],
-                epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-            )
+        commands[name] = sub.add_parser(
+            name,
+            help=helps[name],
+            description=helps[name],
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        _add_common(commands[name])
+    commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
+    commands["inspect"].add_argument("--ids", action="store_true", help="show each token's id")
     return parser
 
 
@@ -163,6 +166,25 @@ def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from dolphin_train.config.load import load_config
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.data.inspect import highlighted_example, statistics_table
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.train.run import prepare_on_main_process_first
+
+    cfg = load_config(args.config, overrides)
+    tok = load_tokenizer(cfg)
+    prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
+    console = _console()
+    for i in range(min(args.n, len(prepared.train))):
+        row = prepared.train[i]
+        console.rule(f"example {i} ({row['length']} tokens, {row['trainable']} trained: bold green)")
+        console.print(highlighted_example(tok.tokenizer, row["input_ids"], row["labels"], args.ids))
+    console.print(statistics_table(prepared, cfg.sequence_len, cfg.seed))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
     from dolphin_train.train.run import run_training
@@ -184,6 +206,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "train": cmd_train,
     "preprocess": cmd_preprocess,
     "validate": cmd_validate,
+    "inspect": cmd_inspect,
 }
 
 

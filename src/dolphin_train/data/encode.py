@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dolphin_train.data.fast_bpe import FastBPE, byte_offsets, spans_to_bytes
 from dolphin_train.data.formats import COMPLETION
 from dolphin_train.data.templates import IM_END, IM_START, ChatMLTemplate, Template, render_completion
 
@@ -22,9 +23,21 @@ KEPT, TRUNCATED, TOO_LONG, NO_TRAINABLE = 0, 1, 2, 3
 
 
 def trained_token_mask(offsets: np.ndarray, spans: list[tuple[int, int]], text_len: int) -> np.ndarray:
-    """True for tokens whose character range overlaps a trained span (prefix sums: O(chars + tokens))."""
+    """True for tokens whose [start, end) range overlaps a trained span. Offsets of consecutive tokens are
+    sorted, so each span maps to a slice found by binary search: O(spans * log tokens) per conversation."""
     if len(offsets) == 0:
         return np.zeros(0, dtype=bool)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    if np.any(starts[1:] < starts[:-1]) or np.any(ends[1:] < ends[:-1]):
+        return _trained_token_mask_unsorted(offsets, spans, text_len)
+    mask = np.zeros(len(offsets), dtype=bool)
+    for start, end in spans:
+        mask[np.searchsorted(ends, start, side="right") : np.searchsorted(starts, end, side="left")] = True
+    return mask & (ends > starts)
+
+
+def _trained_token_mask_unsorted(offsets: np.ndarray, spans: list[tuple[int, int]], text_len: int) -> np.ndarray:
+    """The same rule with prefix sums over characters, for offsets in no particular order."""
     marks = np.zeros(text_len + 1, dtype=np.int32)
     for start, end in spans:
         marks[start] += 1
@@ -60,6 +73,7 @@ class ConversationEncoder:
         train_on_inputs: bool,
         truncate: bool,
         template: Template | None = None,
+        fast: FastBPE | None = None,
     ) -> None:
         self.template = template or ChatMLTemplate()
         if isinstance(self.template, ChatMLTemplate):
@@ -70,6 +84,7 @@ class ConversationEncoder:
         self.truncate = truncate
         self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         self.bos_text = tokenizer.bos_token or ""
+        self.fast = fast
 
     def render(self, row: dict[str, Any]) -> Any:
         if row["kind"] == COMPLETION:
@@ -80,17 +95,28 @@ class ConversationEncoder:
         return rendered
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        n = len(batch["contents"])
-        rendered = [self.render({k: batch[k][i] for k in batch}) for i in range(n)]
-        enc = self.tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        columns = ("kind", "roles", "contents", "train", "train_end")
+        rows = zip(*(batch[c] for c in columns), strict=True)
+        rendered = [self.render(dict(zip(columns, row, strict=True))) for row in rows]
+        texts = [r.text for r in rendered]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "trainable": [], "status": []}
+        if self.fast is not None:
+            # Offsets in UTF-8 bytes, from each token's byte length: no per-token Python objects.
+            for ids, r in zip(self.fast.encode_arrays(texts), rendered, strict=True):
+                offsets = byte_offsets(ids, self.fast.token_bytes)
+                spans = spans_to_bytes(r.text, r.trained_spans)
+                size = len(r.text) if r.text.isascii() else len(r.text.encode("utf-8"))
+                self._encode_one(ids, trained_token_mask(offsets, spans, size), r.text, out)
+            return out
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
-            self._encode_one(np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64), r, out)
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            trained = trained_token_mask(offsets, r.trained_spans, len(r.text))
+            self._encode_one(np.asarray(ids, dtype=np.int64), trained, r.text, out)
         return out
 
-    def _encode_one(self, ids: np.ndarray, offsets: np.ndarray, r: Any, out: dict[str, list[Any]]) -> None:
-        trained = trained_token_mask(offsets.reshape(-1, 2), r.trained_spans, len(r.text))
-        if self.bos_id is not None and not (self.bos_text and r.text.startswith(self.bos_text)):
+    def _encode_one(self, ids: np.ndarray, trained: np.ndarray, text: str, out: dict[str, list[Any]]) -> None:
+        if self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
             ids = np.concatenate(([self.bos_id], ids))
             trained = np.concatenate(([False], trained))
         # Position 0 is never a prediction target (the loss shifts labels); masking it explicitly also keeps
@@ -106,8 +132,9 @@ class ConversationEncoder:
         n_trainable = int((labels != IGNORE_INDEX).sum())
         if status != TOO_LONG and n_trainable == 0:
             status = NO_TRAINABLE
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
+        # int32 halves the cache on disk and the bytes read per step; every vocabulary fits.
+        out["input_ids"].append(ids.astype(np.int32))
+        out["labels"].append(labels.astype(np.int32))
         out["length"].append(len(ids))
         out["trainable"].append(n_trainable)
         out["status"].append(status)

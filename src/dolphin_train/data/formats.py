@@ -108,10 +108,7 @@ class RowConverter:
         return {"kind": COMPLETION, "roles": [], "contents": [text], "train": [True], "train_end": [True]}
 
     def _with_flags(self, roles: list[str], contents: list[str]) -> dict[str, Any]:
-        if self.train_on_inputs:
-            train = [True] * len(roles)
-        else:
-            train = [r in self.ds.roles_to_train for r in roles]
+        train = [True] * len(roles) if self.train_on_inputs else [r in self.ds.roles_to_train for r in roles]
         policy = self.ds.train_on_eos
         if policy == "all":
             train_end = [True] * len(roles)

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,20 @@ from typing import Any
 import numpy as np
 
 from dolphin_train.config.schema import Config
+from dolphin_train.data.canonical import load_canonical
 from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
-from dolphin_train.data.formats import RowConverter, RowProblem
+from dolphin_train.data.fast_bpe import FastBPE
 from dolphin_train.data.report import PreparationReport
-from dolphin_train.data.sources import Source, iter_source_rows, resolve_source, sources_fingerprint
+from dolphin_train.data.sources import Source, resolve_source, sources_fingerprint
 from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
-from dolphin_train.errors import DataError, DolphinError
+from dolphin_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
 # Bump when the prepared format or the masking rule changes, so old caches are not reused.
 PREPARED_FORMAT_VERSION = 1
 MAX_LISTED_PROBLEMS = 20
+SAMPLE_FOR_FAST_CHECK = 300
 
 
 @dataclass
@@ -68,32 +70,16 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
     return hashlib.sha256(json.dumps(token_keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _canonical_rows(
-    cfg: Config, sources: list[Source], problems: list[str], counts: dict[str, int], skipped: dict[str, int]
-) -> Iterator[dict[str, Any]]:
-    """Validate every row of every dataset; yield the good ones, record the bad ones (file and line)."""
-    for source in sources:
-        convert = RowConverter(source.config, cfg.default_system_message, cfg.train_on_inputs)
-        n = 0
-        for raw in iter_source_rows(source):
-            n += 1
-            try:
-                if raw.problem:
-                    raise RowProblem("invalid JSON", raw.problem)
-                yield convert(raw.value)
-            except RowProblem as exc:
-                if cfg.skip_invalid_rows:
-                    skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
-                else:
-                    problems.append(f"{raw.where}: {exc}")
-        counts[source.config.path] = n
+def _approximate_rows(sources: list[Source]) -> int:
+    """Enough to choose the number of worker processes: ~2 kB per conversation on disk."""
+    return sum(p.stat().st_size for s in sources for p in s.files) // 2000 if sources else 0
 
 
-def _default_num_proc(cfg: Config, rows: int) -> int:
-    if cfg.dataset_num_proc:
-        return cfg.dataset_num_proc
-    # Worker processes cost a second or two to start: only worth it for larger datasets.
-    return 1 if rows < 5000 else min(8, os.cpu_count() or 1)
+def _num_proc(cfg: Config, rows: int) -> int | None:
+    """Worker processes for tokenization; None runs in this process (`datasets` starts a pool even for 1)."""
+    n = cfg.dataset_num_proc or (1 if rows < 5000 else min(8, os.cpu_count() or 1))
+    # Workers cost a second or two to start: only worth it for larger datasets.
+    return None if n == 1 else n
 
 
 def _raise_on_problems(problems: list[str]) -> None:
@@ -104,31 +90,21 @@ def _raise_on_problems(problems: list[str]) -> None:
     raise DataError(f"{len(problems)} malformed row(s); nothing was tokenized:\n{listed}{more}")
 
 
-def canonical_features() -> Any:
-    """The schema of canonical rows (given explicitly, so that zero rows is not a schema error)."""
-    from datasets import Features, Sequence, Value
-
-    return Features(
-        {
-            "kind": Value("string"),
-            "roles": Sequence(Value("string")),
-            "contents": Sequence(Value("string")),
-            "train": Sequence(Value("bool")),
-            "train_end": Sequence(Value("bool")),
-        }
+def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canonical: Any) -> FastBPE | None:
+    """The tiktoken engine, if it reproduces the Hugging Face ids exactly on a sample of this data."""
+    fast = FastBPE.from_tokenizer(tokenizer)
+    if fast is None:
+        log.info("Tokenizing with the Hugging Face tokenizer")
+        return None
+    sample = canonical.select(range(min(len(canonical), SAMPLE_FOR_FAST_CHECK)))
+    texts = [encoder.render(row).text for row in sample]
+    if not fast.agrees_with(tokenizer, texts):
+        log.warning("The fast BPE engine disagrees with the Hugging Face tokenizer on this data: not using it")
+        return None
+    log.info(
+        "Tokenizing with tiktoken's BPE (identical ids to the Hugging Face tokenizer on %d sample rows)", len(texts)
     )
-
-
-def _unwrap_generation_errors(build: Any, *args: Any, **kwargs: Any) -> Any:
-    """`datasets` wraps errors raised while reading; ours are already meant for people."""
-    from datasets.exceptions import DatasetGenerationError
-
-    try:
-        return build(*args, **kwargs)
-    except DatasetGenerationError as exc:
-        if isinstance(exc.__cause__, DolphinError):
-            raise exc.__cause__ from None
-        raise
+    return fast
 
 
 def _template(cfg: Config, tokenizer: Any) -> Template:
@@ -141,30 +117,20 @@ def _template(cfg: Config, tokenizer: Any) -> Template:
 
 
 def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:
-    import datasets
 
-    problems: list[str] = []
     report = PreparationReport(sequence_len=cfg.sequence_len)
-    try:
-        canonical = _unwrap_generation_errors(
-            datasets.Dataset.from_generator,
-            _canonical_rows,
-            gen_kwargs={
-                "cfg": cfg,
-                "sources": tuple(sources),  # a tuple: datasets would try to shard over a list
-                "problems": problems,
-                "counts": report.rows_read,
-                "skipped": report.skipped_invalid,
-            },
-            features=canonical_features(),
-            cache_dir=str(work_dir / "hf_cache"),
-            keep_in_memory=False,
-        )
-    except ValueError:  # `datasets` refuses a split with no rows
-        _raise_on_problems(problems)
-        raise DataError("the datasets hold no usable rows") from None
-    _raise_on_problems(problems)
-    if len(canonical) == 0:
+    num_proc = _num_proc(cfg, _approximate_rows(sources))
+    started = time.perf_counter()
+    loaded = load_canonical(cfg, sources, work_dir, num_proc)
+    log.debug("Read and checked %d rows in %.1f s", sum(loaded.rows_read.values()), time.perf_counter() - started)
+    report.rows_read = loaded.rows_read
+    if cfg.skip_invalid_rows:
+        for _, reason, _ in loaded.problems:
+            report.skipped_invalid[reason] = report.skipped_invalid.get(reason, 0) + 1
+    else:
+        _raise_on_problems([f"{where}: {detail}" for where, _, detail in loaded.problems])
+    canonical = loaded.dataset
+    if canonical is None or len(canonical) == 0:
         raise DataError("the datasets hold no usable rows")
     if cfg.shuffle_merged_datasets and len(cfg.datasets) > 1:
         canonical = canonical.shuffle(seed=cfg.seed)
@@ -175,14 +141,23 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         truncate=cfg.excess_length_strategy == "truncate",
         template=_template(cfg, tokenizer),
     )
+    started = time.perf_counter()
+    encoder.fast = _checked_fast_tokenizer(encoder, tokenizer, canonical)
+    log.debug("Chose the tokenizer engine in %.1f s", time.perf_counter() - started)
+    started = time.perf_counter()
+    if encoder.fast is not None and num_proc:
+        encoder.fast.threads = 1  # each worker process is one thread of tokenization
     tokenized = canonical.map(
         encoder,
         batched=True,
         batch_size=1000,
-        num_proc=_default_num_proc(cfg, len(canonical)),
+        num_proc=num_proc,
         remove_columns=canonical.column_names,
         desc="Tokenizing",
+        # Our cache is keyed by content; skip `datasets`' own fingerprint (it would hash the encoder).
+        new_fingerprint="tokenized",
     )
+    log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
     status = np.asarray(tokenized["status"])
     counts = np.bincount(status, minlength=4)
     report.kept = int(counts[KEPT] + counts[TRUNCATED])
