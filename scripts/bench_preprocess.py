@@ -26,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "this", "are", "or", "from", "at", "an", "which", "have", "not", "can", "will", "model", "data", "training", "function", "value", "system", "user", "answer", "question", "result", "example", "first", "time", "number", "because", "between", "however", "therefore", "important", "different", "following", "process", "method", "approach", "problem", "solution", "information", "structure", "analysis", "performance", "memory", "network", "layer", "token", "sequence", "batch", "gradient", "learning", "rate", "optimizer", "loss", "accuracy", "evaluation", "dataset", "feature", "vector", "matrix", "tensor", "parameter", "weight", "Python", "code", "file", "error", "return", "class", "object", "string", "list", "dictionary", "loop", "condition", "variable", "import", "année", "über", "São", "Zürich", "naïve", "café", "résumé", "東京", "數據", "данные"]
+WORDS = """
+the of and to in is that for it as with was on be by this are or from at an which have not can will
+model data training function value system user answer question result example first time number
+because between however therefore important different following process method approach problem
+solution information structure analysis performance memory network layer token sequence batch gradient
+learning rate optimizer loss accuracy evaluation dataset feature vector matrix tensor parameter weight
+Python code file error return class object string list dictionary loop condition variable import
+année über São Zürich naïve café résumé 東京 數據 данные
+"""
+WORDS_LIST = WORDS.split()
 CODE = [
     "```python\ndef add(a, b):\n    return a + b\n```",
     "```bash\npip install -e .\n```",
@@ -39,7 +48,7 @@ SYSTEMS = ["You are Dolphin, a helpful AI assistant.", "You are a concise coding
 def _prose(rng: random.Random, words: int) -> str:
     out = []
     for i in range(words):
-        out.append(rng.choice(WORDS))
+        out.append(rng.choice(WORDS_LIST))
         if i % 17 == 16:
             out[-1] += rng.choice([".", ",", "?", ":"])
         if rng.random() < 0.004:
