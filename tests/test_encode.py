@@ -31,11 +31,15 @@ def llama3(llama3_dir: str):
     return load_tokenizer(cfg)
 
 
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
 def chat_rows(conversations, **dataset_keys):
-    """Canonical rows (as the preparation stage stores them) for (roles, contents) pairs."""
-    convert = RowConverter(DatasetConfig(path="-", type="chat_template", **dataset_keys), None, False)
+    """Canonical rows (as the preparation stage stores them) for (roles, contents) pairs, read as ShareGPT."""
+    convert = RowConverter(DatasetConfig(path="-", type="sharegpt", **dataset_keys), None, False)
     rows = [
-        convert({"messages": [{"role": r, "content": c} for r, c in zip(*conv, strict=True)]}) for conv in conversations
+        convert({"conversations": [{"from": SHAREGPT_NAMES[r], "value": c} for r, c in zip(*conv, strict=True)]})
+        for conv in conversations
     ]
     return {k: [row[k] for row in rows] for k in rows[0]}
 

@@ -109,3 +109,12 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, tmp_path / "nope.jsonl"))
     assert main(["preprocess", str(path)]) == 1
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_inspect_shows_trained_tokens_and_statistics(tmp_path: Path, capsys) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)
+    path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, data, sequence_len=64))
+    assert main(["inspect", str(path), "--n", "1", "--ids"]) == 0
+    out = capsys.readouterr().out
+    assert "example 0" in out and "<|im_start|>" in out and "4(" in out  # the answer "4." with its token id
+    assert "length p50 / p90 / p99 / max" in out and "packing at 64 tokens" in out
