@@ -127,7 +127,7 @@ def make_trainer(
     args = build_training_arguments(cfg, runtime, schedule)
     model = load_model(cfg, runtime, tok)
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=rows.train,
@@ -135,6 +135,20 @@ def make_trainer(
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
     )
+    # First in line, so the console printer and wandb see the throughput it adds to each log.
+    trainer.callback_handler.callbacks.insert(0, _throughput_callback(cfg, runtime, model))
+    return trainer
+
+
+def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
+    from dolphin_train.train.throughput import ThroughputCallback, flops_per_token, peak_flops
+
+    if runtime.device != "cuda" or not runtime.bf16:
+        return ThroughputCallback()
+    import torch
+
+    peak = peak_flops(torch.cuda.get_device_name())
+    return ThroughputCallback(flops_per_token(model, cfg.sequence_len), peak, runtime.world_size)
 
 
 def save_final_model(trainer: Any, output_dir: str) -> None:
