@@ -57,7 +57,12 @@ def resolve_attention(cfg: Config, cuda: bool) -> tuple[str, str]:
     if cfg.flash_attention:
         if cuda and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2", "flash_attention: true and flash-attn is installed"
-        reason = "no CUDA device" if not cuda else "flash-attn is not installed"
+        if cuda:
+            from dolphin_train.model.attention import VARLEN, torch_varlen_available
+
+            if torch_varlen_available():
+                return VARLEN, "flash_attention: true, flash-attn not installed: PyTorch's varlen flash attention"
+        reason = "no CUDA device" if not cuda else "neither flash-attn nor PyTorch varlen attention is available"
         return "sdpa", f"flash_attention: true, but {reason}: using PyTorch SDPA (block-diagonal mask when packed)"
     return "sdpa", "PyTorch SDPA (block-diagonal mask when packed)"
 

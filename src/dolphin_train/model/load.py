@@ -8,6 +8,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.attention import VARLEN, register_varlen_attention
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
 
     config = _model_config(cfg)
     cls = _model_class(cfg)
+    if runtime.attn_implementation == VARLEN:
+        register_varlen_attention()
     dtype = _load_dtype(cfg, runtime)
     kwargs = {"dtype": dtype, "attn_implementation": runtime.attn_implementation}
     if cfg.train_from_scratch:

@@ -1,0 +1,103 @@
+"""PyTorch's own variable-length flash attention as a transformers attention backend.
+
+Why our own code: on a CUDA machine without the flash-attn package, packed rows would otherwise fall
+back to SDPA with a dense block-diagonal mask (quadratic memory in the row length). PyTorch 2.10+ ships
+`torch.nn.attention.varlen.varlen_attn`, a flash-attention kernel over concatenated sequences. We plug
+it in through transformers' supported extension points (AttentionInterface for the attention,
+AttentionMaskInterface to skip building a mask it would not use); sequence boundaries come from the
+restarting position ids, exactly as flash-attn's varlen path derives them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+VARLEN = "dolphin_varlen"
+
+
+def torch_varlen_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence starts over the flattened batch: a sequence starts where the position id is
+    0 (or does not follow the previous one) and at every row start. Returns (cu_seqlens, longest)."""
+    flat = position_ids.reshape(-1)
+    n = flat.numel()
+    row_len = position_ids.shape[-1]
+    index = torch.arange(n, device=flat.device)
+    follows = torch.ones(n, dtype=torch.bool, device=flat.device)
+    follows[1:] = flat[1:] == flat[:-1] + 1
+    starts = (~follows) | (index % row_len == 0)
+    start_idx = torch.nonzero(starts, as_tuple=False).flatten()
+    cu = torch.cat([start_idx, torch.tensor([n], device=flat.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, longest
+
+
+def _causal_kwargs(kernel: Callable[..., torch.Tensor]) -> dict[str, Any]:
+    """The causal flag's spelling changed across PyTorch releases."""
+    params = inspect.signature(kernel).parameters
+    if "window_size" in params:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kernel: Callable[..., torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function signature: q/k/v are (batch, heads, seq, dim); returns
+    (batch, seq, heads, dim). `kernel` defaults to PyTorch's varlen flash attention (tests pass a
+    reference implementation to check the plumbing on the CPU)."""
+    if kernel is None:
+        from torch.nn.attention.varlen import varlen_attn as kernel
+    batch, q_heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
+    cu, longest = cu_seqlens_from_position_ids(position_ids.expand(batch, seq))
+    q = query.transpose(1, 2).reshape(batch * seq, q_heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    extra: dict[str, Any] = {}
+    if kv_heads != q_heads:
+        if "enable_gqa" in inspect.signature(kernel).parameters:
+            extra["enable_gqa"] = True
+        else:  # older kernels: give every query head its key/value head
+            k = k.repeat_interleave(q_heads // kv_heads, dim=1)
+            v = v.repeat_interleave(q_heads // kv_heads, dim=1)
+    out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **_causal_kwargs(kernel), **extra)
+    return out.reshape(batch, seq, q_heads, dim), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The varlen kernel takes sequence boundaries, not a mask."""
+    return None
+
+
+def register_varlen_attention() -> str:
+    """Register the backend with transformers (idempotent) and return its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, _no_mask)
+    return VARLEN
