@@ -282,6 +282,12 @@ class Config(_Strict):
     fp16: bool | None = key(None, "float16 mixed precision (only when bf16 is off).")
     tf32: bool | Literal["auto"] = key(False, "Allow TF32 matmuls on Ampere or newer GPUs; `auto`: when available.")
     gradient_checkpointing: bool = key(False, "Recompute activations in the backward pass to save memory.")
+    chunked_cross_entropy: bool | None = key(
+        None,
+        "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
+        "(tokens x vocabulary) are never materialised. Default: on for vocabularies of 64k tokens or more "
+        "without DeepSpeed; not available with DeepSpeed yet.",
+    )
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, "Arguments for gradient checkpointing, e.g. `use_reentrant: false`."
     )
@@ -365,6 +371,8 @@ class Config(_Strict):
             problems.append("evals_per_epoch and eval_steps: set one, not both")
         if self.saves_per_epoch is not None and self.save_steps is not None:
             problems.append("saves_per_epoch and save_steps: set one, not both")
+        if self.chunked_cross_entropy and self.deepspeed:
+            problems.append("chunked_cross_entropy: true is not supported with deepspeed yet")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16: choose one precision")
         if problems:

@@ -104,5 +104,7 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         # The loss is the mean over every trainable token of the global batch, on any number of processes.
         average_tokens_across_devices=True,
         include_num_input_tokens_seen="non_padding",
+        # Only the loss is needed from evaluation; gathering logits would cost tokens x vocabulary memory.
+        prediction_loss_only=True,
         **optional,
     )

@@ -20,6 +20,8 @@ from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 
 log = logging.getLogger(__name__)
 
+CHUNKED_LOSS_MIN_VOCAB = 65536
+
 
 @dataclass(frozen=True)
 class TrainingRows:
@@ -134,10 +136,27 @@ def make_trainer(
         eval_dataset=rows.eval,
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
+        compute_loss_func=_chunked_loss(cfg, model),
     )
     # First in line, so the console printer and wandb see the throughput it adds to each log.
     trainer.callback_handler.callbacks.insert(0, _throughput_callback(cfg, runtime, model))
     return trainer
+
+
+def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
+    if cfg.chunked_cross_entropy is not None:
+        return cfg.chunked_cross_entropy
+    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not cfg.deepspeed
+
+
+def _chunked_loss(cfg: Config, model: Any) -> Any:
+    """The Trainer's supported loss hook, with the output head returning hidden states (see loss.py)."""
+    from dolphin_train.train.loss import ChunkedLoss, install_chunked_head
+
+    if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
+        return None
+    log.info("Chunked cross-entropy: the full logits are never materialised")
+    return ChunkedLoss(install_chunked_head(model))
 
 
 def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
@@ -154,6 +173,9 @@ def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> A
 def save_final_model(trainer: Any, output_dir: str) -> None:
     """safetensors weights, config, generation config and tokenizer (with its chat template), ready for
     transformers, vLLM and GGUF converters; the KV cache is re-enabled for inference."""
+    from dolphin_train.train.loss import restore_head
+
+    restore_head(trainer.model)
     trainer.model.config.use_cache = True
     trainer.save_model(output_dir)
 

@@ -1,0 +1,92 @@
+"""Chunked cross-entropy for large vocabularies.
+
+Why our own code: with a 128k vocabulary, the logits of one 4096-token row are 4096 x 128256 floats
+(2 GiB in float32), and their gradient as much again: often the largest tensors of a step. Here the
+model's output head returns its hidden states instead of logits; the loss then computes logits only
+for positions that have a label, a chunk at a time, each chunk recomputed in the backward pass rather
+than stored. The result is the same loss (mean over trainable tokens of the global batch, through
+`num_items_in_batch`) and the same gradients, without ever materialising the full logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+LOGITS_PER_CHUNK = 2**26  # float32 logits of one chunk: 256 MiB, whatever the vocabulary
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Positions per chunk so that one chunk's logits stay near LOGITS_PER_CHUNK elements."""
+    return max(128, min(8192, LOGITS_PER_CHUNK // vocab_size))
+
+
+class HiddenStatesHead(torch.nn.Module):
+    """Stands in for the output projection during training: keeps its weight (same parameter, same
+    state-dict key, tying preserved) but returns the hidden states; the loss applies the weight."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = head.weight
+        self.bias = head.bias
+        self.original = [head]  # a list, so the Linear is not registered twice as a submodule
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy from hidden states (batch, seq, d): position i predicts label i+1."""
+    targets = labels[..., 1:].reshape(-1)
+    states = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])
+    keep = torch.nonzero(targets != IGNORE_INDEX, as_tuple=False).flatten()
+    states, targets = states.index_select(0, keep), targets.index_select(0, keep)
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss, states[part], weight, bias, targets[part], use_reentrant=False)
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
+class ChunkedLoss:
+    """`compute_loss_func` for transformers.Trainer: outputs.logits holds the hidden states."""
+
+    def __init__(self, head: HiddenStatesHead, chunk_tokens: int | None = None) -> None:
+        self.head = head
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        return chunked_causal_lm_loss(
+            outputs.logits, self.head.weight, self.head.bias, labels, num_items_in_batch, self.chunk_tokens
+        )
+
+
+def install_chunked_head(model: Any) -> HiddenStatesHead:
+    head = HiddenStatesHead(model.get_output_embeddings())
+    model.set_output_embeddings(head)
+    return head
+
+
+def restore_head(model: Any) -> None:
+    head = model.get_output_embeddings()
+    if isinstance(head, HiddenStatesHead):
+        model.set_output_embeddings(head.original[0])
