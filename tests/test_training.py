@@ -114,3 +114,18 @@ def test_resume_from_latest_checkpoint(tmp_path: Path) -> None:
     assert main([str(path), "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
     summary = json.loads((tmp_path / "out/run_summary.json").read_text())
     assert summary["steps"] == 6
+
+
+def test_packed_rows_are_reshuffled_each_epoch_with_the_seed(tmp_path: Path) -> None:
+    def epoch_orders(path: Path) -> list[list[list[int]]]:
+        run = set_up_run(validate_mapping(tiny_config(path, sample_packing=True, micro_batch_size=1)))
+        loader = run.trainer.get_train_dataloader()
+        orders = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            orders.append([batch["input_ids"][0, :12].tolist() for batch in loader])
+        return orders
+
+    first, second = epoch_orders(tmp_path / "a"), epoch_orders(tmp_path / "b")
+    assert first == second  # seeded: the same orders on every run
+    assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]  # same rows, new order each epoch
