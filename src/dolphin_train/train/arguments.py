@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 from pathlib import Path
@@ -40,6 +41,12 @@ def wandb_environment(cfg: Config) -> dict[str, str]:
     if cfg.wandb_run_id:
         env["WANDB_RESUME"] = "allow"
     return env
+
+
+def use_liger(runtime: RuntimeSettings) -> bool:
+    """Liger's fused linear cross-entropy where it is installed on CUDA (applied by transformers'
+    `use_liger_kernel`); it never materialises the full logits either."""
+    return runtime.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _checkpointing_argument(arguments_class: Any) -> str:
@@ -106,5 +113,6 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         include_num_input_tokens_seen="non_padding",
         # Only the loss is needed from evaluation; gathering logits would cost tokens x vocabulary memory.
         prediction_loss_only=True,
+        use_liger_kernel=use_liger(runtime),
         **optional,
     )

@@ -16,6 +16,7 @@ from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan
 from dolphin_train.data.prepare import PreparedData, prepare_data
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
+from dolphin_train.train.arguments import use_liger
 from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def make_trainer(
         eval_dataset=rows.eval,
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
-        compute_loss_func=_chunked_loss(cfg, model),
+        compute_loss_func=_chunked_loss(cfg, runtime, model),
     )
     # First in line, so the console printer and wandb see the throughput it adds to each log.
     trainer.callback_handler.callbacks.insert(0, _throughput_callback(cfg, runtime, model))
@@ -149,12 +150,14 @@ def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
     return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not cfg.deepspeed
 
 
-def _chunked_loss(cfg: Config, model: Any) -> Any:
+def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
     """The Trainer's supported loss hook, with the output head returning hidden states (see loss.py)."""
     from dolphin_train.train.loss import ChunkedLoss, install_chunked_head
 
     if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
         return None
+    if cfg.chunked_cross_entropy is None and use_liger(runtime):
+        return None  # Liger's fused kernel already avoids the full logits
     log.info("Chunked cross-entropy: the full logits are never materialised")
     return ChunkedLoss(install_chunked_head(model))
 
