@@ -16,7 +16,7 @@ from typing import Any
 from dolphin_train import __version__
 from dolphin_train.errors import ConfigError, DolphinError
 
-COMMANDS = ("train", "preprocess", "validate", "inspect")
+COMMANDS = ("train", "preprocess", "validate", "inspect", "merge-lora", "chat")
 
 EPILOG = """\
 Any top-level config key can be overridden: dolphin-train CONFIG --learning_rate 1e-5 --num_epochs 2
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess": "tokenize, mask and cache the datasets, then print the preparation report",
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
         "inspect": "show prepared examples with trained tokens highlighted, then length and packing statistics",
+        "merge-lora": "merge the trained LoRA adapter into its base model (safetensors + tokenizer)",
+        "chat": "chat with a trained model in the terminal (CONFIG: its output_dir; or a model directory)",
     }
     commands = {}
     for name in COMMANDS:
@@ -54,9 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(commands[name])
+        if name not in ("merge-lora", "chat"):
+            _add_common(commands[name])
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
     commands["inspect"].add_argument("--ids", action="store_true", help="show each token's id")
+    merge = commands["merge-lora"]
+    merge.add_argument("config", nargs="?", help="YAML config: base_model, its output_dir as the adapter")
+    merge.add_argument("--base", help="base model (id or directory), instead of the config's")
+    merge.add_argument("--adapter", help="adapter directory, instead of the config's output_dir")
+    merge.add_argument("--out", help="where to write the merged model (default: ADAPTER/merged)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged dtype (default: "
+                       "bfloat16 when the config trains in bf16, else float32)")  # fmt: skip
+    merge.add_argument("-v", "--verbose", action="store_true", help="more logging, and tracebacks on errors")
+    talk = commands["chat"]
+    talk.add_argument("target", help="YAML config (chats with its output_dir) or a model directory")
+    talk.add_argument("--system", help="system prompt")
+    talk.add_argument("--prompt", help="answer this one message and exit (non-interactive)")
+    talk.add_argument("--max-new-tokens", type=int, default=256)
+    talk.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    talk.add_argument("-v", "--verbose", action="store_true", help="more logging, and tracebacks on errors")
     return parser
 
 
@@ -185,6 +203,49 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from dolphin_train.post.merge import load_base, merge_lora
+
+    base, adapter, dtype, quantization, trust = args.base, args.adapter, args.dtype, None, False
+    if args.config:
+        from dolphin_train.config.load import load_config
+        from dolphin_train.config.resolve import resolve_runtime
+        from dolphin_train.model.adapters import quantization_config
+
+        cfg = load_config(args.config, overrides)
+        runtime = resolve_runtime(cfg)
+        base = base or cfg.base_model
+        adapter = adapter or cfg.output_dir
+        dtype = dtype or ("bfloat16" if runtime.bf16 else "float32")
+        quantization = quantization_config(cfg, runtime) if cfg.load_in_4bit else None
+        trust = cfg.trust_remote_code
+    elif overrides:
+        raise ConfigError([f"--{k}: config overrides need a CONFIG" for k in overrides], source="command line")
+    if not base or not adapter:
+        raise ConfigError(["give a CONFIG, or both --base and --adapter"], source="merge-lora")
+    out = Path(args.out) if args.out else Path(adapter) / "merged"
+    merge_lora(load_base(base, dtype or "float32", quantization, trust), adapter, out)
+    print(f"Merged model: {out}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from dolphin_train.post.chat import chat, load_for_chat
+
+    target = Path(args.target)
+    if target.is_file():
+        from dolphin_train.config.load import load_config
+
+        target = Path(load_config(target, overrides).output_dir)
+    model, tokenizer = load_for_chat(target)
+    chat(model, tokenizer, args.system, args.prompt, args.max_new_tokens, args.temperature)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
     from dolphin_train.train.run import run_training
@@ -207,6 +268,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "preprocess": cmd_preprocess,
     "validate": cmd_validate,
     "inspect": cmd_inspect,
+    "merge-lora": cmd_merge_lora,
+    "chat": cmd_chat,
 }
 
 

@@ -175,16 +175,38 @@ class Config(_Strict):
         "resized and new rows start at the mean of the existing ones.",
         "model",
     )
-    load_in_8bit: bool = key(False, "Load the base weights in 8 bits.", "model", unsupported=True)
-    load_in_4bit: bool = key(False, "Load the base weights in 4 bits (QLoRA).", "model", unsupported=True)
-    adapter: Literal["lora", "qlora"] | None = key(
-        None, "Train a LoRA/QLoRA adapter instead of all weights.", "model", unsupported=True
+    load_in_8bit: bool = key(
+        False, "Load the base weights in 8 bits (bitsandbytes LLM.int8); needs `adapter: lora`.", "model"
     )
-    lora_r: int | None = key(None, "LoRA rank.", "model", unsupported=True)
-    lora_alpha: int | None = key(None, "LoRA alpha.", "model", unsupported=True)
-    lora_dropout: float | None = key(None, "LoRA dropout.", "model", unsupported=True)
-    lora_target_modules: list[str] | None = key(None, "Modules LoRA adapts.", "model", unsupported=True)
-    lora_target_linear: bool | None = key(None, "Adapt every linear layer.", "model", unsupported=True)
+    load_in_4bit: bool = key(
+        False,
+        "Load the base weights in 4 bits (bitsandbytes NF4, double quantisation, compute dtype from "
+        "bf16/fp16, quant storage set for ZeRO-3 sharding); needs `adapter: qlora`.",
+        "model",
+    )
+    adapter: Literal["lora", "qlora"] | None = key(
+        None,
+        "Train a LoRA adapter (`lora`) or a LoRA over 4-bit base weights (`qlora`) instead of all weights.",
+        "model",
+    )
+    lora_r: int = key(8, "LoRA rank.", "model", ge=1)
+    lora_alpha: int = key(16, "LoRA scaling numerator (the update is scaled by alpha / r).", "model", ge=1)
+    lora_dropout: float = key(0.0, "Dropout on the LoRA input.", "model", ge=0, lt=1)
+    lora_target_modules: list[str] | None = key(
+        None, "Module names LoRA adapts (e.g. `[q_proj, v_proj]`); default every linear layer.", "model"
+    )
+    lora_target_linear: bool | None = key(
+        None, "Adapt every linear layer except the output head (the default when no modules are named).", "model"
+    )
+    lora_modules_to_save: list[str] | None = key(
+        None,
+        "Modules trained in full next to the adapter. When tokens are added, the input and output embeddings "
+        "are added automatically; a list without them is rejected then, since the new rows would stay untrained.",
+        "model",
+    )
+    lora_model_dir: str | None = key(None, "Continue training from this saved adapter.", "model")
+    peft_use_dora: bool = key(False, "DoRA: weight-decomposed LoRA.", "model")
+    peft_use_rslora: bool = key(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.", "model")
     strict: bool = key(
         False,
         "axolotl's `strict`; only `false` (dolphin-train always rejects unknown keys).",
@@ -371,6 +393,20 @@ class Config(_Strict):
             problems.append("evals_per_epoch and eval_steps: set one, not both")
         if self.saves_per_epoch is not None and self.save_steps is not None:
             problems.append("saves_per_epoch and save_steps: set one, not both")
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            problems.append("adapter: qlora needs load_in_4bit: true")
+        if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:
+            problems.append("load_in_4bit/load_in_8bit: quantised weights cannot be trained in full; set adapter")
+        if self.train_from_scratch and (self.load_in_4bit or self.load_in_8bit):
+            problems.append("train_from_scratch with load_in_4bit/load_in_8bit: there are no weights to quantise")
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append("load_in_4bit and load_in_8bit: choose one")
+        if self.load_in_4bit and self.adapter == "lora":
+            problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
+        if self.lora_target_modules and self.lora_target_linear:
+            problems.append("lora_target_modules and lora_target_linear: set one, not both")
+        if self.chunked_cross_entropy and self.adapter:
+            problems.append("chunked_cross_entropy: true is not supported with adapters yet")
         if self.chunked_cross_entropy and self.deepspeed:
             problems.append("chunked_cross_entropy: true is not supported with deepspeed yet")
         if self.bf16 is True and self.fp16:

@@ -8,6 +8,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
 from dolphin_train.model.attention import VARLEN, register_varlen_attention
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
@@ -29,6 +30,8 @@ def _load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
     the compute dtype there."""
     import torch
 
+    if cfg.adapter:  # frozen base weights: no master copy needed, load in the compute dtype
+        return compute_dtype(runtime)
     if cfg.deepspeed and runtime.bf16:
         return torch.bfloat16
     if cfg.deepspeed and runtime.fp16:
@@ -77,6 +80,9 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
         register_varlen_attention()
     dtype = _load_dtype(cfg, runtime)
     kwargs = {"dtype": dtype, "attn_implementation": runtime.attn_implementation}
+    quantization = quantization_config(cfg, runtime)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if cfg.train_from_scratch:
         torch.manual_seed(cfg.seed)
         model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -92,14 +98,16 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     init_new_embeddings(model, tok.new_token_ids)
-    _sync_special_token_ids(model, tokenizer)
+    sync_special_token_ids(model, tokenizer)
     # No KV cache while training: transformers recognises packed rows (restarting position ids) only when
     # no cache is built. `save_final_model` turns it back on for inference.
     model.config.use_cache = False
+    if cfg.adapter:
+        model = apply_adapter(cfg, model, tok.new_token_ids)
     return model
 
 
-def _sync_special_token_ids(model: Any, tokenizer: Any) -> None:
+def sync_special_token_ids(model: Any, tokenizer: Any) -> None:
     """The saved config and generation config name the tokenizer's bos/eos/pad, so `generate`, vLLM and
     GGUF converters stop at `<|im_end|>` without extra flags."""
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -1,0 +1,94 @@
+"""LoRA and QLoRA: quantised loading settings and the PEFT adapter, configured from the Config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dolphin_train.config.resolve import RuntimeSettings
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+
+log = logging.getLogger(__name__)
+
+
+def compute_dtype(runtime: RuntimeSettings) -> Any:
+    import torch
+
+    return torch.bfloat16 if runtime.bf16 else torch.float16 if runtime.fp16 else torch.float32
+
+
+def quantization_config(cfg: Config, runtime: RuntimeSettings) -> Any:
+    """bitsandbytes settings for `load_in_4bit` (NF4 + double quantisation, the QLoRA recipe) or
+    `load_in_8bit`. The 4-bit storage dtype is the compute dtype under DeepSpeed, so ZeRO-3 can shard
+    the quantised weights like any other parameter."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = compute_dtype(runtime)
+    storage = dtype if cfg.deepspeed else "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def _module_name(model: Any, module: Any) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def modules_to_save(cfg: Config, model: Any, new_token_ids: list[int]) -> list[str] | None:
+    """New tokens have untrained embedding rows: the embeddings must train in full next to the adapter."""
+    names = [_module_name(model, model.get_input_embeddings()), _module_name(model, model.get_output_embeddings())]
+    embeddings = [n for n in dict.fromkeys(names) if n]
+    if not new_token_ids:
+        return cfg.lora_modules_to_save
+    if cfg.lora_modules_to_save is None:
+        log.info("New tokens were added: training %s in full next to the adapter", " and ".join(embeddings))
+        return embeddings
+    missing = [n for n in embeddings if n not in cfg.lora_modules_to_save]
+    if missing:
+        raise DolphinError(
+            f"lora_modules_to_save: {cfg.lora_modules_to_save} leaves out {missing}, but "
+            f"{len(new_token_ids)} token(s) were added whose embeddings would stay untrained; add them "
+            "or remove lora_modules_to_save"
+        )
+    return cfg.lora_modules_to_save
+
+
+def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
+    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
+        )
+    elif cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if cfg.lora_model_dir:
+        log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
+        return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules or "all-linear",
+        modules_to_save=modules_to_save(cfg, model, new_token_ids),
+        use_dora=cfg.peft_use_dora,
+        use_rslora=cfg.peft_use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,1 @@
+"""After training: merge a LoRA adapter into its base model, and chat with the result."""

@@ -1,0 +1,86 @@
+"""`dolphin-train chat`: talk to a trained model (full or adapter) in the terminal with its chat template."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from threading import Thread
+from typing import Any, TextIO
+
+from dolphin_train.errors import DolphinError
+
+
+def load_for_chat(path: str | Path) -> tuple[Any, Any]:
+    """A saved model directory: a full model, or an adapter (its base is loaded and resized as needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DolphinError(f"{path} is not a model directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise DolphinError(f"{path}: the tokenizer has no chat template")
+    return model.eval(), tokenizer
+
+
+def reply(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], out: TextIO, max_new_tokens: int, temperature: float
+) -> str:
+    """Generate one assistant turn, streaming it to `out`; stops at the tokenizer's eos (`<|im_end|>`)."""
+    from transformers import TextIteratorStreamer
+
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {
+        **inputs,
+        "max_new_tokens": max_new_tokens,
+        "streamer": streamer,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "do_sample": temperature > 0,
+        **({"temperature": temperature} if temperature > 0 else {}),
+    }
+    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    thread.join()
+    out.write("\n")
+    return "".join(pieces)
+
+
+def chat(
+    model: Any,
+    tokenizer: Any,
+    system: str | None,
+    prompt: str | None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    out: TextIO = sys.stdout,
+) -> None:
+    """One answer to `prompt`, or an interactive loop (empty line or Ctrl-D ends it)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        messages.append({"role": "user", "content": prompt})
+        reply(model, tokenizer, messages, out, max_new_tokens, temperature)
+        return
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        out.write("assistant> ")
+        answer = reply(model, tokenizer, messages, out, max_new_tokens, temperature)
+        messages.append({"role": "assistant", "content": answer})

@@ -1,0 +1,144 @@
+"""LoRA and QLoRA training on the CPU (bitsandbytes 4-bit works there), 8-bit optimizers, merging, chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_config, write_config, write_jsonl
+
+from dolphin_train.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's tiny Llama, randomly initialised and saved, to stand in for a pretrained base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
+    return path
+
+
+def _data(tmp_path: Path) -> Path:
+    rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:24]]
+    return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+def _train(tmp_path: Path, base_dir: Path, **overrides) -> Path:
+    cfg = tiny_config(tmp_path, _data(tmp_path), base_model=str(base_dir), train_from_scratch=False,
+                      max_steps=3, sequence_len=256, sample_packing=True, micro_batch_size=2, **overrides)  # fmt: skip
+    path = write_config(tmp_path / "c.yml", cfg)
+    assert main([str(path)]) == 0
+    return path
+
+
+def _adapter_keys(out: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def test_lora_trains_adapter_and_new_token_embeddings(tmp_path: Path, base_dir: Path) -> None:
+    _train(tmp_path, base_dir, adapter="lora", lora_r=4, learning_rate=1e-3)
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    keys = _adapter_keys(out)
+    assert any("lora_A" in k for k in keys) and any("embed_tokens" in k for k in keys)
+
+
+def test_qlora_trains_over_4bit_weights_and_merges_dequantised(tmp_path: Path, base_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from dolphin_train.post.merge import load_base
+
+    path = _train(tmp_path, base_dir, adapter="qlora", load_in_4bit=True, lora_r=4, learning_rate=1e-3,
+                  optimizer="paged_adamw_8bit")  # fmt: skip
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").exists()
+    assert main(["merge-lora", str(path)]) == 0
+    merged_dir = out / "merged"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer) == 2050
+    # Reference: the 4-bit base dequantised, with the adapter applied unmerged.
+    from dolphin_train.config.load import load_config
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.adapters import quantization_config
+
+    cfg = load_config(path)
+    base = load_base(str(base_dir), "float32", quantization_config(cfg, resolve_runtime(cfg)))
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = tokenizer("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_lora_equals_base_plus_adapter(tmp_path: Path, base_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _train(tmp_path, base_dir, adapter="lora", lora_r=8, learning_rate=5e-3, peft_use_rslora=True)
+    out = tmp_path / "out"
+    assert main(["merge-lora", "--base", str(base_dir), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_adapter_without_embeddings_is_rejected_when_tokens_are_added(tmp_path: Path, base_dir: Path, capsys) -> None:
+    cfg = tiny_config(tmp_path, _data(tmp_path), base_model=str(base_dir), train_from_scratch=False, max_steps=1,
+                      adapter="lora", lora_modules_to_save=["lm_head"])  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", cfg))]) == 1
+    err = capsys.readouterr().err
+    assert "leaves out ['embed_tokens']" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "adamw_torch_fused", "adafactor"])
+def test_optimizers_train_a_tiny_model(tmp_path: Path, optimizer: str) -> None:
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path, _data(tmp_path), max_steps=2, sequence_len=256, sample_packing=True,
+                      micro_batch_size=4, optimizer=optimizer, learning_rate=1e-3)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", cfg))]) == 0
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_train_loss"] == summary["final_train_loss"]  # finite
+    weights = load_file(str(tmp_path / "out/model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_tiny_phi_trains_with_qlora(tmp_path: Path) -> None:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    base = tmp_path / "phi"
+    torch.manual_seed(0)
+    PhiForCausalLM(PhiConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=512)).save_pretrained(base)  # fmt: skip
+    _train(tmp_path, base, adapter="qlora", load_in_4bit=True, lora_target_linear=True, learning_rate=1e-3)
+    config = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    assert {"q_proj", "dense", "fc1", "fc2"} <= {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+
+
+def test_chat_prompt_answers_in_chatml(tmp_path: Path, base_dir: Path, capsys) -> None:
+    path = _train(tmp_path, base_dir, adapter="lora", learning_rate=1e-3)
+    capsys.readouterr()
+    assert main(["chat", str(path), "--prompt", "Hi", "--max-new-tokens", "8", "--system", "Be brief."]) == 0
+    answer = capsys.readouterr().out
+    assert answer.endswith("\n") and "<|im_start|>" not in answer
