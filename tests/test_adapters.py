@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config, write_config, write_jsonl
 
+from conftest import REPO, tiny_config, write_config, write_jsonl
 from dolphin_train.cli import main
 
 pytestmark = pytest.mark.slow

@@ -94,8 +94,15 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
 
 
 def test_known_but_unimplemented_keys_fail_as_not_supported_yet(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, MINIMAL + "load_in_4bit: true\nadapter: qlora\n")
-    assert problems == ["load_in_4bit: True is not supported yet", "adapter: 'qlora' is not supported yet"]
+    problems = _problems(tmp_path, MINIMAL + "xformers_attention: true\nfsdp: [full_shard]\n")
+    assert problems == ["xformers_attention: True is not supported yet", "fsdp: ['full_shard'] is not supported yet"]
+
+
+def test_adapter_combinations_that_cannot_work_are_rejected(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, MINIMAL + "adapter: qlora\n")
+    assert problems == ["adapter: qlora needs load_in_4bit: true"]
+    problems = _problems(tmp_path, MINIMAL + "load_in_8bit: true\n")
+    assert problems == ["load_in_4bit/load_in_8bit: quantised weights cannot be trained in full; set adapter"]
 
 
 def test_empty_values_mean_unset(tmp_path: Path) -> None:
@@ -160,3 +167,9 @@ def test_optimizer_names_are_transformers_names() -> None:
 def test_every_key_is_documented() -> None:
     for name, info in Config.model_fields.items():
         assert info.description, f"{name} has no description"
+
+
+def test_validate_accepts_the_phi2_qlora_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(REPO / "configs/phi2-qlora.yml")]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["adapter"] == "qlora" and resolved["load_in_4bit"] and resolved["trust_remote_code"] is False

@@ -91,6 +91,17 @@ def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
 
 
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on the CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds: float) -> dict[str, Any]:
     import torch
     import transformers
@@ -110,6 +121,7 @@ def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds
         "eval_losses": evals,
         "first_eval_loss": evals[0][1] if evals else None,
         "final_eval_loss": evals[-1][1] if evals else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
