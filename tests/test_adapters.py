@@ -142,3 +142,16 @@ def test_chat_prompt_answers_in_chatml(tmp_path: Path, base_dir: Path, capsys) -
     assert main(["chat", str(path), "--prompt", "Hi", "--max-new-tokens", "8", "--system", "Be brief."]) == 0
     answer = capsys.readouterr().out
     assert answer.endswith("\n") and "<|im_start|>" not in answer
+
+
+def test_dora_and_continuing_from_a_saved_adapter(tmp_path: Path, base_dir: Path) -> None:
+    _train(tmp_path / "first", base_dir, adapter="lora", peft_use_dora=True, learning_rate=1e-3)
+    first = tmp_path / "first/out"
+    assert json.loads((first / "adapter_config.json").read_text())["use_dora"] is True
+    _train(tmp_path / "second", base_dir, adapter="lora", peft_use_dora=True, lora_model_dir=str(first))
+    from safetensors.torch import load_file
+
+    before = load_file(str(first / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "second/out/adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on from there

@@ -77,7 +77,7 @@ def test_new_token_embeddings_start_at_the_mean(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_embedded_default_trains_and_saves_a_loadable_chat_model(tmp_path: Path) -> None:
+def test_embedded_default_trains_and_saves_a_loadable_chat_model(tmp_path: Path, capsys) -> None:
     """The README's first command, shortened: the tiny default config trains, its eval loss falls, and
     the output directory is a standard Hugging Face model with a ChatML tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,6 +102,10 @@ def test_embedded_default_trains_and_saves_a_loadable_chat_model(tmp_path: Path)
     )
     assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    capsys.readouterr()
+    assert main(["chat", str(out), "--prompt", "Hello!", "--max-new-tokens", "24"]) == 0
+    answer = capsys.readouterr().out
+    assert answer.strip() and "<|im_start|>" not in answer and "<|im_end|>" not in answer
 
 
 @pytest.mark.slow
