@@ -173,3 +173,17 @@ def test_validate_accepts_the_phi2_qlora_recipe(capsys: pytest.CaptureFixture[st
     assert main(["validate", str(REPO / "configs/phi2-qlora.yml")]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["adapter"] == "qlora" and resolved["load_in_4bit"] and resolved["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["zero1", "zero2", "zero3", "zero3_bf16", "zero3_bf16_cpuoffload_params", "zero3_bf16_cpuoffload_all"],
+)
+def test_shipped_deepspeed_configs_parse_and_validate(name: str, tmp_path: Path) -> None:
+    import json
+
+    path = REPO / "deepspeed_configs" / f"{name}.json"
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    assert stage in (1, 2, 3)
+    cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path, deepspeed=str(path))))
+    assert cfg.deepspeed == str(path)

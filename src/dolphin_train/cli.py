@@ -253,6 +253,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     cfg = load_config(args.config, overrides)
     console = _console()
     summary = run_training(cfg, show=console.print)
+    if summary.get("interrupted"):
+        console.print(f"[bold yellow]Stopped[/] at step {summary['steps']}: checkpoint saved in "
+                      f"{summary['checkpoint']}. Resume with: --resume_from_checkpoint auto")  # fmt: skip
+        return 0
     if summary:
         first, final = summary.get("first_eval_loss"), summary.get("final_eval_loss")
         evals = f"; eval loss {first:.4f} → {final:.4f}" if first is not None else ""

@@ -65,9 +65,10 @@ def chat(
     prompt: str | None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     """One answer to `prompt`, or an interactive loop (empty line or Ctrl-D ends it)."""
+    out = out or sys.stdout  # looked up now: the stream may have been replaced since import
     messages = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         messages.append({"role": "user", "content": prompt})

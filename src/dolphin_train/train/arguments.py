@@ -113,6 +113,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         include_num_input_tokens_seen="non_padding",
         # Only the loss is needed from evaluation; gathering logits would cost tokens x vocabulary memory.
         prediction_loss_only=True,
+        # Log the loss as it is: the default filter replaces NaN/inf by an average and hides divergence.
+        logging_nan_inf_filter=False,
         use_liger_kernel=use_liger(runtime),
         **optional,
     )

@@ -17,6 +17,12 @@ from dolphin_train.data.prepare import PreparedData, prepare_data
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.train.arguments import use_liger
+from dolphin_train.train.control import (
+    StopOnNonFiniteLoss,
+    StopOnSignal,
+    checkpoint_is_complete,
+    latest_complete_checkpoint,
+)
 from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 
 log = logging.getLogger(__name__)
@@ -65,22 +71,22 @@ def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer, runtime: Ru
 
 
 def resolve_resume(cfg: Config) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     value = cfg.resume_from_checkpoint
     if value is None:
         return None
     if value is True or value in ("auto", "true"):
-        out = Path(cfg.output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = latest_complete_checkpoint(cfg.output_dir)
         if last is None and value == "auto":
-            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", out)
+            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
         elif last is None:
-            raise DolphinError(f"resume_from_checkpoint: true, but {out} holds no checkpoint")
-        return last
-    if not Path(str(value)).is_dir():
+            raise DolphinError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no complete checkpoint")
+        return str(last) if last else None
+    path = Path(str(value))
+    if not path.is_dir():
         raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
-    return str(value)
+    if not checkpoint_is_complete(path):
+        raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
+    return str(path)
 
 
 def config_hash(cfg: Config) -> str:
@@ -234,9 +240,23 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
         show(run.prepared.report.table())
         show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model))
     resume = resolve_resume(cfg)
+    stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
+    trainer.add_callback(stop_signal)
+    trainer.add_callback(non_finite)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.monotonic() - started
+    if non_finite.bad_step is not None:
+        raise DolphinError(
+            f"the training loss became NaN or infinite at step {non_finite.bad_step}; stopped. Lower the "
+            "learning rate, check the data with `dolphin-train inspect`, or resume from an earlier checkpoint"
+        )
+    if stop_signal.received is not None:
+        step = trainer.state.global_step
+        summary = {"interrupted": True, "steps": step, "checkpoint": str(Path(cfg.output_dir, f"checkpoint-{step}"))}
+        if is_main:
+            Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     if run.rows.eval is not None:
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)

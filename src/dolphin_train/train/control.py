@@ -1,0 +1,99 @@
+"""Run control: which checkpoint to resume from, and stopping cleanly on a signal or a diverged loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """transformers writes trainer_state.json last (after weights, optimizer, scheduler and RNG states):
+    a checkpoint cut off mid-write lacks it, or holds a truncated one."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+        reverse=True,
+    )
+    for _, path in found:
+        if checkpoint_is_complete(path):
+            return path
+        log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
+    return None
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send before a kill): finish the current step,
+    save a checkpoint, and end training. Every process stops at the same step (the flag is combined
+    across processes), so a distributed run never waits on a rank that has already left."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("Received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def _any_process_received(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = self.received is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            value = torch.tensor([1 if flag else 0], device=device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            flag = bool(value.item())
+        return flag
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._any_process_received():
+            self.received = self.received or signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A NaN or infinite training loss (or gradient norm) stops the run with a message naming the step."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        values = [(logs or {}).get(k) for k in ("loss", "grad_norm")]
+        if any(v is not None and not math.isfinite(float(v)) for v in values):
+            self.bad_step = state.global_step
+            control.should_training_stop = True
+        return control

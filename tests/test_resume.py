@@ -1,0 +1,98 @@
+"""Exact resume after a hard kill, clean stop on SIGTERM, incomplete checkpoints never resumed from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_config, write_config
+from dolphin_train.train.control import latest_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, name: str, **overrides) -> Path:
+    keys = {"max_steps": 10, "save_steps": 2, "sample_packing": True, "micro_batch_size": 4,
+            "dataset_prepared_path": str(tmp_path / "prepared"), **overrides}  # fmt: skip
+    return write_config(tmp_path / f"{name}.yml", tiny_config(tmp_path / name, **keys))
+
+
+def _start(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "dolphin_train", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / f"checkpoint-{step}" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = _start(_config(tmp_path, "straight"))
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+
+    config = _config(tmp_path, "killed")
+    out = tmp_path / "killed/out"
+    proc = _start(config)
+    _wait_for_checkpoint(out, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()  # it really died before the end
+    resumed = _start(config, "--resume_from_checkpoint", "auto")
+    _stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+
+    expected, actual = _weights(tmp_path / "straight/out"), _weights(out)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    config = _config(tmp_path, "term", max_steps=400, save_steps=2)
+    out = tmp_path / "term/out"
+    proc = _start(config, "--save_total_limit", "50")
+    _wait_for_checkpoint(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Stopped" in stdout and "--resume_from_checkpoint auto" in stdout
+    last = latest_complete_checkpoint(out)
+    assert last is not None and 2 <= int(last.name.split("-")[1]) < 400
+    assert str(last) in stdout.replace("\n", "")  # the message names the checkpoint it saved
+
+
+def test_incomplete_checkpoint_is_never_the_latest(tmp_path: Path) -> None:
+    for step, complete in ((2, True), (4, True), (6, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x")
+        (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}' if complete else '{"glob')
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_diverged_loss_stops_the_run_naming_the_step(tmp_path: Path, capsys) -> None:
+    from dolphin_train.cli import main
+
+    config = _config(tmp_path, "nan", max_steps=30, save_steps=1000, optimizer="sgd", learning_rate=1e12,
+                     max_grad_norm=0.0)  # fmt: skip
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "became NaN or infinite at step" in err and "Traceback" not in err
