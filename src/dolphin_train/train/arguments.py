@@ -49,6 +49,12 @@ def use_liger(runtime: RuntimeSettings) -> bool:
     return runtime.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
+def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
+    """accelerate's CPU flag: it makes a CPU torchrun distributed over gloo, but it also bypasses the
+    DeepSpeed set-up, which DeepSpeed on CPUs needs."""
+    return runtime.device == "cpu" and not cfg.deepspeed
+
+
 def _checkpointing_argument(arguments_class: Any) -> str:
     """transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`."""
     params = inspect.signature(arguments_class.__init__).parameters
@@ -92,7 +98,7 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         fp16=runtime.fp16,
         tf32=runtime.tf32 if runtime.device == "cuda" else None,
         dataloader_pin_memory=runtime.device == "cuda",
-        use_cpu=runtime.device == "cpu",
+        use_cpu=cpu_without_deepspeed(cfg, runtime),
         # Full fine-tuning uses every parameter; the search for unused ones costs a graph traversal per step.
         ddp_find_unused_parameters=False,
         logging_steps=cfg.logging_steps,

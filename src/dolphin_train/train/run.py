@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +62,27 @@ def _lengths(dataset: Any) -> Any:
 
 
 def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer, runtime: RuntimeSettings) -> PreparedData:
-    """Rank 0 prepares and caches; the other ranks wait, then load the same cache entry."""
-    from accelerate import PartialState
+    """Rank 0 prepares and caches; the other ranks wait at a barrier, then load the same cache entry.
 
-    # accelerate treats a CPU-only torchrun as distributed (gloo) only when told the run is on the CPU;
-    # the same flag reaches TrainingArguments (use_cpu), which shares this process-wide state.
-    with PartialState(cpu=runtime.device == "cpu").main_process_first():
+    The process group is set up here with PyTorch's defaults for the device (NCCL on GPUs, gloo on CPUs)
+    rather than through accelerate's state, which must only be created later, by TrainingArguments,
+    once DeepSpeed is configured; accelerate and DeepSpeed both reuse an initialised group."""
+    import torch.distributed as dist
+
+    if runtime.world_size == 1:
         return prepare_data(cfg, tok.tokenizer)
+    if not dist.is_initialized():
+        if runtime.device == "cuda":  # NCCL collectives run on the current device: one GPU per rank
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if runtime.device == "cuda" else "gloo")
+    if dist.get_rank() == 0:
+        prepared = prepare_data(cfg, tok.tokenizer)
+        dist.barrier()
+        return prepared
+    dist.barrier()
+    return prepare_data(cfg, tok.tokenizer)
 
 
 def resolve_resume(cfg: Config) -> str | None:
