@@ -26,10 +26,6 @@ class PreparationReport:
     fingerprint: str = ""
     from_cache: bool = False
 
-    @property
-    def dropped(self) -> int:
-        return self.dropped_too_long + self.dropped_no_trainable + sum(self.skipped_invalid.values())
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
