@@ -38,6 +38,9 @@ def wandb_environment(cfg: Config) -> dict[str, str]:
         "WANDB_LOG_MODEL": cfg.wandb_log_model,
     }
     env = {k: v for k, v in pairs.items() if v is not None}
+    if cfg.wandb_project and "WANDB_DIR" not in os.environ:
+        env["WANDB_DIR"] = cfg.output_dir  # runs (offline ones too) live next to the model they trained
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.wandb_run_id:
         env["WANDB_RESUME"] = "allow"
     return env

@@ -216,6 +216,17 @@ def save_final_model(trainer: Any, output_dir: str) -> None:
     trainer.save_model(output_dir)
 
 
+def _finish_tracking(cfg: Config) -> None:
+    """Close the wandb run after the final evaluation, so its summary and history are complete on disk
+    (and synced) when the command returns, not at interpreter exit."""
+    if not cfg.wandb_project:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 @dataclass
 class Run:
     """Everything assembled for one training run, before the loop starts."""
@@ -280,4 +291,5 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
     if run.rows.eval is not None:
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
+    _finish_tracking(cfg)
     return write_run_summary(cfg, trainer, run.prepared, elapsed) if is_main else {}
