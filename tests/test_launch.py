@@ -46,3 +46,15 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     # Prepared once (by rank 0), cached once, no temporary directory left behind.
     assert [p.name for p in (tmp_path / "prepared").iterdir()] == [summary["data_fingerprint"]]
     assert result.stdout.count("Training plan") == 1  # the summary is printed by rank 0 only
+
+
+@pytest.mark.slow
+def test_num_processes_relaunches_under_torchrun(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, max_steps=2, sample_packing=True))
+    cmd = [sys.executable, "-m", "dolphin_train", str(path), "--num-processes", "2", "--learning_rate", "3e-4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    args = json.loads((tmp_path / "out/checkpoint-2/trainer_state.json").read_text())
+    assert args["log_history"][0]["learning_rate"] < 3e-4 + 1e-12  # the override reached both processes

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name not in ("merge-lora", "chat"):
             _add_common(commands[name])
+    commands["train"].add_argument(
+        "--num-processes", type=int, help="launch this many processes on this machine (wraps torchrun)"
+    )
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
     commands["inspect"].add_argument("--ids", action="store_true", help="show each token's id")
     merge = commands["merge-lora"]
@@ -104,6 +107,18 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems, source="command line")
     return overrides
+
+
+def _raw_pairs(extra: Sequence[str]) -> list[tuple[str, str]]:
+    """Overrides as written (`--key value` / `--key=value`), to forward to relaunched processes."""
+    pairs, i = [], 0
+    while i < len(extra):
+        name, eq, value = extra[i][2:].partition("=")
+        if not eq and i + 1 < len(extra):
+            value, i = extra[i + 1], i + 1
+        pairs.append((name, value))
+        i += 1
+    return pairs
 
 
 def _is_main_process() -> bool:
@@ -246,11 +261,23 @@ def cmd_chat(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def relaunch_with_torchrun(num_processes: int, argv: Sequence[str]) -> int:
+    """`--num-processes N`: run this same command under torchrun, one process per GPU (or CPU worker)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+           "-m", "dolphin_train", *argv]  # fmt: skip
+    return subprocess.run(cmd, check=False).returncode
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
     from dolphin_train.train.run import run_training
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # checked before any process starts
+    if args.num_processes and "WORLD_SIZE" not in os.environ:
+        forwarded = ["train", args.config, *(f"--{k}={v}" for k, v in args.raw_overrides)]
+        return relaunch_with_torchrun(args.num_processes, forwarded + (["-v"] if args.verbose else []))
     console = _console()
     summary = run_training(cfg, show=console.print)
     if summary.get("interrupted"):
@@ -287,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
+    args.raw_overrides = _raw_pairs(extra)
     try:
         return HANDLERS[args.command](args, parse_overrides(extra))
     except DolphinError as exc:
