@@ -94,8 +94,8 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
 
 
 def test_known_but_unimplemented_keys_fail_as_not_supported_yet(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, MINIMAL + "xformers_attention: true\nfsdp: [full_shard]\n")
-    assert problems == ["xformers_attention: True is not supported yet", "fsdp: ['full_shard'] is not supported yet"]
+    problems = _problems(tmp_path, MINIMAL + "xformers_attention: true\ngroup_by_length: true\n")
+    assert problems == ["xformers_attention: True is not supported yet", "group_by_length: True is not supported yet"]
 
 
 def test_adapter_combinations_that_cannot_work_are_rejected(tmp_path: Path) -> None:
@@ -103,6 +103,8 @@ def test_adapter_combinations_that_cannot_work_are_rejected(tmp_path: Path) -> N
     assert problems == ["adapter: qlora needs load_in_4bit: true"]
     problems = _problems(tmp_path, MINIMAL + "load_in_8bit: true\n")
     assert problems == ["load_in_4bit/load_in_8bit: quantised weights cannot be trained in full; set adapter"]
+    problems = _problems(tmp_path, MINIMAL + "fsdp: [full_shard]\ndeepspeed: deepspeed_configs/zero3.json\n")
+    assert problems == ["fsdp and deepspeed: choose one way to shard the model"]
 
 
 def test_empty_values_mean_unset(tmp_path: Path) -> None:

@@ -347,8 +347,18 @@ class Config(_Strict):
         "DeepSpeed config: a JSON file path or an inline mapping (see `deepspeed_configs/`).",
         "distributed",
     )
-    fsdp: list[str] | str | None = key(None, "FSDP options.", "distributed", unsupported=True)
-    fsdp_config: dict[str, Any] | None = key(None, "FSDP settings.", "distributed", unsupported=True)
+    fsdp: list[str] | str | None = key(
+        None,
+        "Fully sharded data parallel, the alternative to DeepSpeed: transformers' options, e.g. "
+        "`[full_shard, auto_wrap]` (add `offload` to keep parameters on the CPU).",
+        "distributed",
+    )
+    fsdp_config: dict[str, Any] | None = key(
+        None,
+        "FSDP settings passed to transformers (`fsdp_` prefixes accepted, as axolotl writes them); FSDP2 "
+        "(`version: 2`) unless set otherwise; layers to wrap default to the model's own.",
+        "distributed",
+    )
     local_rank: int | None = key(
         None,
         "Set by the launcher (torchrun, accelerate); leave it empty in the file.",
@@ -407,6 +417,12 @@ class Config(_Strict):
             problems.append("lora_target_modules and lora_target_linear: set one, not both")
         if self.chunked_cross_entropy and self.adapter:
             problems.append("chunked_cross_entropy: true is not supported with adapters yet")
+        if self.fsdp and self.deepspeed:
+            problems.append("fsdp and deepspeed: choose one way to shard the model")
+        if self.fsdp_config and not self.fsdp:
+            problems.append("fsdp_config is set but fsdp is not: set fsdp, e.g. [full_shard, auto_wrap]")
+        if self.chunked_cross_entropy and self.fsdp:
+            problems.append("chunked_cross_entropy: true is not supported with fsdp yet")
         if self.chunked_cross_entropy and self.deepspeed:
             problems.append("chunked_cross_entropy: true is not supported with deepspeed yet")
         if self.bf16 is True and self.fp16:

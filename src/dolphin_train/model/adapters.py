@@ -20,8 +20,8 @@ def compute_dtype(runtime: RuntimeSettings) -> Any:
 
 def quantization_config(cfg: Config, runtime: RuntimeSettings) -> Any:
     """bitsandbytes settings for `load_in_4bit` (NF4 + double quantisation, the QLoRA recipe) or
-    `load_in_8bit`. The 4-bit storage dtype is the compute dtype under DeepSpeed, so ZeRO-3 can shard
-    the quantised weights like any other parameter."""
+    `load_in_8bit`. The 4-bit storage dtype is the compute dtype under DeepSpeed or FSDP, so ZeRO-3 and
+    FSDP can shard the quantised weights like any other parameter."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -29,7 +29,7 @@ def quantization_config(cfg: Config, runtime: RuntimeSettings) -> Any:
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     dtype = compute_dtype(runtime)
-    storage = dtype if cfg.deepspeed else "uint8"
+    storage = dtype if (cfg.deepspeed or cfg.fsdp) else "uint8"
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

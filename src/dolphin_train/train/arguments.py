@@ -26,6 +26,14 @@ def deepspeed_config(cfg: Config) -> str | dict[str, Any] | None:
     return str(path)
 
 
+def fsdp_config(cfg: Config) -> dict[str, Any] | None:
+    """FSDP2 by default (per-parameter sharding, the PyTorch-recommended version); the user's keys win."""
+    if not cfg.fsdp:
+        return None
+    settings = {k.removeprefix("fsdp_"): v for k, v in (cfg.fsdp_config or {}).items()}
+    return {"version": 2, **settings}
+
+
 def wandb_environment(cfg: Config) -> dict[str, str]:
     """wandb reads its settings from the environment; map the config's wandb_* keys onto it."""
     pairs = {
@@ -115,6 +123,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         report_to=["wandb"] if cfg.wandb_project else "none",
         run_name=cfg.wandb_name,
         deepspeed=deepspeed_config(cfg),
+        fsdp=cfg.fsdp or "",
+        fsdp_config=fsdp_config(cfg),
         # Our rows carry only what the model needs; the column check would drop position_ids.
         remove_unused_columns=False,
         # The loss is the mean over every trainable token of the global batch, on any number of processes.

@@ -180,7 +180,7 @@ def make_trainer(
 def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
     if cfg.chunked_cross_entropy is not None:
         return cfg.chunked_cross_entropy
-    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not cfg.deepspeed and not cfg.adapter
+    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not (cfg.deepspeed or cfg.fsdp or cfg.adapter)
 
 
 def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:

@@ -44,6 +44,7 @@ def plan_table(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule
     t.add_row("precision", precision + (" + tf32" if runtime.tf32 else ""))
     t.add_row("attention", f"{runtime.attn_implementation} ({runtime.attention_note})")
     t.add_row("device / processes", f"{runtime.device} / {runtime.launcher}")
-    t.add_row("deepspeed", str(cfg.deepspeed) if cfg.deepspeed else "off")
+    sharding = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else f"FSDP {cfg.fsdp}" if cfg.fsdp else "off"
+    t.add_row("sharding", sharding)
     t.add_row("output", cfg.output_dir)
     return t
