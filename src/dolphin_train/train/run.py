@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 log = logging.getLogger(__name__)
 
 CHUNKED_LOSS_MIN_VOCAB = 65536
+PREPARE_TIMEOUT_S = 3 * 3600
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,11 @@ def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer, runtime: Ru
             import torch
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if runtime.device == "cuda" else "gloo")
+        # Generous: the other ranks wait at the barrier for as long as rank 0 tokenizes (the SLURM script
+        # runs `preprocess` first to keep that out of the distributed job).
+        dist.init_process_group(
+            backend="nccl" if runtime.device == "cuda" else "gloo", timeout=timedelta(seconds=PREPARE_TIMEOUT_S)
+        )
     if dist.get_rank() == 0:
         prepared = prepare_data(cfg, tok.tokenizer)
         dist.barrier()
