@@ -118,3 +118,12 @@ def test_inspect_shows_trained_tokens_and_statistics(tmp_path: Path, capsys) -> 
     out = capsys.readouterr().out
     assert "example 0" in out and "<|im_start|>" in out and "4(" in out  # the answer "4." with its token id
     assert "length p50 / p90 / p99 / max" in out and "packing at 64 tokens" in out
+
+
+def test_missing_file_with_a_hub_like_path_is_still_a_missing_file(tmp_path: Path) -> None:
+    from dolphin_train.config.schema import DatasetConfig
+    from dolphin_train.data.sources import resolve_source
+
+    assert resolve_source(DatasetConfig(path="cognitivecomputations/dolphin")).hub
+    with pytest.raises(DataError, match="dataset not found: data/chat.jsonl"):
+        resolve_source(DatasetConfig(path="data/chat.jsonl"))

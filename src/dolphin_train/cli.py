@@ -178,7 +178,15 @@ def _missing_paths(cfg: Any) -> list[str]:
     """Files the config names that are absent here: fine for `validate` on a laptop, fatal for `train`."""
     from pathlib import Path
 
-    missing = [f"dataset not found here: {d.path}" for d in cfg.datasets if not Path(d.path).exists()]
+    from dolphin_train.data.sources import resolve_source
+    from dolphin_train.errors import DataError
+
+    missing = []
+    for ds in cfg.datasets:
+        try:
+            resolve_source(ds)  # local files, directories and globs; a hub id is taken as such
+        except DataError as exc:
+            missing.append(str(exc))
     if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).exists():
         missing.append(f"deepspeed config not found here: {cfg.deepspeed}")
     return missing

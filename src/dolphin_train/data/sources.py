@@ -51,7 +51,8 @@ class Source:
 
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+    # "org/name" with no file extension: "data/chat.jsonl" that is missing is a missing file, not a hub id.
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and Path(path).suffix not in FILE_TYPES
 
 
 def _supported(path: Path, ds: DatasetConfig) -> bool:
