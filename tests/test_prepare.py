@@ -125,5 +125,5 @@ def test_missing_file_with_a_hub_like_path_is_still_a_missing_file(tmp_path: Pat
     from dolphin_train.data.sources import resolve_source
 
     assert resolve_source(DatasetConfig(path="cognitivecomputations/dolphin")).hub
-    with pytest.raises(DataError, match="dataset not found: data/chat.jsonl"):
+    with pytest.raises(DataError, match=r"dataset not found: data/chat\.jsonl"):
         resolve_source(DatasetConfig(path="data/chat.jsonl"))
