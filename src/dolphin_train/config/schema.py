@@ -319,6 +319,9 @@ class Config(_Strict):
         "A checkpoint directory to resume from, or `true`/`auto` for the latest complete checkpoint in "
         "`output_dir` (`auto` starts fresh when there is none; `true` requires one).",
     )
+    stop_on_nan_loss: bool = key(
+        True, "Stop, naming the step, when the training loss or gradient norm becomes NaN or infinite."
+    )
     early_stopping_patience: int | None = key(None, "Stop when eval loss stops improving.", unsupported=True)
 
     # ---- evaluation and checkpoints ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -64,11 +65,21 @@ def init_new_embeddings(model: Any, new_token_ids: list[int]) -> None:
     out = model.get_output_embeddings()
     if out is not None and out.weight is not layers[0].weight:
         layers.append(out)
-    with torch.no_grad():
-        for layer in layers:
-            weight = layer.weight
+    weights = [layer.weight for layer in layers]
+    with torch.no_grad(), _gathered(weights):
+        for weight in weights:
             mean = weight[:first_new].float().mean(dim=0).to(weight.dtype)
             weight[new_token_ids] = mean
+
+
+def _gathered(params: list[Any]) -> Any:
+    """Under DeepSpeed ZeRO-3 each process holds a shard: gather the full tensors to edit them (rank 0's
+    edit is what every process keeps)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Any:

@@ -60,6 +60,22 @@ def use_liger(runtime: RuntimeSettings) -> bool:
     return runtime.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
+def configure_deepspeed_on_cpu() -> dict[str, Any]:
+    """DeepSpeed over CPU processes (gloo). TrainingArguments would build accelerate's state without a
+    backend on a machine with no GPU, so that accelerate counts one process while DeepSpeed counts all of
+    them. We build the state ourselves, the way TrainingArguments does for DeepSpeed (the same
+    environment flag) but with the gloo backend, and ask TrainingArguments to use it (a supported
+    `accelerator_config` option)."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return {"use_configured_state": True}
+
+
 def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
     """accelerate's CPU flag: it makes a CPU torchrun distributed over gloo, but it also bypasses the
     DeepSpeed set-up, which DeepSpeed on CPUs needs."""
@@ -88,6 +104,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         }.items()
         if v is not None
     }
+    if cfg.deepspeed and runtime.device == "cpu":
+        optional["accelerator_config"] = configure_deepspeed_on_cpu()
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.gradient_checkpointing
     if cfg.gradient_checkpointing_kwargs is not None:

@@ -16,7 +16,7 @@ from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan_packing
 from dolphin_train.data.prepare import PreparedData, prepare_data
-from dolphin_train.errors import DolphinError, EnvironmentProblem
+from dolphin_train.errors import DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.train.arguments import use_liger
 from dolphin_train.train.control import (
@@ -249,11 +249,6 @@ class Run:
 def set_up_run(cfg: Config) -> Run:
     """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
     runtime = resolve_runtime(cfg)
-    if cfg.deepspeed and runtime.device == "cpu":
-        raise EnvironmentProblem(
-            "deepspeed: DeepSpeed on CPU-only processes is not supported yet (accelerate counts them as one "
-            "process); train without `deepspeed` (torchrun gives data parallelism over gloo) or on GPUs"
-        )
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok, runtime)
@@ -279,7 +274,8 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
     resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)
-    trainer.add_callback(non_finite)
+    if cfg.stop_on_nan_loss:
+        trainer.add_callback(non_finite)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.monotonic() - started
