@@ -92,6 +92,8 @@ def test_embedded_default_trains_and_saves_a_loadable_chat_model(tmp_path: Path,
     assert code == 0
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["final_eval_loss"] < summary["first_eval_loss"] - 2.0
+    assert {"dolphin-train", "torch", "transformers", "datasets"} <= set(summary["versions"])
+    assert len(summary["config_hash"]) == 16 and len(summary["data_fingerprint"]) == 16
     assert (out / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

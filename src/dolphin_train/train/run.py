@@ -129,9 +129,20 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("dolphin-train", "torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes",
+                 "deepspeed", "flash-attn", "tiktoken"):  # fmt: skip
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds: float) -> dict[str, Any]:
-    import torch
-    import transformers
 
     history = trainer.state.log_history
     evals = _eval_losses(history)
@@ -149,7 +160,7 @@ def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds
         "first_eval_loss": evals[0][1] if evals else None,
         "final_eval_loss": evals[-1][1] if evals else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": library_versions(),
     }
     Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
