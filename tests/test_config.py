@@ -189,3 +189,10 @@ def test_shipped_deepspeed_configs_parse_and_validate(name: str, tmp_path: Path)
     assert stage in (1, 2, 3)
     cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path, deepspeed=str(path))))
     assert cfg.deepspeed == str(path)
+
+
+def test_deepspeed_in_one_cpu_process_says_how_to_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, deepspeed=str(REPO / "deepspeed_configs/zero3.json")))
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "--num-processes 2" in err and "Traceback" not in err

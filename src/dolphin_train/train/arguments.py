@@ -10,7 +10,7 @@ from typing import Any
 
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
-from dolphin_train.errors import DolphinError
+from dolphin_train.errors import DolphinError, EnvironmentProblem
 from dolphin_train.train.schedule import TrainingSchedule
 
 
@@ -105,6 +105,11 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         if v is not None
     }
     if cfg.deepspeed and runtime.device == "cpu":
+        if runtime.world_size == 1:
+            raise EnvironmentProblem(
+                "deepspeed on the CPU runs over several processes: launch with `--num-processes 2` (or torchrun "
+                "--nproc_per_node 2), or remove `deepspeed` for a single process"
+            )
         optional["accelerator_config"] = configure_deepspeed_on_cpu()
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.gradient_checkpointing
