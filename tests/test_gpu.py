@@ -48,3 +48,17 @@ def test_packed_rows_never_attend_across_conversations(backend: str) -> None:
         model.set_attn_implementation(backend)
         packed = model(**batch).logits
     torch.testing.assert_close(packed.float(), reference.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_varlen_backend_under_autocast_with_float32_weights() -> None:
+    """Full fine-tuning keeps float32 master weights and autocasts: the varlen kernel still gets 16-bit."""
+    if not torch_varlen_available():
+        pytest.skip("torch.nn.attention.varlen is not available")
+    register_varlen_attention()
+    model, batch, lengths = _model_and_batch()
+    model = model.float()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = _alone(model, batch, lengths)
+        model.set_attn_implementation("dolphin_varlen")
+        packed = model(**batch).logits
+    torch.testing.assert_close(packed.float(), reference.float(), atol=5e-2, rtol=5e-2)

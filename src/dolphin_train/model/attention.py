@@ -78,6 +78,12 @@ def varlen_attention_forward(
     q = query.transpose(1, 2).reshape(batch * seq, q_heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    out_dtype = q.dtype
+    if q.is_cuda and q.dtype == torch.float32:
+        # Mixed precision with float32 master weights: rotary embeddings promote q/k to float32, but the
+        # flash kernel takes 16-bit inputs; run it in the autocast dtype and return the caller's dtype.
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
     extra: dict[str, Any] = {}
     if kv_heads != q_heads:
         if "enable_gqa" in inspect.signature(kernel).parameters:
@@ -86,7 +92,7 @@ def varlen_attention_forward(
             k = k.repeat_interleave(q_heads // kv_heads, dim=1)
             v = v.repeat_interleave(q_heads // kv_heads, dim=1)
     out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **_causal_kwargs(kernel), **extra)
-    return out.reshape(batch, seq, q_heads, dim), None
+    return out.to(out_dtype).reshape(batch, seq, q_heads, dim), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
