@@ -109,18 +109,6 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _raw_pairs(extra: Sequence[str]) -> list[tuple[str, str]]:
-    """Overrides as written (`--key value` / `--key=value`), to forward to relaunched processes."""
-    pairs, i = [], 0
-    while i < len(extra):
-        name, eq, value = extra[i][2:].partition("=")
-        if not eq and i + 1 < len(extra):
-            value, i = extra[i + 1], i + 1
-        pairs.append((name, value))
-        i += 1
-    return pairs
-
-
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -284,7 +272,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(args.config, overrides)  # checked before any process starts
     if args.num_processes and "WORLD_SIZE" not in os.environ:
-        forwarded = ["train", args.config, *(f"--{k}={v}" for k, v in args.raw_overrides)]
+        forwarded = ["train", args.config, *args.overrides_as_written]
         return relaunch_with_torchrun(args.num_processes, forwarded + (["-v"] if args.verbose else []))
     console = _console()
     summary = run_training(cfg, show=console.print)
@@ -322,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    args.raw_overrides = _raw_pairs(extra)
+    args.overrides_as_written = extra  # forwarded verbatim when `--num-processes` relaunches the command
     try:
         return HANDLERS[args.command](args, parse_overrides(extra))
     except DolphinError as exc:

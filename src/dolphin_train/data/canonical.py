@@ -8,7 +8,6 @@ here: a malformed dataset fails before any tokenization.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from dolphin_train.config.schema import Config
 from dolphin_train.data.formats import RowConverter, RowProblem
-from dolphin_train.data.sources import Source, iter_source_rows
+from dolphin_train.data.sources import RawRow, Source, iter_source_rows, parse_json_line
 from dolphin_train.errors import DolphinError
 
 ROW_OK, ROW_BLANK, ROW_INVALID = 0, 1, 2
@@ -63,30 +62,27 @@ class JsonlBatch:
 
     def __call__(self, batch: dict[str, list[str]], indices: list[int]) -> dict[str, list[Any]]:
         rows = [self._one(line, index) for line, index in zip(batch["text"], indices, strict=True)]
-        return {k: [r[k] for r in rows] for k in canonical_features()}
+        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
     def _one(self, line: str, index: int) -> dict[str, Any]:
         if not line.strip():
             return {**_EMPTY, "status": ROW_BLANK, "where": "", "reason": "", "problem": ""}
-        where = f"{self.path}:{index + 1}"  # Arrow keeps blank lines, so index + 1 is the line number
-        try:
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RowProblem("invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            return _good_row(self.convert(value))
-        except RowProblem as exc:
-            return _problem_row(where, exc)
+        # Arrow keeps blank lines, so index + 1 is the line number.
+        return _converted(parse_json_line(f"{self.path}:{index + 1}", line), self.convert)
+
+
+def _converted(raw: RawRow, convert: RowConverter) -> dict[str, Any]:
+    try:
+        if raw.problem:
+            raise RowProblem("invalid JSON", raw.problem)
+        return _good_row(convert(raw.value))
+    except RowProblem as exc:
+        return _problem_row(raw.where, exc)
 
 
 def _generated_rows(source: Source, convert: RowConverter) -> Iterator[dict[str, Any]]:
     for raw in iter_source_rows(source):
-        try:
-            if raw.problem:
-                raise RowProblem("invalid JSON", raw.problem)
-            yield _good_row(convert(raw.value))
-        except RowProblem as exc:
-            yield _problem_row(raw.where, exc)
+        yield _converted(raw, convert)
 
 
 def _is_jsonl(path: Path, source: Source) -> bool:

@@ -25,23 +25,10 @@ def highlighted_example(tokenizer: Any, input_ids: list[int], labels: list[int],
 
 
 def statistics_table(prepared: PreparedData, sequence_len: int, seed: int) -> Any:
-    from rich.table import Table
-
-    report = prepared.report
     lengths = np.asarray(prepared.train["length"], dtype=np.int64)
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     plan = plan_packing(lengths, sequence_len, seed)
-    table = Table(title="Prepared data", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_row("train / eval rows", f"{report.train_rows:,} / {report.eval_rows:,}")
-    table.add_row("tokens (trainable)", f"{report.tokens:,} ({report.trainable_tokens:,}, "
-                  f"{report.trainable_tokens / max(1, report.tokens):.1%})")  # fmt: skip
-    for reason, n in sorted(report.skipped_invalid.items()):
-        table.add_row(f"skipped (invalid): {reason}", f"{n:,}")
-    table.add_row(f"dropped: longer than {sequence_len} tokens", f"{report.dropped_too_long:,}")
-    table.add_row("dropped: no trainable token", f"{report.dropped_no_trainable:,}")
-    table.add_row(f"truncated to {sequence_len} tokens", f"{report.truncated:,}")
+    table = prepared.report.table()  # the preparation report, then the shape of the training rows
     table.add_row("length p50 / p90 / p99 / max", f"{p50:,} / {p90:,} / {p99:,} / {int(lengths.max()):,}")
     table.add_row(
         f"packing at {sequence_len} tokens",

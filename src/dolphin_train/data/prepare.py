@@ -117,7 +117,6 @@ def _template(cfg: Config, tokenizer: Any) -> Template:
 
 
 def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:
-
     report = PreparationReport(sequence_len=cfg.sequence_len)
     num_proc = _num_proc(cfg, _approximate_rows(sources))
     started = time.perf_counter()

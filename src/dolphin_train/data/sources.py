@@ -124,11 +124,15 @@ def _iter_jsonl(path: Path) -> Iterator[RawRow]:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
-            try:
-                yield RawRow(where, json.loads(line))
-            except json.JSONDecodeError as exc:
-                yield RawRow(where, None, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            yield parse_json_line(f"{path}:{line_no}", line)
+
+
+def parse_json_line(where: str, line: str) -> RawRow:
+    """One JSON Lines row; a broken line becomes a reported problem, not an exception."""
+    try:
+        return RawRow(where, json.loads(line))
+    except json.JSONDecodeError as exc:
+        return RawRow(where, None, f"invalid JSON ({exc.msg} at column {exc.colno})")
 
 
 def _iter_json_array(path: Path) -> Iterator[RawRow]:

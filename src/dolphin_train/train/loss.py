@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from dolphin_train.data.encode import IGNORE_INDEX
+
 LOGITS_PER_CHUNK = 2**26  # float32 logits of one chunk: 256 MiB, whatever the vocabulary
 
 
