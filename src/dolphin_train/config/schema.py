@@ -342,6 +342,12 @@ class Config(_Strict):
     wandb_log_model: Literal["checkpoint", "end", "false"] | None = key(
         None, "Upload checkpoints or the final model to wandb.", "logging"
     )
+    use_tensorboard: bool = key(
+        False,
+        "Write TensorBoard event files to `output_dir/runs/` (needs `pip install tensorboard`); can be combined "
+        "with wandb.",
+        "logging",
+    )
     debug: bool = key(False, "axolotl's debug dumps.", "logging", unsupported=True)
 
     # ---- distributed ---------------------------------------------------------------------------

@@ -54,6 +54,24 @@ def wandb_environment(cfg: Config) -> dict[str, str]:
     return env
 
 
+def tensorboard_installed() -> bool:
+    """transformers' TensorBoard callback writes through torch.utils.tensorboard (the `tensorboard` package)
+    or, failing that, tensorboardX."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def check_trackers(cfg: Config) -> None:
+    """Fail before any data is prepared, rather than when the Trainer is built."""
+    if cfg.use_tensorboard and not tensorboard_installed():
+        raise EnvironmentProblem("use_tensorboard: true, but TensorBoard is not installed: pip install tensorboard")
+
+
+def report_to(cfg: Config) -> list[str] | str:
+    """The experiment trackers the Trainer logs to; "none" turns off transformers' own default choice."""
+    trackers = (["wandb"] if cfg.wandb_project else []) + (["tensorboard"] if cfg.use_tensorboard else [])
+    return trackers or "none"
+
+
 def use_liger(runtime: RuntimeSettings) -> bool:
     """Liger's fused linear cross-entropy where it is installed on CUDA (applied by transformers'
     `use_liger_kernel`); it never materialises the full logits either."""
@@ -143,7 +161,7 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         save_steps=schedule.save_steps or 500,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=["wandb"] if cfg.wandb_project else "none",
+        report_to=report_to(cfg),
         run_name=cfg.wandb_name,
         deepspeed=deepspeed_config(cfg),
         fsdp=cfg.fsdp or "",

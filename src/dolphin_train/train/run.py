@@ -18,7 +18,7 @@ from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan
 from dolphin_train.data.prepare import PreparedData, prepare_data
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
-from dolphin_train.train.arguments import use_liger
+from dolphin_train.train.arguments import check_trackers, use_liger
 from dolphin_train.train.control import (
     StopOnNonFiniteLoss,
     StopOnSignal,
@@ -259,6 +259,7 @@ class Run:
 
 def set_up_run(cfg: Config) -> Run:
     """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
+    check_trackers(cfg)
     runtime = resolve_runtime(cfg)
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
     tok = load_tokenizer(cfg)
