@@ -154,6 +154,9 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         # Full fine-tuning uses every parameter; the search for unused ones costs a graph traversal per step.
         ddp_find_unused_parameters=False,
         logging_steps=cfg.logging_steps,
+        # transformers hides its progress bar when its logging is quieter than warnings, as ours is by
+        # default; the bar (train/progress.py) is how a run shows where it is.
+        disable_tqdm=False,
         eval_strategy=("steps" if schedule.eval_steps else "epoch") if has_eval else "no",
         eval_steps=schedule.eval_steps,
         eval_on_start=has_eval,

@@ -189,9 +189,21 @@ def make_trainer(
         processing_class=tok.tokenizer,
         compute_loss_func=_chunked_loss(cfg, runtime, model),
     )
-    # First in line, so the console printer and wandb see the throughput it adds to each log.
+    # First in line, so the progress bar, the console printer and the trackers see the throughput it adds
+    # to each log.
     trainer.callback_handler.callbacks.insert(0, _throughput_callback(cfg, runtime, model))
+    _use_our_progress_bar(trainer)
     return trainer
+
+
+def _use_our_progress_bar(trainer: Any) -> None:
+    """Swap transformers' bar for ours (loss and tokens/s on the bar), through the Trainer's callback API."""
+    from transformers import ProgressCallback
+
+    from dolphin_train.train.progress import TrainingProgress
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(TrainingProgress())
 
 
 def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
