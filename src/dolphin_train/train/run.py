@@ -294,7 +294,7 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
     is_main = trainer.is_world_process_zero()
     if show and is_main:
         show(run.prepared.report.table())
-        show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model))
+        show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
     resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)

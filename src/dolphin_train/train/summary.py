@@ -6,6 +6,7 @@ from typing import Any
 
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
+from dolphin_train.data.prepare import PreparedData
 from dolphin_train.train.schedule import TrainingSchedule
 
 
@@ -15,7 +16,37 @@ def _count_parameters(model: Any) -> tuple[int, int]:
     return total, trainable
 
 
-def plan_table(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule, rows: Any, model: Any) -> Any:
+def data_rows(prepared: PreparedData) -> list[tuple[str, str]]:
+    """Training and eval set sizes. Token counts are the training split's own (the preparation report's
+    totals include the eval rows)."""
+    import numpy as np
+
+    train = prepared.train
+    tokens, trainable = (int(np.asarray(train[column], dtype=np.int64).sum()) for column in ("length", "trainable"))
+    n_eval = len(prepared.eval) if prepared.eval is not None else 0
+    return [
+        ("train data", f"{len(train):,} conversations, {tokens:,} tokens ({trainable:,} trained)"),
+        ("eval data", f"{n_eval:,} conversations" if n_eval else "none"),
+    ]
+
+
+def effective_batch(cfg: Config, schedule: TrainingSchedule) -> str:
+    """Rows per optimizer step, and the tokens they hold: exactly rows x sequence_len when padded to it,
+    at most that otherwise."""
+    rows = cfg.micro_batch_size * cfg.gradient_accumulation_steps * schedule.world_size
+    bound = "" if cfg.pad_to_sequence_len else "up to "
+    return f"{rows} rows x {cfg.sequence_len} = {bound}{rows * cfg.sequence_len:,} tokens"
+
+
+def plan_table(
+    cfg: Config,
+    runtime: RuntimeSettings,
+    schedule: TrainingSchedule,
+    rows: Any,
+    model: Any,
+    prepared: PreparedData | None = None,
+) -> Any:
+    """`prepared` adds the data sizes."""
     from rich.table import Table
 
     total, trainable = _count_parameters(model)
@@ -25,14 +56,15 @@ def plan_table(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule
     t.add_column("value", justify="right")
     t.add_row("model", f"{cfg.base_model} ({type(model).__name__})")
     t.add_row("parameters (trainable)", f"{total:,} ({trainable:,})")
+    for what, value in data_rows(prepared) if prepared is not None else []:
+        t.add_row(what, value)
     if rows.train_plan is not None:
         plan = rows.train_plan
         t.add_row("packing", f"{len(plan.bins):,} rows of {plan.capacity} tokens, {plan.efficiency:.1%} full")
     else:
-        t.add_row("packing", f"off: {schedule.rows:,} rows, padded per batch")
-    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * schedule.world_size
-    tokens = f", up to {effective * cfg.sequence_len:,} tokens" if cfg.sample_packing else ""
-    t.add_row("effective batch", f"{effective} rows{tokens}")
+        padding = "to sequence_len" if cfg.pad_to_sequence_len else "per batch"
+        t.add_row("packing", f"off: {schedule.rows:,} rows, padded {padding}")
+    t.add_row("effective batch", effective_batch(cfg, schedule))
     t.add_row(
         "steps", f"{schedule.total_steps:,} ({schedule.steps_per_epoch:,} per epoch, {schedule.epochs:.2f} epochs)"
     )
