@@ -72,6 +72,14 @@ def report_to(cfg: Config) -> list[str] | str:
     return trackers or "none"
 
 
+def deepspeed_environment(runtime: RuntimeSettings) -> dict[str, str]:
+    """accelerate imports DeepSpeed whenever it is installed, and DeepSpeed then warns on every CPU-only
+    machine that it could not detect an accelerator. Naming the accelerator we chose says the same, quietly."""
+    if runtime.device == "cpu" and "DS_ACCELERATOR" not in os.environ:
+        return {"DS_ACCELERATOR": "cpu"}
+    return {}
+
+
 def use_liger(runtime: RuntimeSettings) -> bool:
     """Liger's fused linear cross-entropy where it is installed on CUDA (applied by transformers'
     `use_liger_kernel`); it never materialises the full logits either."""
@@ -110,6 +118,7 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
     from transformers import TrainingArguments
 
     os.environ.update(wandb_environment(cfg))
+    os.environ.update(deepspeed_environment(runtime))
     has_eval = schedule.eval_steps is not None or cfg.val_set_size > 0
     optional = {
         k: v
