@@ -16,7 +16,7 @@ from typing import Any
 from dolphin_train import __version__
 from dolphin_train.errors import ConfigError, DolphinError
 
-COMMANDS = ("train", "preprocess", "validate", "inspect", "merge-lora", "chat")
+COMMANDS = ("train", "plan", "preprocess", "validate", "inspect", "merge-lora", "chat")
 
 EPILOG = """\
 Any top-level config key can be overridden: dolphin-train CONFIG --learning_rate 1e-5 --num_epochs 2
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     helps = {
         "train": "prepare the data (or reuse the cache) and train",
+        "plan": "before launching: parameters, steps, and per-GPU memory (weights, gradients, optimizer, "
+        "activations, logits), whether it fits, and the change that would make it fit",
         "preprocess": "tokenize, mask and cache the datasets, then print the preparation report",
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
         "inspect": "show prepared examples with trained tokens highlighted, then length and packing statistics",
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands["train"].add_argument(
         "--num-processes", type=int, help="launch this many processes on this machine (wraps torchrun)"
     )
+    plan = commands["plan"]
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs the run will use (default: WORLD_SIZE or 1)")
+    plan.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB, 48GB, 24GiB (default: this machine's "
+                      "GPU, else 80GB)")  # fmt: skip
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan a GPU run (default) or a CPU run (process memory)")  # fmt: skip
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
     commands["inspect"].add_argument("--ids", action="store_true", help="show each token's id")
     merge = commands["merge-lora"]
@@ -214,6 +222,30 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _default_gpu_memory() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_properties(0).total_memory}B"
+    return "80GB"
+
+
+def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from dolphin_train.config.load import load_config
+    from dolphin_train.plan.report import make_plan, parse_memory, render
+
+    cfg = load_config(args.config, overrides)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if gpus < 1:
+        raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
+    memory = parse_memory(args.gpu_memory or _default_gpu_memory())
+    plan = make_plan(cfg, gpus, memory, args.device)
+    console = _console()
+    for part in render(plan):
+        console.print(part)
+    return 0
+
+
 def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from pathlib import Path
 
@@ -292,6 +324,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "train": cmd_train,
+    "plan": cmd_plan,
     "preprocess": cmd_preprocess,
     "validate": cmd_validate,
     "inspect": cmd_inspect,

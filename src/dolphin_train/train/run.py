@@ -129,6 +129,17 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_before_model_mb() -> float:
+    """What the process holds before the model is built: 0 on CUDA (the data never reaches the GPU),
+    resident memory on the CPU, so that peak minus this is the training's own memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 0.0
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -142,7 +153,9 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds: float) -> dict[str, Any]:
+def write_run_summary(
+    cfg: Config, trainer: Any, prepared: PreparedData, seconds: float, before_model_mb: float = 0.0
+) -> dict[str, Any]:
 
     history = trainer.state.log_history
     evals = _eval_losses(history)
@@ -160,6 +173,7 @@ def write_run_summary(cfg: Config, trainer: Any, prepared: PreparedData, seconds
         "first_eval_loss": evals[0][1] if evals else None,
         "final_eval_loss": evals[-1][1] if evals else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "memory_before_model_mb": round(before_model_mb, 1),
         "versions": library_versions(),
     }
     Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
@@ -267,6 +281,7 @@ class Run:
     rows: TrainingRows
     schedule: TrainingSchedule
     trainer: Any
+    memory_before_model_mb: float = 0.0
 
 
 def set_up_run(cfg: Config) -> Run:
@@ -278,8 +293,9 @@ def set_up_run(cfg: Config) -> Run:
     prepared = prepare_on_main_process_first(cfg, tok, runtime)
     rows = build_rows(cfg, prepared)
     schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    before_model = memory_before_model_mb()
     trainer = make_trainer(cfg, runtime, tok, rows, schedule)
-    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model)
 
 
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
@@ -318,4 +334,4 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
     _finish_tracking(cfg)
-    return write_run_summary(cfg, trainer, run.prepared, elapsed) if is_main else {}
+    return write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb) if is_main else {}

@@ -1,0 +1,1 @@
+"""`dolphin-train plan`: what a run will cost (parameters, steps, per-GPU memory) before it is launched."""

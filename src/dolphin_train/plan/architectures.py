@@ -1,0 +1,81 @@
+"""Model shapes for planning, without downloading weights: the config's local model config when there is
+one, else a table of well-known architectures shipped with the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+
+_LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": False}  # fmt: skip
+_LLAMA32_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+               "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": True}  # fmt: skip
+_LLAMA32_3B = {**_LLAMA32_1B, "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
+               "head_dim": 128}  # fmt: skip
+_LLAMA3_70B = {**_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+               "num_attention_heads": 64}  # fmt: skip
+_PHI2 = {"model_type": "phi", "vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240,
+         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+         "partial_rotary_factor": 0.4, "max_position_embeddings": 2048, "tie_word_embeddings": False}  # fmt: skip
+_MISTRAL_7B = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "max_position_embeddings": 32768, "tie_word_embeddings": False}  # fmt: skip
+_QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+              "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+              "max_position_embeddings": 32768, "tie_word_embeddings": False}  # fmt: skip
+
+# Hub ids (lower case, without the owner) -> published architecture hyper-parameters.
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "meta-llama-3-8b": _LLAMA3_8B,
+    "meta-llama-3-8b-instruct": _LLAMA3_8B,
+    "llama-3.1-8b": _LLAMA3_8B,
+    "llama-3.1-8b-instruct": _LLAMA3_8B,
+    "meta-llama-3-70b": _LLAMA3_70B,
+    "llama-3.1-70b": _LLAMA3_70B,
+    "llama-3.2-1b": _LLAMA32_1B,
+    "llama-3.2-1b-instruct": _LLAMA32_1B,
+    "llama-3.2-3b": _LLAMA32_3B,
+    "llama-3.2-3b-instruct": _LLAMA32_3B,
+    "phi-2": _PHI2,
+    "mistral-7b-v0.1": _MISTRAL_7B,
+    "mistral-7b-v0.3": {**_MISTRAL_7B, "vocab_size": 32768},
+    "qwen2.5-7b": _QWEN25_7B,
+    "qwen2.5-7b-instruct": _QWEN25_7B,
+}
+
+
+def known_architecture(model_id: str) -> dict[str, Any] | None:
+    return KNOWN_ARCHITECTURES.get(model_id.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def model_config_for_plan(cfg: Config) -> tuple[Any, str]:
+    """(transformers config, where it came from). A local directory or `base_model_config` wins over the
+    table, so a plan for a local checkpoint is exact."""
+    from transformers import AutoConfig
+
+    for source in (cfg.base_model_config, cfg.base_model):
+        if source and (Path(source) / "config.json").exists():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            return _with_overrides(config, cfg), f"{source}/config.json"
+    known = known_architecture(cfg.base_model)
+    if known is not None:
+        values = dict(known)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        return _with_overrides(config, cfg), "dolphin-train's table of known architectures"
+    names = ", ".join(sorted(KNOWN_ARCHITECTURES))
+    raise DolphinError(
+        f"cannot plan {cfg.base_model!r} without its config.json: download it next to the config and set "
+        f"base_model_config to its directory, or use one of the known architectures ({names})"
+    )
+
+
+def _with_overrides(config: Any, cfg: Config) -> Any:
+    for name, value in (cfg.model_config_overrides or {}).items():
+        setattr(config, name, value)
+    config.use_cache = False
+    return config

@@ -1,0 +1,282 @@
+"""Assemble the plan (model, data, memory), judge whether it fits, and find the change that would."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import ConfigError
+from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory
+from dolphin_train.plan.steps import DataPlan, plan_data
+
+log = logging.getLogger(__name__)
+HEADROOM_WARNING = 0.10  # under 10% to spare: fits, but tight
+# The repository's DeepSpeed configs (a source checkout); suggestions that need them are skipped elsewhere.
+DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "deepspeed_configs"
+
+
+def parse_memory(text: str) -> int:
+    """'80GB' (10^9 bytes, as GPU vendors count), '80GiB', '81920MiB', '24G' (GB) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not match:
+        raise ConfigError([f"--gpu-memory {text!r}: write it like 80GB, 48GiB or 24000MiB"], source="command line")
+    value, unit, binary = float(match.group(1)), match.group(2).upper(), bool(match.group(3))
+    scale = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[unit] if unit else 3  # a bare number is GB
+    return int(value * (1024 if binary else 1000) ** scale)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    config: Any
+    source: str
+    vocab_rows: int
+    new_tokens: bool
+    tokenizer: Any | None
+    tokenizer_note: str
+
+
+@dataclass(frozen=True)
+class Fix:
+    changes: dict[str, Any]
+    estimate: MemoryEstimate
+
+    def as_overrides(self) -> str:
+        def value(v: Any) -> str:
+            return str(v).lower() if isinstance(v, bool) else str(v)
+
+        return " ".join(f"--{k} {_shown_path(v) if k == 'deepspeed' else value(v)}" for k, v in self.changes.items())
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config
+    gpus: int
+    gpu_memory: int
+    device: str
+    model: ModelFacts
+    data: DataPlan
+    memory: MemoryEstimate
+    fix: Fix | None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.gpu_memory
+
+    @property
+    def tight(self) -> bool:
+        return self.fits and self.memory.total > (1 - HEADROOM_WARNING) * self.gpu_memory
+
+
+def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
+    """The tokenizer when it is on this machine (a directory); hub ids are not fetched for a plan."""
+    source = cfg.tokenizer_config or cfg.base_model
+    if not Path(source).is_dir():
+        return None, [], f"tokenizer {source!r} not on this machine: `tokens` counted as new"
+    from dolphin_train.model.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(cfg)
+    return loaded.tokenizer, loaded.new_token_ids, f"tokenizer {source}"
+
+
+def model_facts(cfg: Config) -> ModelFacts:
+    from dolphin_train.plan.architectures import model_config_for_plan
+
+    config, source = model_config_for_plan(cfg)
+    tokenizer, new_ids, note = _local_tokenizer(cfg)
+    if tokenizer is not None:
+        rows, new = max(int(config.vocab_size), len(tokenizer)), bool(new_ids)
+    else:
+        rows, new = int(config.vocab_size) + len(cfg.tokens), bool(cfg.tokens)
+    return ModelFacts(config, source, rows, new, tokenizer, note)
+
+
+def _estimate(cfg: Config, facts: ModelFacts, gpus: int, device: str) -> MemoryEstimate:
+    return estimate_memory(
+        cfg, facts.config, vocab_rows=facts.vocab_rows, new_tokens=facts.new_tokens, gpus=gpus, device=device
+    )
+
+
+def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
+    facts = model_facts(cfg)
+    data = plan_data(cfg, facts.tokenizer, gpus)
+    memory = _estimate(cfg, facts, gpus, device)
+    fix = None
+    if memory.total > gpu_memory:
+        fix = find_fix(cfg, facts, gpus, gpu_memory, device)
+    return Plan(cfg, gpus, gpu_memory, device, facts, data, memory, fix)
+
+
+def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
+    """Changes that lower memory, cheapest in speed or quality first."""
+    steps: list[dict[str, Any]] = []
+    if not cfg.gradient_checkpointing:
+        steps.append({"gradient_checkpointing": True})
+    micro, accumulation = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    while micro > 1:  # same effective batch, fewer tokens in flight
+        micro, accumulation = (micro + 1) // 2, accumulation * 2
+        steps.append({"micro_batch_size": micro, "gradient_accumulation_steps": accumulation})
+    if not cfg.adapter and cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+        steps.append({"optimizer": "adamw_8bit"})
+    stage = None
+    if cfg.deepspeed:
+        from dolphin_train.plan.memory import plan_sharding
+
+        stage = plan_sharding(cfg, gpus).deepspeed_stage
+    zero3, offload = DEEPSPEED_DIR / "zero3_bf16.json", DEEPSPEED_DIR / "zero3_bf16_cpuoffload_all.json"
+    if gpus > 1 and not cfg.fsdp and (stage is None or stage < 3) and zero3.exists():
+        steps.append({"deepspeed": str(zero3)})
+    if not cfg.fsdp and offload.exists():
+        steps.append({"deepspeed": str(offload)})
+    if not cfg.adapter:
+        steps.append({"adapter": "lora"})
+        steps.append({"adapter": "qlora", "load_in_4bit": True})
+    return steps
+
+
+def _changed(cfg: Config, changes: dict[str, Any]) -> Config:
+    return Config.model_validate({**cfg.model_dump(by_alias=True), **changes})
+
+
+def find_fix(cfg: Config, facts: ModelFacts, gpus: int, gpu_memory: int, device: str) -> Fix | None:
+    """The first single change that fits; else the shortest run of changes, in order, that does."""
+    candidates = _candidate_changes(cfg, gpus)
+    for changes in candidates:
+        estimate = _estimate(_changed(cfg, changes), facts, gpus, device)
+        if estimate.total <= gpu_memory:
+            return Fix(changes, estimate)
+    combined: dict[str, Any] = {}
+    for changes in candidates:
+        combined.update(changes)
+        try:
+            estimate = _estimate(_changed(cfg, combined), facts, gpus, device)
+        except Exception as exc:  # a combination the schema rejects: skip it
+            log.debug("plan: skipping %s: %s", combined, exc)
+            continue
+        if estimate.total <= gpu_memory:
+            return Fix(dict(combined), estimate)
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.1f}" if n >= GiB else f"{n / GiB:.2f}"
+
+
+def _shown_path(path: str) -> str:
+    import os
+
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
+
+
+def render(plan: Plan) -> list[Any]:
+    """Rich renderables: the overview, the memory table, the verdict."""
+    from rich.table import Table
+    from rich.text import Text
+
+    cfg, m, data = plan.cfg, plan.memory, plan.data
+    where = f"{plan.gpus} x {plan.gpu_memory / 1e9:g} GB GPU" if plan.device == "cuda" else "the CPU"
+    overview = Table(title=f"Plan: {cfg.base_model} on {where}", show_header=False)
+    overview.add_column("what")
+    overview.add_column("value")
+    p = m.params
+    shape = f"{plan.model.config.model_type}, {p.layers} layers, hidden {p.hidden_size}, vocabulary {p.vocab_size:,}"
+    overview.add_row("model", f"{shape} (shapes: {plan.model.source}; {plan.model.tokenizer_note})")
+    overview.add_row("parameters", f"{p.total:,} total, {p.trainable:,} trainable ({p.trainable / p.total:.2%})")
+    tokens = cfg.micro_batch_size * cfg.sequence_len
+    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * plan.gpus
+    overview.add_row("batch", f"{cfg.micro_batch_size} x {cfg.sequence_len} tokens per GPU, {effective} rows "
+                     f"({effective * cfg.sequence_len:,} tokens) per optimizer step")  # fmt: skip
+    if data.known:
+        label = "" if data.exact else "~"
+        overview.add_row("data", f"{label}{data.conversations:,} conversations, {label}{data.tokens:,} tokens, "
+                         f"{label}{data.train_rows:,} training rows")  # fmt: skip
+        overview.add_row("steps", f"{label}{data.steps_per_epoch:,} per epoch, {label}{data.total_steps:,} in all "
+                         f"({data.source})")  # fmt: skip
+    else:
+        overview.add_row("data / steps", data.source)
+    overview.add_row("precision", f"{m.precision.name}" + (", chunked cross-entropy" if m.chunked_loss else ""))
+    overview.add_row("sharding", m.sharding.name)
+
+    table = Table(title=f"Memory per {'GPU' if plan.device == 'cuda' else 'process'} at the peak ({m.peak_moment})")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    table.add_column("what it is")
+    opt_note = f"{cfg.optimizer} states" + (
+        " + float32 master weights" if m.sharding.deepspeed_stage is not None else ""
+    )
+    shard = f", / {m.sharding.optimizer} GPUs" if m.sharding.optimizer > 1 else ""
+    ckpt = "with" if cfg.gradient_checkpointing else "without"
+    rows = [
+        ("weights", m.weights, _weights_note(cfg, m)),
+        ("gradients", m.gradients, "held at this moment" + _split(m.sharding.gradients)),
+        ("optimizer", m.optimizer, opt_note + shard),
+        ("activations", m.activations, f"{tokens:,} tokens {ckpt} gradient checkpointing (with: "
+         f"{_gib(m.activations_with_checkpointing)}, without: {_gib(m.activations_without_checkpointing)})"),
+        ("logits and loss", m.logits, _logits_note(m, tokens)),
+        ("working memory", m.transient, _working_note(m)),
+        ("runtime overhead", m.overhead, "CUDA context, communication buffers, allocator fragmentation"
+         if plan.device == "cuda" else "autograd and Trainer bookkeeping"),
+    ]  # fmt: skip
+    for name, value, note in rows:
+        table.add_row(name, _gib(value), note)
+    table.add_row(
+        "total", _gib(m.total), f"of {_gib(plan.gpu_memory)} GiB" if plan.device == "cuda" else "", style="bold"
+    )
+    return [overview, table, verdict(plan)] + [Text(f"note: {n}") for n in m.notes]
+
+
+def _split(ways: int) -> str:
+    return f", / {ways} GPUs" if ways > 1 else ""
+
+
+def _logits_note(m: MemoryEstimate, tokens: int) -> str:
+    if m.chunked_loss:
+        return "chunked cross-entropy: one chunk of logits at a time"
+    return f"{tokens:,} x {m.params.vocab_size:,} logits and the float32 loss"
+
+
+def _working_note(m: MemoryEstimate) -> str:
+    parts = {
+        "end of forward": "gathered shards",
+        "start of backward": "recomputed layer (checkpointing), gathered shards",
+        "end of backward": "recomputed layer, gathered shards, gradient buckets",
+        "optimizer step": "optimizer-step temporaries, float32 gradient partition, gradient buckets",
+    }
+    return parts[m.peak_moment]
+
+
+def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
+    if cfg.load_in_4bit:
+        kind = "4-bit NF4 linear layers, the rest in float32"
+    elif cfg.load_in_8bit:
+        kind = "8-bit linear layers"
+    elif cfg.adapter:
+        kind = f"frozen {m.precision.name} base + adapter"
+    elif m.sharding.deepspeed_stage is not None:
+        kind = f"{m.precision.name} (DeepSpeed keeps the float32 master copy with the optimizer)"
+    else:
+        kind = "float32 master weights (mixed precision autocasts)" if m.precision.name != "fp32" else "float32"
+    return kind + (f", / {m.sharding.weights} GPUs" if m.sharding.weights > 1 else "")
+
+
+def verdict(plan: Plan) -> Any:
+    from rich.text import Text
+
+    if plan.device != "cuda":
+        return Text(f"Estimated peak: {_gib(plan.memory.total)} GiB of process memory.")
+    spare = plan.gpu_memory - plan.memory.total
+    if plan.fits and not plan.tight:
+        return Text(f"Fits: {_gib(spare)} GiB to spare per GPU.", style="bold green")
+    if plan.fits:
+        return Text(f"Fits, but tight: {_gib(spare)} GiB to spare per GPU; a longer batch or a memory spike "
+                    "may not fit.", style="bold yellow")  # fmt: skip
+    text = Text(f"Does not fit: {_gib(-spare)} GiB over per GPU.", style="bold red")
+    if plan.fix is not None:
+        text.append(f"\nWould fit ({_gib(plan.fix.estimate.total)} GiB) with: {plan.fix.as_overrides()}", style="bold")
+    else:
+        text.append("\nNo single setting makes it fit: use more or larger GPUs, or a shorter sequence_len.")
+    return text

@@ -1,0 +1,171 @@
+"""Activation memory, measured by running the model's own forward pass on the meta device.
+
+Why our own code: activation memory depends on the implementation (which tensors each op keeps for the
+backward pass, in which dtype, what a frozen weight spares), and any closed formula drifts from it
+across architectures and library versions. Meta tensors have shapes and dtypes but no storage, so the
+real forward pass runs in milliseconds at the real sequence length; a saved-tensors hook records every
+tensor autograd keeps, counted once per storage and never for parameters. Attention runs through a
+stand-in that keeps what a flash-attention kernel keeps (q, k, v, output, log-sum-exp), since the plan
+is for a GPU run with flash or varlen attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+TRACE_ATTENTION = "dolphin_plan_trace"
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """Bytes autograd keeps after the forward pass of one micro-batch (decoder only, no output head)."""
+
+    in_layers: int  # saved inside the decoder layers, all of them
+    largest_layer: int  # saved by the largest single layer (recomputed at once under checkpointing)
+    outside_layers: int  # saved by the embeddings, rotary tables, final norm
+    layer_inputs: int  # every layer's input hidden states: what gradient checkpointing keeps
+    hidden_bytes: int  # one hidden-state tensor (tokens x hidden size) as the head receives it
+
+    def saved(self, checkpointing: bool) -> int:
+        if checkpointing:
+            return self.outside_layers + self.layer_inputs
+        return self.outside_layers + self.in_layers
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, heads, seq, dim = q.shape
+        out = q.new_empty(batch, seq, heads, dim)
+        lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never run: the trace has no backward pass
+        raise NotImplementedError
+
+
+def _trace_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+    return _FlashLikeAttention.apply(query, key, value), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def register_trace_attention() -> str:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(TRACE_ATTENTION, _trace_attention)
+    AttentionMaskInterface.register(TRACE_ATTENTION, _no_mask)
+    return TRACE_ATTENTION
+
+
+class AutocastLike(TorchFunctionMode):
+    """torch.autocast for meta tensors (autocast has no meta dispatch): matrix products run in the 16-bit
+    dtype, each float32 weight cast once per pass (autocast's weight cache), other ops untouched."""
+
+    _CAST: ClassVar[set[Any]] = {torch.nn.functional.linear, torch.matmul, torch.bmm, torch.mm, torch.addmm,
+                                 torch.baddbmm, torch.Tensor.matmul, torch.Tensor.__matmul__}  # fmt: skip
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.weight_cache: dict[int, torch.Tensor] = {}
+
+    def _cast(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == self.dtype:
+            return value
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            if id(value) not in self.weight_cache:
+                self.weight_cache[id(value)] = value.to(self.dtype)
+            return self.weight_cache[id(value)]
+        return value.to(self.dtype)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._CAST:
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+class _SavedTensorCounter:
+    """saved_tensors_hooks pack hook: bytes per storage, attributed to the decoder layer running."""
+
+    def __init__(self, parameter_storages: set[int]) -> None:
+        self.parameters = parameter_storages
+        self.seen: set[int] = set()
+        self.layer: int | None = None
+        self.per_layer: dict[int, int] = {}
+        self.outside = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.parameters or key in self.seen:
+            return tensor
+        self.seen.add(key)
+        if self.layer is None:
+            self.outside += storage.nbytes()
+        else:
+            self.per_layer[self.layer] = self.per_layer.get(self.layer, 0) + storage.nbytes()
+        return tensor
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The repeated blocks: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers")
+    return max(lists, key=len)
+
+
+def trace_activations(model: Any, batch: int, seq: int, autocast_dtype: torch.dtype | None) -> ActivationTrace:
+    """Run `model`'s decoder (a meta-device causal LM, training mode, gradient checkpointing off) on one
+    micro-batch of `batch` x `seq` tokens and count what autograd keeps."""
+    decoder = model.get_decoder()
+    layers = decoder_layers(decoder)
+    counter = _SavedTensorCounter({p.untyped_storage()._cdata for p in model.parameters()})
+    inputs: list[int] = []
+
+    def enter(index: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs.append(hidden.untyped_storage().nbytes())
+            counter.layer = index
+
+        return hook
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        counter.layer = None
+
+    handles = [layer.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(leave) for layer in layers]
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    # An explicit all-ones mask: without one, transformers inspects the position ids for packed rows,
+    # which needs values that meta tensors do not have. The trace attention ignores it.
+    mask = torch.ones(batch, seq, dtype=torch.long, device="meta")
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            mode = AutocastLike(autocast_dtype) if autocast_dtype is not None else None
+            if mode is not None:
+                with mode:
+                    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ActivationTrace(
+        in_layers=sum(counter.per_layer.values()),
+        largest_layer=max(counter.per_layer.values(), default=0),
+        outside_layers=counter.outside,
+        layer_inputs=sum(inputs),
+        hidden_bytes=hidden.untyped_storage().nbytes(),
+    )

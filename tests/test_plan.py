@@ -1,0 +1,126 @@
+"""`dolphin-train plan`: shapes, steps, and the memory estimate checked against measured peaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_config, write_config
+from dolphin_train.cli import main
+from dolphin_train.config.load import load_config
+from dolphin_train.plan.memory import GiB
+from dolphin_train.plan.report import make_plan, parse_memory
+
+
+def test_memory_sizes_parse_as_vendors_write_them() -> None:
+    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("48GiB") == 48 * 2**30
+    assert parse_memory("24000MiB") == 24000 * 2**20
+    assert parse_memory("40") == 40 * 10**9
+    with pytest.raises(Exception, match="80GB"):
+        parse_memory("lots")
+
+
+def test_known_architectures_have_their_published_sizes() -> None:
+    """Llama-3-8B has 8,030,261,248 parameters and Phi-2 2,779,683,840 (their model cards)."""
+    from dolphin_train.plan.architectures import model_config_for_plan
+    from dolphin_train.plan.memory import estimate_memory
+
+    for path, rows, expected in (("configs/llama3-8b.yml", 128256, 8_030_261_248),
+                                 ("configs/phi2-qlora.yml", 51200, 2_779_683_840)):  # fmt: skip
+        cfg = load_config(REPO / path, {"adapter": None, "load_in_4bit": False})
+        config, source = model_config_for_plan(cfg)
+        assert "known architectures" in source
+        estimate = estimate_memory(cfg, config, vocab_rows=rows, new_tokens=False, gpus=1)
+        assert estimate.params.total == expected
+
+
+def test_dolphin_recipe_fits_eight_48gb_gpus_and_the_breakdown_is_printed(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", str(REPO / "configs/llama3-8b.yml"), "--gpus", "8", "--gpu-memory", "48GB"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "optimizer", "activations", "logits and loss", "total", "ZeRO-3"):
+        assert part in out
+    assert "Fits" in out
+    assert "8,030,277,632 total" in out  # with the two ChatML tokens added
+
+
+def test_a_plan_that_does_not_fit_names_a_change_that_does() -> None:
+    cfg = load_config(REPO / "configs/llama3-8b.yml", {"deepspeed": None, "gradient_checkpointing": False})
+    plan = make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"))
+    assert not plan.fits
+    assert plan.fix is not None and plan.fix.estimate.total <= plan.gpu_memory
+    # Gradient checkpointing alone keeps 3 x 4096 tokens of activations to a few GiB.
+    assert plan.memory.activations_without_checkpointing > 10 * plan.memory.activations_with_checkpointing
+
+
+def test_zero3_divides_the_states_by_the_number_of_gpus() -> None:
+    cfg = load_config(REPO / "configs/llama3-8b.yml", {})
+    one, eight = (make_plan(cfg, gpus=n, gpu_memory=parse_memory("80GB")).memory for n in (1, 8))
+    assert one.optimizer == pytest.approx(8 * eight.optimizer, rel=1e-3)
+    assert one.weights == pytest.approx(8 * eight.weights, rel=1e-3)
+
+
+def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) -> None:
+    from dolphin_train.train.run import build_rows
+    from dolphin_train.train.schedule import plan_schedule
+
+    path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, sample_packing=True, micro_batch_size=2))
+    cfg = load_config(path, {})
+    before = make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"), device="cpu").data
+    assert not before.exact and "estimated" in before.source
+    assert main(["preprocess", str(path)]) == 0
+    after = make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"), device="cpu").data
+    assert after.exact
+    from dolphin_train.data.prepare import _load_cached
+
+    prepared = _load_cached(next(Path(cfg.dataset_prepared_path).glob("*[0-9a-f]")))
+    rows = build_rows(cfg, prepared)
+    assert after.total_steps == plan_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
+    assert abs(before.total_steps - after.total_steps) <= 0.25 * after.total_steps
+
+
+# --- the estimate against what a run measures -------------------------------------------------------
+
+MODEL_SHAPE = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}  # fmt: skip
+VARIANTS = {
+    "full fine-tuning": {},
+    "checkpointing, accumulation 2": {"gradient_checkpointing": True, "gradient_accumulation_steps": 2},
+    "LoRA": {"adapter": "lora", "lora_r": 16},
+    "QLoRA, checkpointing": {"adapter": "qlora", "load_in_4bit": True, "gradient_checkpointing": True},
+}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 58M-parameter Llama (random weights, saved): big enough that training memory dwarfs noise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**MODEL_SHAPE, tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_estimate_is_within_15_percent_of_the_measured_cpu_peak(variant: str, saved_model: Path, tmp_path: Path):
+    raw = tiny_config(tmp_path, base_model=str(saved_model), train_from_scratch=False, max_steps=3,
+                      sample_packing=True, pad_to_sequence_len=True, **VARIANTS[variant])  # fmt: skip
+    path = write_config(tmp_path / "c.yml", raw)
+    # Large tensors straight from and back to the system, so resident memory follows live tensors.
+    env = dict(os.environ, WANDB_MODE="disabled", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-m", "dolphin_train", str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    measured = (summary["peak_memory_mb"] - summary["memory_before_model_mb"]) * 2**20
+    estimate = make_plan(load_config(path, {}), gpus=1, gpu_memory=GiB, device="cpu").memory.total
+    assert estimate == pytest.approx(measured, rel=0.15), (
+        f"estimate {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+    )
