@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
 # The GPU check, run in one call on a lent GPU machine (the device tool), from the repository root:
-#   bash scripts/gpu_check.sh
-# It installs what the machine's image lacks from wheels carried in .whl/ (made here by
-# scripts/gpu_wheels.sh), runs the GPU tests, then the GPU benchmark, and prints a short table.
-set -euo pipefail
+#   bash scripts/gpu_check.sh            (carry .whl, made here by scripts/gpu_wheels.sh)
+# 1. installs what the machine's image lacks from the wheels in .whl/;
+# 2. the GPU tests (attention backends against each conversation alone);
+# 3. the memory plan against real `dolphin-train train` runs (Llama-3.2-1B and Llama-3-8B shapes);
+# 4. the throughput benchmark (MFU per attention backend, packed vs padded).
+# Each stage has its own time limit and the next one runs whatever happens; logs go to $OUT when set.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check-out}
+mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-python3 scripts/bench_gpu.py --steps 10
+export PYTHONPATH=$PWD/src:$PWD/tests:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch, transformers, peft, datasets, pyarrow; print('torch', torch.__version__, '| transformers', \
+transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)" \
+  2>&1 | tee -a "$OUT/env.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local started=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
+}
+stage tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+stage memory "${GPU_MEMORY_S:-330}" python3 scripts/gpu_memory_check.py --cases "${GPU_MEMORY_CASES:-1b-full,1b-lora,8b-qlora}" \
+  --out "$OUT/memory.json" --timeout 200
+tar czf "$OUT/train_logs.tgz" /tmp/dolphin-memory-check/*/train.log 2>/dev/null
+stage bench "${GPU_BENCH_S:-130}" python3 scripts/bench_gpu.py --steps 5
+echo "== summary"
+grep -h "^|" "$OUT/memory.log" "$OUT/bench.log" 2>/dev/null

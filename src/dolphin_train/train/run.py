@@ -129,6 +129,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_reserved_mb() -> float:
+    """Peak memory PyTorch's CUDA allocator reserved (allocated plus its cache); 0 on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else 0.0
+
+
 def memory_before_model_mb() -> float:
     """What the process holds before the model is built: 0 on CUDA (the data never reaches the GPU),
     resident memory on the CPU, so that peak minus this is the training's own memory."""
@@ -174,6 +181,7 @@ def write_run_summary(
         "final_eval_loss": evals[-1][1] if evals else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "memory_before_model_mb": round(before_model_mb, 1),
+        "peak_reserved_mb": round(peak_reserved_mb(), 1),
         "versions": library_versions(),
     }
     Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
