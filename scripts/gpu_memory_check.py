@@ -27,7 +27,7 @@ import yaml
 from dolphin_train.plan.architectures import KNOWN_ARCHITECTURES
 
 MiB = 2**20
-WORDS = "the model learns to answer questions about data code maths and language with care".split()
+WORDS = ("the", "model", "learns", "to", "answer", "questions", "about", "data", "code", "maths", "and", "care")
 CASES: dict[str, dict[str, Any]] = {
     "1b-full": {"shape": "llama-3.2-1b", "scratch": True, "gradient_checkpointing": True},
     "1b-full-nockpt": {"shape": "llama-3.2-1b", "scratch": True, "gradient_checkpointing": False},
@@ -37,7 +37,7 @@ CASES: dict[str, dict[str, Any]] = {
         "adapter": "lora",
         "lora_r": 16,
         "gradient_checkpointing": True,
-    },  # fmt: skip
+    },
     "8b-qlora": {
         "shape": "meta-llama-3-8b",
         "scratch": False,
@@ -46,7 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
         "lora_r": 16,
         "gradient_checkpointing": True,
         "optimizer": "adamw_8bit",
-    },  # fmt: skip
+    },
 }
 SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 64}  # fmt: skip
@@ -185,8 +185,10 @@ def main() -> None:
             continue
         measured = summary["peak_memory_mb"] - summary.get("memory_before_model_mb", 0.0)
         step = summary["train_seconds"] / max(1, summary["steps"])
-        print(f"| {name} | {plan.peak_moment} | {estimate / MiB:,.0f} | {measured:,.0f} | {estimate / MiB / measured:.3f} "
-              f"| {plan.total / MiB:,.0f} | {summary.get('peak_reserved_mb', 0):,.0f} | {step:.2f} |", flush=True)  # fmt: skip
+        ratio = estimate / MiB / measured
+        reserved = summary.get("peak_reserved_mb", 0)
+        print(f"| {name} | {plan.peak_moment} | {estimate / MiB:,.0f} | {measured:,.0f} | {ratio:.3f} "
+              f"| {plan.total / MiB:,.0f} | {reserved:,.0f} | {step:.2f} |", flush=True)  # fmt: skip
         results.append({"case": name, "device": card, "estimate_mib": estimate / MiB, "measured_mib": measured,
                         "plan_total_mib": plan.total / MiB, "reserved_mib": summary.get("peak_reserved_mb"),
                         "summary": summary})  # fmt: skip
