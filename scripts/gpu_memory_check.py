@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -145,7 +146,9 @@ def run_case(path: Path, timeout: int) -> dict[str, Any] | str:
     if done.returncode != 0:
         return "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200]
     cfg = yaml.safe_load(path.read_text())
-    return json.loads((Path(cfg["output_dir"]) / "run_summary.json").read_text())
+    summary = json.loads((Path(cfg["output_dir"]) / "run_summary.json").read_text())
+    shutil.rmtree(cfg["output_dir"], ignore_errors=True)  # full checkpoints of 1B+ models fill the disk
+    return summary
 
 
 def main() -> None:
