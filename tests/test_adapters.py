@@ -155,3 +155,27 @@ def test_dora_and_continuing_from_a_saved_adapter(tmp_path: Path, base_dir: Path
     after = load_file(str(tmp_path / "second/out/adapter_model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on from there
+
+
+def test_tied_embeddings_stay_tied_through_lora_training_and_merge(tmp_path: Path) -> None:
+    """Llama-3.2-1B ties its input and output embeddings. With new tokens both are trained in full next to
+    the adapter; they must stay one matrix, or the merged model (saved tied) loses what the head learned."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "tied"
+    config = AutoConfig.from_pretrained(REPO / "configs/tiny/model", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    _train(tmp_path, base, adapter="lora", lora_r=4, learning_rate=5e-3)
+    out = tmp_path / "out"
+    assert main(["merge-lora", "--base", str(base), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    original.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = PeftModel.from_pretrained(original, str(out)).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()

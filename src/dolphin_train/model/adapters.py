@@ -65,9 +65,34 @@ def modules_to_save(cfg: Config, model: Any, new_token_ids: list[int]) -> list[s
     return cfg.lora_modules_to_save
 
 
+def _ties_embeddings(model: Any) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def lora_config(cfg: Config, model: Any, saved: list[str] | None) -> Any:
+    """The PEFT LoRA settings from the config (also used by `plan` on a meta-device model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules or "all-linear",
+        modules_to_save=saved,
+        # Tied input and output embeddings (Llama-3.2-1B, Qwen2.5 small) trained in full stay one matrix:
+        # two copies would train apart, and the merged model would lose one of them.
+        ensure_weight_tying=_ties_embeddings(model) and bool(saved),
+        use_dora=cfg.peft_use_dora,
+        use_rslora=cfg.peft_use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
     """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
         model = prepare_model_for_kbit_training(
@@ -80,15 +105,5 @@ def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
         return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
-    config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules or "all-linear",
-        modules_to_save=modules_to_save(cfg, model, new_token_ids),
-        use_dora=cfg.peft_use_dora,
-        use_rslora=cfg.peft_use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(cfg, model, modules_to_save(cfg, model, new_token_ids))
     return get_peft_model(model, config)

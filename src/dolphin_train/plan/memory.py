@@ -276,8 +276,12 @@ def build_meta_model(cfg: Config, model_config: Any, vocab_rows: int, new_tokens
 
 
 def _with_meta_adapter(cfg: Config, model: Any, new_tokens: bool) -> Any:
+    """The adapter exactly as `model/adapters.py` configures it; k-bit preparation done by hand, because
+    on the meta device there are no 4-bit tensors for peft to recognise."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from dolphin_train.model.adapters import lora_config, modules_to_save
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -288,22 +292,8 @@ def _with_meta_adapter(cfg: Config, model: Any, new_tokens: bool) -> Any:
         for param in model.parameters():
             if id(param) not in quantised and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.to(torch.float32)
-    embeddings = ["embed_tokens", "lm_head"] if new_tokens and cfg.lora_modules_to_save is None else None
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is model.get_input_embeddings()}
-    names |= {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is model.get_output_embeddings()}
-    if embeddings is not None:
-        embeddings = sorted(names)
-    config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules or "all-linear",
-        modules_to_save=cfg.lora_modules_to_save or embeddings,
-        use_dora=cfg.peft_use_dora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    saved = modules_to_save(cfg, model, [0] if new_tokens else [])
+    return get_peft_model(model, lora_config(cfg, model, saved))
 
 
 def _logits_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, precision: Precision, chunked: bool):
