@@ -300,12 +300,13 @@ def relaunch_with_torchrun(num_processes: int, argv: Sequence[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.train.run import run_training
 
-    cfg = load_config(args.config, overrides)  # checked before any process starts
+    cfg = load_config(args.config, overrides)  # checked before any process starts, and before torch loads
     if args.num_processes and "WORLD_SIZE" not in os.environ:
         forwarded = ["train", args.config, *args.overrides_as_written]
         return relaunch_with_torchrun(args.num_processes, forwarded + (["-v"] if args.verbose else []))
+    from dolphin_train.train.run import run_training
+
     console = _console()
     summary = run_training(cfg, show=console.print)
     if summary.get("interrupted"):
