@@ -76,7 +76,9 @@ def run(attn: str, packed: bool, steps: int, rows: int, seq: int) -> tuple[float
     config = LlamaConfig(**LLAMA_32_1B)
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
     model.set_attn_implementation(attn)
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     lengths = conversation_lengths(4000)
