@@ -124,3 +124,24 @@ def test_estimate_is_within_15_percent_of_the_measured_cpu_peak(variant: str, sa
     assert estimate == pytest.approx(measured, rel=0.15), (
         f"estimate {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     )
+
+
+def test_training_warns_before_loading_a_model_that_will_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a GPU, training estimates its memory first; here a 64 MiB "GPU" stands in for a small card."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.train.run import warn_if_memory_short
+
+    cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path)), {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=64 * 2**20))
+    with caplog.at_level(logging.INFO, logger="dolphin_train"):
+        warn_if_memory_short(cfg, resolve_runtime(cfg), load_tokenizer(cfg))
+    assert "estimated to need" in caplog.text and "64 MiB" not in caplog.text
+    assert "dolphin-train plan" in caplog.text

@@ -82,11 +82,15 @@ def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
     return loaded.tokenizer, loaded.new_token_ids, f"tokenizer {source}"
 
 
-def model_facts(cfg: Config) -> ModelFacts:
+def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
+    """Shapes and vocabulary; `loaded` is the run's LoadedTokenizer when training calls this."""
     from dolphin_train.plan.architectures import model_config_for_plan
 
     config, source = model_config_for_plan(cfg)
-    tokenizer, new_ids, note = _local_tokenizer(cfg)
+    if loaded is not None:
+        tokenizer, new_ids, note = loaded.tokenizer, loaded.new_token_ids, "the run's tokenizer"
+    else:
+        tokenizer, new_ids, note = _local_tokenizer(cfg)
     if tokenizer is not None:
         rows, new = max(int(config.vocab_size), len(tokenizer)), bool(new_ids)
     else:
@@ -94,7 +98,7 @@ def model_facts(cfg: Config) -> ModelFacts:
     return ModelFacts(config, source, rows, new, tokenizer, note)
 
 
-def _estimate(cfg: Config, facts: ModelFacts, gpus: int, device: str) -> MemoryEstimate:
+def plan_memory(cfg: Config, facts: ModelFacts, gpus: int, device: str) -> MemoryEstimate:
     return estimate_memory(
         cfg, facts.config, vocab_rows=facts.vocab_rows, new_tokens=facts.new_tokens, gpus=gpus, device=device
     )
@@ -103,7 +107,7 @@ def _estimate(cfg: Config, facts: ModelFacts, gpus: int, device: str) -> MemoryE
 def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
     facts = model_facts(cfg)
     data = plan_data(cfg, facts.tokenizer, gpus)
-    memory = _estimate(cfg, facts, gpus, device)
+    memory = plan_memory(cfg, facts, gpus, device)
     fix = None
     if memory.total > gpu_memory:
         fix = find_fix(cfg, facts, gpus, gpu_memory, device)
@@ -141,22 +145,30 @@ def _changed(cfg: Config, changes: dict[str, Any]) -> Config:
     return Config.model_validate({**cfg.model_dump(by_alias=True), **changes})
 
 
+def _estimate_with(cfg: Config, changes: dict[str, Any], facts: ModelFacts, gpus: int, device: str):
+    """The estimate with `changes` applied, or None when the schema rejects the combination."""
+    from pydantic import ValidationError
+
+    try:
+        changed = _changed(cfg, changes)
+    except ValidationError as exc:
+        log.debug("plan: skipping %s: %s", changes, exc)
+        return None
+    return plan_memory(changed, facts, gpus, device)
+
+
 def find_fix(cfg: Config, facts: ModelFacts, gpus: int, gpu_memory: int, device: str) -> Fix | None:
     """The first single change that fits; else the shortest run of changes, in order, that does."""
     candidates = _candidate_changes(cfg, gpus)
     for changes in candidates:
-        estimate = _estimate(_changed(cfg, changes), facts, gpus, device)
-        if estimate.total <= gpu_memory:
+        estimate = _estimate_with(cfg, changes, facts, gpus, device)
+        if estimate is not None and estimate.total <= gpu_memory:
             return Fix(changes, estimate)
     combined: dict[str, Any] = {}
     for changes in candidates:
         combined.update(changes)
-        try:
-            estimate = _estimate(_changed(cfg, combined), facts, gpus, device)
-        except Exception as exc:  # a combination the schema rejects: skip it
-            log.debug("plan: skipping %s: %s", combined, exc)
-            continue
-        if estimate.total <= gpu_memory:
+        estimate = _estimate_with(cfg, combined, facts, gpus, device)
+        if estimate is not None and estimate.total <= gpu_memory:
             return Fix(dict(combined), estimate)
     return None
 

@@ -278,6 +278,35 @@ def _finish_tracking(cfg: Config) -> None:
         wandb.finish()
 
 
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> None:
+    """Before the model loads: if `dolphin-train plan` expects this run not to fit this GPU, say so, with
+    the change that would fit. A warning, not a stop: the estimate is close, not exact."""
+    import torch
+
+    from dolphin_train.plan.memory import GiB
+    from dolphin_train.plan.report import find_fix, model_facts, plan_memory
+
+    memory = torch.cuda.get_device_properties(0).total_memory
+    try:
+        facts = model_facts(cfg, tok)
+        estimate = plan_memory(cfg, facts, runtime.world_size, "cuda")
+        fix = find_fix(cfg, facts, runtime.world_size, memory, "cuda") if estimate.total > memory else None
+    except Exception as exc:  # the plan is advice: it never stops a run
+        log.debug("No memory estimate: %s", exc)
+        return
+    log.info("Estimated peak memory per GPU: %.1f GiB of %.1f GiB", estimate.total / GiB, memory / GiB)
+    if estimate.total > memory:
+        advice = f" It would fit with: {fix.as_overrides()}." if fix else ""
+        log.warning(
+            "This run is estimated to need %.1f GiB per GPU, more than the %.1f GiB this GPU has: it may run out "
+            "of memory.%s Details: dolphin-train plan CONFIG", estimate.total / GiB, memory / GiB, advice,
+        )  # fmt: skip
+
+
 @dataclass
 class Run:
     """Everything assembled for one training run, before the loop starts."""
@@ -301,6 +330,8 @@ def set_up_run(cfg: Config) -> Run:
     prepared = prepare_on_main_process_first(cfg, tok, runtime)
     rows = build_rows(cfg, prepared)
     schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    if runtime.device == "cuda" and is_main_process():
+        warn_if_memory_short(cfg, runtime, tok)
     before_model = memory_before_model_mb()
     trainer = make_trainer(cfg, runtime, tok, rows, schedule)
     return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model)
