@@ -46,14 +46,15 @@ def _module_name(model: Any, module: Any) -> str | None:
     return None
 
 
-def modules_to_save(cfg: Config, model: Any, new_token_ids: list[int]) -> list[str] | None:
+def modules_to_save(cfg: Config, model: Any, new_token_ids: list[int], announce: bool = True) -> list[str] | None:
     """New tokens have untrained embedding rows: the embeddings must train in full next to the adapter."""
     names = [_module_name(model, model.get_input_embeddings()), _module_name(model, model.get_output_embeddings())]
     embeddings = [n for n in dict.fromkeys(names) if n]
     if not new_token_ids:
         return cfg.lora_modules_to_save
     if cfg.lora_modules_to_save is None:
-        log.info("New tokens were added: training %s in full next to the adapter", " and ".join(embeddings))
+        if announce:
+            log.info("New tokens were added: training %s in full next to the adapter", " and ".join(embeddings))
         return embeddings
     missing = [n for n in embeddings if n not in cfg.lora_modules_to_save]
     if missing:

@@ -49,8 +49,23 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+# Tokens in each family's tokenizer, where the embedding matrix has spare rows beyond them: added tokens
+# fill spare rows before the vocabulary grows (Phi-2: 50,295 tokens in 51,200 rows).
+KNOWN_TOKENIZER_SIZES = {"phi": 50295, "qwen2": 151665}
+
+
+def _key(model_id: str) -> str:
+    return model_id.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
 def known_architecture(model_id: str) -> dict[str, Any] | None:
-    return KNOWN_ARCHITECTURES.get(model_id.rstrip("/").rsplit("/", 1)[-1].lower())
+    return KNOWN_ARCHITECTURES.get(_key(model_id))
+
+
+def rows_after_added_tokens(config: Any, added: int) -> int:
+    """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand."""
+    tokens = KNOWN_TOKENIZER_SIZES.get(config.model_type, int(config.vocab_size))
+    return max(int(config.vocab_size), tokens + added)
 
 
 def model_config_for_plan(cfg: Config) -> tuple[Any, str]:

@@ -292,7 +292,7 @@ def _with_meta_adapter(cfg: Config, model: Any, new_tokens: bool) -> Any:
         for param in model.parameters():
             if id(param) not in quantised and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.to(torch.float32)
-    saved = modules_to_save(cfg, model, [0] if new_tokens else [])
+    saved = modules_to_save(cfg, model, [0] if new_tokens else [], announce=False)
     return get_peft_model(model, lora_config(cfg, model, saved))
 
 

@@ -84,7 +84,7 @@ def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
 
 def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     """Shapes and vocabulary; `loaded` is the run's LoadedTokenizer when training calls this."""
-    from dolphin_train.plan.architectures import model_config_for_plan
+    from dolphin_train.plan.architectures import model_config_for_plan, rows_after_added_tokens
 
     config, source = model_config_for_plan(cfg)
     if loaded is not None:
@@ -94,7 +94,7 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     if tokenizer is not None:
         rows, new = max(int(config.vocab_size), len(tokenizer)), bool(new_ids)
     else:
-        rows, new = int(config.vocab_size) + len(cfg.tokens), bool(cfg.tokens)
+        rows, new = rows_after_added_tokens(config, len(cfg.tokens)), bool(cfg.tokens)
     return ModelFacts(config, source, rows, new, tokenizer, note)
 
 
@@ -210,6 +210,10 @@ def render(plan: Plan) -> list[Any]:
                          f"({data.source})")  # fmt: skip
     else:
         overview.add_row("data / steps", data.source)
+    if cfg.adapter:
+        full = " + input/output embeddings in full (new tokens)" if plan.model.new_tokens else ""
+        bits = ", 4-bit base" if cfg.load_in_4bit else ", 8-bit base" if cfg.load_in_8bit else ""
+        overview.add_row("adapter", f"{cfg.adapter} r={cfg.lora_r}{bits}{full}")
     overview.add_row("precision", f"{m.precision.name}" + (", chunked cross-entropy" if m.chunked_loss else ""))
     overview.add_row("sharding", m.sharding.name)
 
