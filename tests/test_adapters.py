@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,11 +86,12 @@ def test_qlora_trains_over_4bit_weights_and_merges_dequantised(tmp_path: Path, b
         torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_merge_lora_equals_base_plus_adapter(tmp_path: Path, base_dir: Path) -> None:
+def _merged_equals_base_plus_adapter(tmp_path: Path, base_dir: Path) -> tuple[Any, Any]:
+    """Merge the adapter in tmp_path/out into base_dir with the CLI; its logits must equal the base model
+    with the adapter applied by peft. Returns the merged model and its tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _train(tmp_path, base_dir, adapter="lora", lora_r=8, learning_rate=5e-3, peft_use_rslora=True)
     out = tmp_path / "out"
     assert main(["merge-lora", "--base", str(base_dir), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -100,6 +102,12 @@ def test_merge_lora_equals_base_plus_adapter(tmp_path: Path, base_dir: Path) -> 
     ids = torch.randint(0, len(tokenizer), (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    return merged, tokenizer
+
+
+def test_merge_lora_equals_base_plus_adapter(tmp_path: Path, base_dir: Path) -> None:
+    _train(tmp_path, base_dir, adapter="lora", lora_r=8, learning_rate=5e-3, peft_use_rslora=True)
+    merged, tokenizer = _merged_equals_base_plus_adapter(tmp_path, base_dir)
     assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -160,22 +168,12 @@ def test_dora_and_continuing_from_a_saved_adapter(tmp_path: Path, base_dir: Path
 def test_tied_embeddings_stay_tied_through_lora_training_and_merge(tmp_path: Path) -> None:
     """Llama-3.2-1B ties its input and output embeddings. With new tokens both are trained in full next to
     the adapter; they must stay one matrix, or the merged model (saved tied) loses what the head learned."""
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     base = tmp_path / "tied"
     config = AutoConfig.from_pretrained(REPO / "configs/tiny/model", tie_word_embeddings=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
     _train(tmp_path, base, adapter="lora", lora_r=4, learning_rate=5e-3)
-    out = tmp_path / "out"
-    assert main(["merge-lora", "--base", str(base), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
-    original = AutoModelForCausalLM.from_pretrained(base)
-    original.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    reference = PeftModel.from_pretrained(original, str(out)).eval()
-    ids = torch.randint(0, len(tokenizer), (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    merged, _ = _merged_equals_base_plus_adapter(tmp_path, base)
     assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()

@@ -10,7 +10,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
 
 from dolphin_train.data.packing import PackedRows
-from dolphin_train.model.attention import _no_mask, cu_seqlens_from_position_ids, varlen_attention_forward
+from dolphin_train.model.attention import cu_seqlens_from_position_ids, no_mask, varlen_attention_forward
 from dolphin_train.train.collator import ChatCollator
 
 CALLS: list[int] = []
@@ -36,7 +36,7 @@ def test_cu_seqlens_from_restarting_positions_and_rows() -> None:
 
 def test_varlen_backend_matches_sdpa_on_packed_rows() -> None:
     AttentionInterface.register("test_varlen", functools.partial(varlen_attention_forward, kernel=reference_varlen))
-    AttentionMaskInterface.register("test_varlen", _no_mask)
+    AttentionMaskInterface.register("test_varlen", no_mask)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
     torch.manual_seed(0)

@@ -76,9 +76,9 @@ def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) 
     assert main(["preprocess", str(path)]) == 0
     after = make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"), device="cpu").data
     assert after.exact
-    from dolphin_train.data.prepare import _load_cached
+    from dolphin_train.data.prepare import load_prepared
 
-    prepared = _load_cached(next(Path(cfg.dataset_prepared_path).glob("*[0-9a-f]")))
+    prepared = load_prepared(next(Path(cfg.dataset_prepared_path).glob("*[0-9a-f]")))
     rows = build_rows(cfg, prepared)
     assert after.total_steps == plan_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
     assert abs(before.total_steps - after.total_steps) <= 0.25 * after.total_steps
@@ -145,3 +145,19 @@ def test_training_warns_before_loading_a_model_that_will_not_fit(
         warn_if_memory_short(cfg, resolve_runtime(cfg), load_tokenizer(cfg))
     assert "estimated to need" in caplog.text and "64 MiB" not in caplog.text
     assert "dolphin-train plan" in caplog.text
+
+
+def test_added_tokens_fill_spare_embedding_rows_before_the_vocabulary_grows() -> None:
+    from dolphin_train.plan.architectures import model_config_for_plan, rows_after_added_tokens
+
+    phi = model_config_for_plan(load_config(REPO / "configs/phi2-qlora.yml", {}))[0]
+    llama = model_config_for_plan(load_config(REPO / "configs/llama3-8b.yml", {}))[0]
+    assert rows_after_added_tokens(phi, 2) == 51200  # 50,295 tokens in 51,200 rows
+    assert rows_after_added_tokens(llama, 2) == 128258
+
+
+def test_an_adapter_plan_says_what_it_trains(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", str(REPO / "configs/phi2-qlora.yml"), "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "qlora r=64, 4-bit base + input/output embeddings in full" in out
+    assert "New tokens were added" not in out  # the training log line stays out of the plan

@@ -117,15 +117,13 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
+    from dolphin_train.config.resolve import is_main_process
+
     level = logging.DEBUG if verbose else logging.INFO
-    if not _is_main_process():
+    if not is_main_process():
         level = logging.WARNING
     handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
@@ -190,14 +188,14 @@ def _missing_paths(cfg: Any) -> list[str]:
 
 def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.config.resolve import is_main_process, resolve_runtime
     from dolphin_train.model.tokenizer import load_tokenizer
     from dolphin_train.train.run import prepare_on_main_process_first
 
     cfg = load_config(args.config, overrides)
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
-    if _is_main_process():
+    if is_main_process():
         _console().print(prepared.report.table())
         print(f"Prepared data: {prepared.path}" + (" (reused from cache)" if prepared.report.from_cache else ""))
     return 0

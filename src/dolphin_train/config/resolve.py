@@ -31,6 +31,11 @@ class RuntimeSettings:
         return asdict(self)
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that prints, logs and writes summaries."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _cuda_available() -> bool:
     import torch
 

@@ -189,7 +189,12 @@ def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:
     return split["train"], split["test"]
 
 
-def _load_cached(path: Path) -> PreparedData:
+def prepared_entry(cfg: Config, fingerprint: str) -> Path:
+    """Where this config's prepared data lives (complete once it holds report.json)."""
+    return Path(cfg.dataset_prepared_path) / fingerprint
+
+
+def load_prepared(path: Path) -> PreparedData:
     import datasets
 
     report = PreparationReport.from_json((path / "report.json").read_text())
@@ -207,11 +212,11 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     """
     sources = [resolve_source(ds) for ds in cfg.datasets]
     fingerprint = data_fingerprint(cfg, tokenizer, sources)
-    root = Path(cfg.dataset_prepared_path)
-    final = root / fingerprint
+    final = prepared_entry(cfg, fingerprint)
+    root = final.parent
     if (final / "report.json").exists():
         log.info("Reusing prepared data from %s", final)
-        return _load_cached(final)
+        return load_prepared(final)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=root))
     try:
@@ -231,6 +236,6 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("Prepared data saved to %s", final)
-    prepared = _load_cached(final)
+    prepared = load_prepared(final)
     prepared.report.from_cache = False
     return prepared

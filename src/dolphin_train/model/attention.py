@@ -95,8 +95,8 @@ def varlen_attention_forward(
     return out.to(out_dtype).reshape(batch, seq, q_heads, dim), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The varlen kernel takes sequence boundaries, not a mask."""
+def no_mask(*args: Any, **kwargs: Any) -> None:
+    """For backends that take sequence boundaries (or nothing), not a mask: transformers builds none."""
     return None
 
 
@@ -105,5 +105,5 @@ def register_varlen_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN, _no_mask)
+    AttentionMaskInterface.register(VARLEN, no_mask)
     return VARLEN

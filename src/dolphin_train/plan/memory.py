@@ -77,14 +77,10 @@ class Sharding:
 
 
 def _deepspeed_settings(cfg: Config) -> dict[str, Any]:
-    if isinstance(cfg.deepspeed, dict):
-        return cfg.deepspeed
-    path = Path(str(cfg.deepspeed))
-    if not path.is_file():
-        from dolphin_train.errors import DolphinError
+    from dolphin_train.train.arguments import deepspeed_config
 
-        raise DolphinError(f"deepspeed: {cfg.deepspeed} not found; the plan needs its ZeRO stage")
-    return json.loads(path.read_text())
+    settings = deepspeed_config(cfg)  # a mapping, or a path checked to exist
+    return settings if isinstance(settings, dict) else json.loads(Path(settings).read_text())
 
 
 def plan_sharding(cfg: Config, gpus: int) -> Sharding:
@@ -129,6 +125,7 @@ class ParameterInventory:
     weight_bytes: int  # as stored for training (quantised layers at their packed size)
     trainable_bytes: int  # bytes of the trainable parameters themselves (their gradients' size)
     largest_trainable_bytes: int
+    largest_trainable_params: int
     largest_layer_params: int  # one decoder layer, for ZeRO-3 / FSDP gathers
     embedding_params: int
     layers: int
@@ -169,7 +166,7 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision: Precision,
     for name, module in model.named_modules():
         if _quantised(name, module, cfg):
             quantised_ids.add(id(module.weight))
-    total = trainable = weight_bytes = trainable_bytes = largest = states = copies = 0
+    total = trainable = weight_bytes = trainable_bytes = largest = largest_n = states = copies = 0
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     head_copy = layer_copy = 0
@@ -184,7 +181,7 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision: Precision,
             size = n * param.element_size()
             trainable += n
             trainable_bytes += size
-            largest = max(largest, size)
+            largest, largest_n = max(largest, size), max(largest_n, n)
             states += _state_bytes(cfg, param, size, sharding)
         if autocast and param.requires_grad and param.dim() >= 2 and param.element_size() > precision.bytes:
             copy = n * precision.bytes
@@ -198,6 +195,7 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision: Precision,
         weight_bytes=weight_bytes,
         trainable_bytes=trainable_bytes,
         largest_trainable_bytes=largest,
+        largest_trainable_params=largest_n,
         largest_layer_params=sum(p.numel() for p in layers[0].parameters()),
         embedding_params=embeddings.numel(),
         layers=len(layers),
@@ -296,7 +294,7 @@ def _with_meta_adapter(cfg: Config, model: Any, new_tokens: bool) -> Any:
     return get_peft_model(model, lora_config(cfg, model, saved))
 
 
-def _logits_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, precision: Precision, chunked: bool):
+def _logits_bytes(tokens: int, vocab: int, hidden: int, precision: Precision, chunked: bool):
     """(end of forward, start of backward) working memory of the output head and the loss."""
     from dolphin_train.train.loss import chunk_tokens_for
 
@@ -321,7 +319,6 @@ def estimate_memory(
     new_tokens: bool,
     gpus: int,
     device: str = "cuda",
-    checkpointing: bool | None = None,
 ) -> MemoryEstimate:
     precision = plan_precision(cfg, device)
     sharding = plan_sharding(cfg, gpus)
@@ -332,15 +329,11 @@ def estimate_memory(
     trace = trace_activations(
         model, cfg.micro_batch_size, cfg.sequence_len, precision.torch_dtype if autocast else None
     )
-    return _estimate(cfg, params, trace, sharding, precision, autocast, tokens, gpus, device, checkpointing)
+    return _estimate(cfg, params, trace, sharding, precision, autocast, tokens, gpus, device)
 
 
 def _number(value: Any, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) else default
-
-
-def params_bytes_per_value(params: ParameterInventory) -> int:
-    return max(1, round(params.trainable_bytes / max(1, params.trainable)))
 
 
 def _estimate(
@@ -353,12 +346,11 @@ def _estimate(
     tokens: int,
     gpus: int,
     device: str,
-    checkpointing: bool | None,
 ) -> MemoryEstimate:
     from dolphin_train.train.run import use_chunked_cross_entropy
 
     notes: list[str] = []
-    ckpt = cfg.gradient_checkpointing if checkpointing is None else checkpointing
+    ckpt = cfg.gradient_checkpointing
     zero = sharding.deepspeed_stage
     # --- weights: the stored parameters, sharded, plus ZeRO-3/FSDP's gathered layers in the compute dtype.
     weights = 0 if sharding.offload_params else params.weight_bytes // sharding.weights
@@ -371,7 +363,7 @@ def _estimate(
     if zero is not None:
         grads = params.trainable * precision.bytes // sharding.gradients
         # Float32 gradients of one optimizer sub-group at a time (`sub_group_size` parameters; 0: one tensor).
-        largest = params.largest_trainable_bytes // params_bytes_per_value(params)
+        largest = params.largest_trainable_params
         sub_group = _number(sharding.settings.get("sub_group_size"), 1_000_000_000)
         partition = params.trainable // sharding.optimizer
         step_grads = (
@@ -394,7 +386,7 @@ def _estimate(
     activations = with_ckpt if ckpt else without
     recompute = trace.largest_layer + (params.autocast_copy_largest_layer if autocast else 0) if ckpt else 0
     chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
-    logits_fwd, logits_bwd = _logits_bytes(cfg, tokens, params.vocab_size, params.hidden_size, precision, chunked)
+    logits_fwd, logits_bwd = _logits_bytes(tokens, params.vocab_size, params.hidden_size, precision, chunked)
     head_copy = params.head_copy_bytes if autocast else 0
     # --- short-lived: the optimizer step's temporaries; DDP's gradient buckets.
     step = 0
@@ -402,7 +394,7 @@ def _estimate(
         step = params.state_bytes // 2 // sharding.optimizer  # one state-sized temporary
     elif cfg.optimizer in STATE_BYTES and device == "cpu":
         # bitsandbytes' CPU path updates a tensor's 8-bit states through float32 temporaries (~5 copies).
-        step = params.largest_trainable_bytes // params_bytes_per_value(params) * 4 * 5
+        step = params.largest_trainable_params * 4 * 5
     elif zero is None:
         step = params.largest_trainable_bytes * 2  # PyTorch's per-tensor loop: temporaries of one tensor
     ddp_buckets = params.trainable_bytes if gpus > 1 and zero is None and not cfg.fsdp else 0

@@ -63,17 +63,17 @@ def _schedule(cfg: Config, rows: int, gpus: int) -> tuple[int, int]:
 def _from_cache(cfg: Config, tokenizer: Any, sources: list[Any], gpus: int) -> DataPlan | None:
     import numpy as np
 
-    from dolphin_train.data.packing import plan_packing
-    from dolphin_train.data.prepare import _load_cached, data_fingerprint
+    from dolphin_train.data.prepare import data_fingerprint, load_prepared, prepared_entry
+    from dolphin_train.train.run import build_rows
 
-    entry = Path(cfg.dataset_prepared_path) / data_fingerprint(cfg, tokenizer, sources)
+    entry = prepared_entry(cfg, data_fingerprint(cfg, tokenizer, sources))
     if not (entry / "report.json").exists():
         return None
-    prepared = _load_cached(entry)
-    lengths = np.asarray(prepared.train["length"], dtype=np.int64)
-    rows = len(plan_packing(lengths, cfg.sequence_len, cfg.seed).bins) if cfg.sample_packing else len(lengths)
+    prepared = load_prepared(entry)
+    rows = len(build_rows(cfg, prepared).train)  # the rows training will see, packed the same way
     per_epoch, total = _schedule(cfg, rows, gpus)
-    return DataPlan(True, len(lengths), int(lengths.sum()), rows, per_epoch, total, f"exact: prepared data in {entry}")
+    tokens = int(np.asarray(prepared.train["length"]).sum())
+    return DataPlan(True, len(prepared.train), tokens, rows, per_epoch, total, f"exact: prepared data in {entry}")
 
 
 def _sample_lines(path: Path) -> tuple[int, list[str], int]:

@@ -54,15 +54,13 @@ def _trace_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     return _FlashLikeAttention.apply(query, key, value), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def register_trace_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    from dolphin_train.model.attention import no_mask
+
     AttentionInterface.register(TRACE_ATTENTION, _trace_attention)
-    AttentionMaskInterface.register(TRACE_ATTENTION, _no_mask)
+    AttentionMaskInterface.register(TRACE_ATTENTION, no_mask)
     return TRACE_ATTENTION
 
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
+from dolphin_train.config.resolve import RuntimeSettings, is_main_process, resolve_runtime
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan_packing
 from dolphin_train.data.prepare import PreparedData, prepare_data
@@ -276,10 +276,6 @@ def _finish_tracking(cfg: Config) -> None:
 
     if wandb.run is not None:
         wandb.finish()
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> None:
