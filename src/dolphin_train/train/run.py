@@ -338,6 +338,31 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
 
     `show` renders tables for the user (the CLI passes its console's print); None prints nothing.
     """
+    finished = False
+    try:
+        summary = _train_and_save(cfg, show)
+        finished = True
+        return summary
+    finally:
+        leave_process_group(finished)
+
+
+def leave_process_group(finished: bool) -> None:
+    """Each process leaves the process group explicitly before it exits. Without this, gloo's worker
+    threads can still hold tensors while the interpreter shuts down, and the process dies with SIGABRT
+    ("terminate called without an active exception") after a run that succeeded. The barrier keeps a
+    fast rank from leaving while another is still in a collective; after a failure there is none, since
+    the other ranks may never reach it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     from dolphin_train.train.summary import plan_table
 
     run = set_up_run(cfg)
