@@ -23,6 +23,17 @@ def test_best_fit_decreasing_assigns_every_item_once_within_capacity() -> None:
     assert len(bins) <= lower_bound * 1.01
 
 
+def test_packing_in_progress_chunks_gives_the_same_bins(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 512, 1000)
+    whole = best_fit_decreasing(lengths, 512)
+    monkeypatch.setattr("dolphin_train.data.packing.PROGRESS_CHUNK", 7)  # many chunk boundaries
+    assert best_fit_decreasing(lengths, 512, progress=True) == whole
+    assert "Packing" not in capsys.readouterr().err  # done within the bar's one-second delay: no bar
+
+
 def test_packing_plan_is_seeded_and_reports_efficiency() -> None:
     lengths = np.array([300, 200, 500, 12, 40, 512, 100])
     a, b = plan_packing(lengths, 512, seed=1), plan_packing(lengths, 512, seed=1)

@@ -27,7 +27,7 @@ def highlighted_example(tokenizer: Any, input_ids: list[int], labels: list[int],
 def statistics_table(prepared: PreparedData, sequence_len: int, seed: int) -> Any:
     lengths = np.asarray(prepared.train["length"], dtype=np.int64)
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
-    plan = plan_packing(lengths, sequence_len, seed)
+    plan = plan_packing(lengths, sequence_len, seed, progress=True)
     table = prepared.report.table()  # the preparation report, then the shape of the training rows
     table.add_row("length p50 / p90 / p99 / max", f"{p50:,} / {p90:,} / {p99:,} / {int(lengths.max()):,}")
     table.add_row(

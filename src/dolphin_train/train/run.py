@@ -49,7 +49,7 @@ def build_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
             return None, None
         if not packed:
             return SingleRows(dataset), None
-        plan = plan_packing(_lengths(dataset), cfg.sequence_len, seed)
+        plan = plan_packing(_lengths(dataset), cfg.sequence_len, seed, progress=is_main_process())
         return PackedRows(dataset, plan), plan
 
     train, train_plan = rows(prepared.train, cfg.sample_packing, cfg.seed)
