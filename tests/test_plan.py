@@ -84,6 +84,24 @@ def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) 
     assert abs(before.total_steps - after.total_steps) <= 0.25 * after.total_steps
 
 
+@pytest.mark.parametrize("overrides", [{}, {"adapter": "lora", "lora_r": 8}], ids=["full", "LoRA, new tokens"])
+def test_planned_8bit_optimizer_states_are_what_the_trainer_allocates(overrides: dict, tmp_path: Path) -> None:
+    """bitsandbytes' 8-bit Adam, as the Trainer sets it up, keeps 32-bit states for embeddings (also the
+    trained copy LoRA makes when tokens are added): the plan must count them at 8 bytes, not 2."""
+    import torch
+
+    from dolphin_train.train.run import set_up_run
+
+    raw = tiny_config(tmp_path, max_steps=1, optimizer="adamw_8bit", **overrides)
+    cfg = load_config(write_config(tmp_path / "c.yml", raw), {})
+    trainer = set_up_run(cfg).trainer
+    trainer.train()
+    states = trainer.optimizer.state.values()
+    allocated = sum(t.numel() * t.element_size() for state in states for t in state.values() if torch.is_tensor(t))
+    planned = make_plan(cfg, gpus=1, gpu_memory=GiB, device="cpu").memory.optimizer
+    assert planned == pytest.approx(allocated, rel=0.05)
+
+
 # --- the estimate against what a run measures -------------------------------------------------------
 
 MODEL_SHAPE = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
