@@ -59,6 +59,36 @@ def test_packed_and_unpacked_batches_give_the_same_gradients(tmp_path: Path) -> 
     _assert_same_gradients(unpacked, packed)
 
 
+def _eval_loss(tmp_path: Path, **overrides) -> tuple[float, float]:
+    """(the trainer's eval_loss, the mean over trained tokens of each eval conversation run alone)."""
+    from dolphin_train.train.trainer import trained_targets
+
+    rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:40]]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    raw = tiny_config(tmp_path, data, val_set_size=0.5, sequence_len=1024, **overrides)
+    run = set_up_run(validate_mapping(raw))
+    reported = run.trainer.evaluate()["eval_loss"]
+    model = run.trainer.model.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for row in run.prepared.eval:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            n = trained_targets(labels)
+            if n:
+                loss_sum += float(model(input_ids=ids, labels=labels).loss) * n
+                tokens += n
+    return reported, loss_sum / tokens
+
+
+@pytest.mark.parametrize("batching", [{"micro_batch_size": 1}, {"micro_batch_size": 3},
+                                      {"micro_batch_size": 2, "sample_packing": True}],
+                         ids=["one per batch", "three per batch", "packed"])  # fmt: skip
+def test_eval_loss_is_the_mean_over_trained_tokens_however_it_is_batched(tmp_path: Path, batching: dict) -> None:
+    """Conversations of different lengths: a mean of per-batch means would weight short ones up."""
+    reported, reference = _eval_loss(tmp_path, **batching)
+    assert reported == pytest.approx(reference, rel=1e-5)
+
+
 def test_new_token_embeddings_start_at_the_mean(tmp_path: Path) -> None:
     from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.model.load import load_model

@@ -191,18 +191,17 @@ def write_run_summary(
 def make_trainer(
     cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows, schedule: TrainingSchedule
 ) -> Any:
-    from transformers import Trainer
-
     from dolphin_train.model.load import load_model
     from dolphin_train.train.arguments import build_training_arguments
     from dolphin_train.train.collator import ChatCollator
+    from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
     # its weights are partitioned as they load.
     args = build_training_arguments(cfg, runtime, schedule)
     model = load_model(cfg, runtime, tok)
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
-    trainer = Trainer(
+    trainer = DolphinTrainer(
         model=model,
         args=args,
         train_dataset=rows.train,

@@ -1,0 +1,79 @@
+"""The Trainer we run: transformers' Trainer with the evaluation loss averaged over tokens.
+
+Why our own code: transformers averages the evaluation loss over batches (each batch's mean loss, weighted
+by its rows), so it changes with `micro_batch_size`, with eval packing and with conversation lengths, and
+it is not the quantity the training loss reports (a mean over trained tokens). Here every evaluated
+batch adds its summed loss and its count of trained tokens, and the reported `eval_loss` is their ratio
+over the whole evaluation set and all processes: the same number however the set is batched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from dolphin_train.data.encode import IGNORE_INDEX
+
+
+def trained_targets(labels: torch.Tensor) -> int:
+    """Positions a causal LM loss averages over: labels shift left by one, ignored labels do not count."""
+    return int(labels[..., 1:].ne(IGNORE_INDEX).sum())
+
+
+class LossTally:
+    """Summed loss and trained-token count of the batches one process evaluated."""
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.tokens = 0
+
+    def add(self, mean_loss: torch.Tensor, tokens: int) -> None:
+        if tokens:
+            self.loss_sum += float(mean_loss) * tokens
+            self.tokens += tokens
+
+    def mean_over_processes(self, accelerator: Any) -> float | None:
+        totals = torch.tensor([self.loss_sum, float(self.tokens)], dtype=torch.float64, device=accelerator.device)
+        loss_sum, tokens = accelerator.reduce(totals, reduction="sum").tolist()
+        return loss_sum / tokens if tokens else None
+
+
+class DolphinTrainer(Trainer):
+    """transformers.Trainer, overriding only the two methods its documentation offers for the loss."""
+
+    _eval_tally: LossTally | None = None
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if self._eval_tally is None:  # training: unchanged (token-weighted through num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling), weighted
+        # by those tokens in the tally.
+        result = super().compute_loss(model, inputs, return_outputs, None)
+        loss = result[0] if return_outputs else result
+        self._eval_tally.add(loss.detach(), trained_targets(inputs["labels"]))
+        return result
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        self._eval_tally = LossTally()
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            mean = self._eval_tally.mean_over_processes(self.accelerator)
+        finally:
+            self._eval_tally = None
+        key = f"{metric_key_prefix}_loss"
+        if mean is not None and key in output.metrics:
+            output.metrics[key] = mean
+        return output
