@@ -1,4 +1,5 @@
-"""Run one optimizer step of a config and save the gradients and the logged loss (rank 0).
+"""Run one optimizer step of a config, evaluate, and save the gradients, the logged loss and the eval
+loss (rank 0).
 
 Used by tests/test_distributed_loss.py under `torchrun` and as a plain process:
     python tests/grad_probe.py CONFIG.json OUT.pt
@@ -33,9 +34,12 @@ def main(config_path: str, out_path: str) -> None:
     capture = CaptureGradients()
     run.trainer.add_callback(capture)
     run.trainer.train()
+    eval_loss = run.trainer.evaluate()["eval_loss"] if run.rows.eval is not None else None
     if run.trainer.is_world_process_zero():
         losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
-        torch.save({"grads": capture.grads, "loss": losses[0], "world_size": run.trainer.args.world_size}, out_path)
+        found = {"grads": capture.grads, "loss": losses[0], "eval_loss": eval_loss,
+                 "world_size": run.trainer.args.world_size}  # fmt: skip
+        torch.save(found, out_path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Across processes the loss is still the mean over every trainable token of the global batch:
-2 processes x 2 accumulation steps give the gradients (and the logged loss) of 1 process x 4."""
+2 processes x 2 accumulation steps give the gradients (and the logged loss) of 1 process x 4, and
+evaluation on 2 processes gives the eval loss of 1."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ PROBE = str(Path(__file__).with_name("grad_probe.py"))
 def _run(tmp_path: Path, name: str, launcher: list[str], **overrides) -> dict:
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:16]]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, micro_batch_size=1, **overrides)
+    # 4 of the 16 conversations are held out: 2 per process, so no process evaluates a duplicate.
+    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, micro_batch_size=1, val_set_size=0.25,
+                      **overrides)  # fmt: skip
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(cfg))
     out = tmp_path / f"{name}.pt"
@@ -38,5 +41,6 @@ def test_two_processes_with_accumulation_equal_one_process(tmp_path: Path) -> No
     two = _run(tmp_path, "two", torchrun, gradient_accumulation_steps=2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=1e-5)
