@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import REPO
 from dolphin_train.train.loss import chunked_causal_lm_loss, install_chunked_head, restore_head
 from test_training import _assert_same_gradients, _first_step_gradients
 
@@ -45,3 +46,55 @@ def test_trainer_with_chunked_loss_gives_the_same_gradients(tmp_path: Path) -> N
     chunked = _first_step_gradients(tmp_path / "b", micro_batch_size=2, gradient_accumulation_steps=2,
                                     chunked_cross_entropy=True)  # fmt: skip
     _assert_same_gradients(plain, chunked)
+
+
+def test_chunked_loss_with_lora_and_a_head_trained_in_full() -> None:
+    """With added tokens the head is peft's wrapper around a trained copy: the chunked loss trains that
+    copy and the adapter exactly as the plain loss does, and the saved keys do not change."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    for module in model.modules():  # LoRA B starts at zero; give it values so its gradients are generic
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 1000, (2, 40))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    plain = model(input_ids=ids, labels=labels).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    head = install_chunked_head(model)
+    assert head is not None and set(model.state_dict()) == keys
+    loss = chunked_causal_lm_loss(model(input_ids=ids).logits, head.weight, head.bias, labels, chunk_tokens=9)
+    loss.backward()
+    torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+    restore_head(model)
+    assert model(input_ids=ids).logits.shape == (2, 40, 1000)
+
+
+@pytest.mark.parametrize("adapter", [{"adapter": "lora"}, {"adapter": "qlora", "load_in_4bit": True}],
+                         ids=["LoRA", "QLoRA"])  # fmt: skip
+def test_trainer_with_chunked_loss_and_an_adapter_gives_the_same_gradients(tmp_path: Path, adapter: dict) -> None:
+    settings = {"micro_batch_size": 2, "lora_r": 8, "lora_dropout": 0.0, "train_from_scratch": False, **adapter}
+    base = str(_saved_tiny_model(tmp_path))
+    plain = _first_step_gradients(tmp_path / "a", base_model=base, chunked_cross_entropy=False, **settings)
+    chunked = _first_step_gradients(tmp_path / "b", base_model=base, chunked_cross_entropy=True, **settings)
+    assert any("lm_head" in name for name in plain)  # the tokenizer adds tokens: the head trains in full
+    _assert_same_gradients(plain, chunked)
+
+
+def _saved_tiny_model(tmp_path: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "base"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
+    return path

@@ -307,8 +307,8 @@ class Config(_Strict):
     chunked_cross_entropy: bool | None = key(
         None,
         "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
-        "(tokens x vocabulary) are never materialised. Default: on for vocabularies of 64k tokens or more "
-        "without DeepSpeed; not available with DeepSpeed yet.",
+        "(tokens x vocabulary) are never materialised. Default: on for vocabularies of 64k tokens or more; "
+        "not available with DeepSpeed or FSDP yet, nor with `lm_head` in `lora_target_modules`.",
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, "Arguments for gradient checkpointing, e.g. `use_reentrant: false`."
@@ -424,8 +424,9 @@ class Config(_Strict):
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
         if self.lora_target_modules and self.lora_target_linear:
             problems.append("lora_target_modules and lora_target_linear: set one, not both")
-        if self.chunked_cross_entropy and self.adapter:
-            problems.append("chunked_cross_entropy: true is not supported with adapters yet")
+        if self.chunked_cross_entropy and self.adapter and "lm_head" in (self.lora_target_modules or []):
+            problems.append("chunked_cross_entropy: true with lm_head in lora_target_modules: the chunked loss "
+                            "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
         if self.fsdp and self.deepspeed:
             problems.append("fsdp and deepspeed: choose one way to shard the model")
         if self.fsdp_config and not self.fsdp:

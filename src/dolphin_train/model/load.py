@@ -114,6 +114,8 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
     # no cache is built. `save_final_model` turns it back on for inference.
     model.config.use_cache = False
     if cfg.adapter:
+        # LoRA's A matrices start random: `seed` decides them, whatever ran before in this process.
+        torch.manual_seed(cfg.seed)
         model = apply_adapter(cfg, model, tok.new_token_ids)
     return model
 

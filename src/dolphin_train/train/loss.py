@@ -81,13 +81,42 @@ class ChunkedLoss:
         )
 
 
-def install_chunked_head(model: Any) -> HiddenStatesHead:
-    head = HiddenStatesHead(model.get_output_embeddings())
-    model.set_output_embeddings(head)
-    return head
+def _modules_to_save_wrapper(module: Any) -> Any | None:
+    """peft's wrapper of a layer trained in full next to an adapter (the output head when tokens were added)."""
+    try:
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return None
+    return module if isinstance(module, ModulesToSaveWrapper) else None
+
+
+def install_chunked_head(model: Any) -> HiddenStatesHead | None:
+    """Make the output head return hidden states; None (and nothing changed) when the head is not a plain
+    projection, such as a LoRA-adapted head. With an adapter and added tokens the head is peft's wrapper
+    around a trained copy: the copy is the one replaced, so peft still finds, trains and saves it under
+    the same keys."""
+    head = model.get_output_embeddings()
+    wrapper = _modules_to_save_wrapper(head)
+    if wrapper is not None:
+        name = wrapper.active_adapters[0]
+        if type(wrapper.modules_to_save[name]) is not torch.nn.Linear:
+            return None
+        replacement = HiddenStatesHead(wrapper.modules_to_save[name])
+        wrapper.modules_to_save[name] = replacement
+        return replacement
+    if type(head) is not torch.nn.Linear:
+        return None
+    replacement = HiddenStatesHead(head)
+    model.set_output_embeddings(replacement)
+    return replacement
 
 
 def restore_head(model: Any) -> None:
     head = model.get_output_embeddings()
-    if isinstance(head, HiddenStatesHead):
+    wrapper = _modules_to_save_wrapper(head)
+    if wrapper is not None:
+        for name, module in wrapper.modules_to_save.items():
+            if isinstance(module, HiddenStatesHead):
+                wrapper.modules_to_save[name] = module.original[0]
+    elif isinstance(head, HiddenStatesHead):
         model.set_output_embeddings(head.original[0])

@@ -230,7 +230,13 @@ def _use_our_progress_bar(trainer: Any) -> None:
 def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
     if cfg.chunked_cross_entropy is not None:
         return cfg.chunked_cross_entropy
-    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not (cfg.deepspeed or cfg.fsdp or cfg.adapter)
+    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not (cfg.deepspeed or cfg.fsdp or adapts_output_head(cfg))
+
+
+def adapts_output_head(cfg: Config) -> bool:
+    """A LoRA-adapted output head (named in `lora_target_modules`; peft's all-linear leaves it out) computes
+    its logits through the adapter, which the chunked loss does not reproduce."""
+    return bool(cfg.adapter) and "lm_head" in (cfg.lora_target_modules or [])
 
 
 def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
@@ -241,8 +247,12 @@ def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
         return None
     if cfg.chunked_cross_entropy is None and use_liger(runtime):
         return None  # Liger's fused kernel already avoids the full logits
+    head = install_chunked_head(model)
+    if head is None:
+        log.info("Chunked cross-entropy: off, the output head is not a plain projection")
+        return None
     log.info("Chunked cross-entropy: the full logits are never materialised")
-    return ChunkedLoss(install_chunked_head(model))
+    return ChunkedLoss(head)
 
 
 def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
