@@ -20,7 +20,7 @@ def step(mode: str, tokens: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dolphin_train.train.loss import chunked_causal_lm_loss, install_chunked_head
+    from dolphin_train.train.loss import install_chunked_head
 
     config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2,
@@ -33,7 +33,8 @@ def step(mode: str, tokens: int) -> dict:
         loss = model(input_ids=ids, labels=ids).loss
     else:
         head = install_chunked_head(model)
-        loss = chunked_causal_lm_loss(model(input_ids=ids).logits, head.weight, head.bias, ids)
+        with head.targets(ids):
+            loss = model(input_ids=ids).logits  # the head returns the loss
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"loss": float(loss), "model_mb": before, "peak_mb": peak}

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3 over 2 CPU processes (gloo): full fine-tuning follows the single-process loss curve
-and saves a consolidated model; QLoRA under ZeRO-3 trains and saves a whole adapter."""
+and saves a consolidated model; QLoRA under ZeRO-3 trains and saves a whole adapter; both with the chunked loss."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def test_zero3_full_fine_tuning_matches_one_process_and_saves_consolidated(tmp_p
               "train_from_scratch": False}  # fmt: skip
     one = write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", micro_batch_size=4, **common))
     _run([sys.executable, "-m", "dolphin_train", str(one)])
-    zero3 = write_config(tmp_path / "z.yml", tiny_config(tmp_path / "z", micro_batch_size=2, deepspeed=ZERO3, **common))
+    # ZeRO-3 runs the chunked loss, computed in the output head's forward where DeepSpeed gathers its weight.
+    zero3 = write_config(tmp_path / "z.yml", tiny_config(tmp_path / "z", micro_batch_size=2, deepspeed=ZERO3,
+                                                         chunked_cross_entropy=True, **common))  # fmt: skip
     result = _torchrun(zero3)
-    assert "DeepSpeed" in result.stdout
+    assert "DeepSpeed" in result.stdout and "Chunked cross-entropy: the full logits" in result.stdout + result.stderr
     # Same global batches: the first loss is the same computation; later ones follow within 1e-3.
     assert _losses(tmp_path / "z/out") == pytest.approx(_losses(tmp_path / "one/out"), rel=1e-3)
     weights = load_file(str(tmp_path / "z/out/model.safetensors"))
@@ -73,7 +75,7 @@ def test_zero3_qlora_trains_and_saves_a_whole_adapter(tmp_path: Path) -> None:
 
     keys = {"base_model": str(_saved_base(tmp_path)), "train_from_scratch": False, "max_steps": 2,
             "sample_packing": True, "micro_batch_size": 2, "deepspeed": ZERO3, "adapter": "qlora",
-            "load_in_4bit": True, "lora_r": 4}  # fmt: skip
+            "load_in_4bit": True, "lora_r": 4, "chunked_cross_entropy": True}  # fmt: skip
     cfg = tiny_config(tmp_path, **keys)
     _torchrun(write_config(tmp_path / "c.yml", cfg))
     adapter = load_file(str(tmp_path / "out/adapter_model.safetensors"))

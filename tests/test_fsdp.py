@@ -32,12 +32,15 @@ def test_fsdp_two_processes_match_one_process_and_save_a_whole_model(tmp_path: P
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
-    sharded = tiny_config(tmp_path / "two", micro_batch_size=2, fsdp=["full_shard", "auto_wrap"], **common)
+    # The sharded run computes the chunked loss in the output head's forward, where FSDP gathers its weight.
+    sharded = tiny_config(tmp_path / "two", micro_batch_size=2, fsdp=["full_shard", "auto_wrap"],
+                          chunked_cross_entropy=True, **common)  # fmt: skip
     two = write_config(tmp_path / "two.yml", sharded)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dolphin_train", str(two)]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP" in result.stdout  # the plan names the sharding
+    assert "Chunked cross-entropy: the full logits" in result.stdout + result.stderr
 
     # Same global batch (2 processes x 2 rows = 4 rows) at each step: the same losses, to float rounding.
     assert _losses(tmp_path / "two/out") == pytest.approx(_losses(tmp_path / "one/out"), rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO
-from dolphin_train.train.loss import chunked_causal_lm_loss, install_chunked_head, restore_head
+from dolphin_train.train.loss import install_chunked_head, restore_head
 from test_training import _assert_same_gradients, _first_step_gradients
 
 
@@ -28,10 +28,13 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(tied: bool) -> None:
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    logits = model(input_ids=ids).logits
     head = install_chunked_head(model)
-    hidden = model(input_ids=ids).logits
-    assert hidden.shape == (2, 50, 32)  # the head now returns hidden states
-    loss = chunked_causal_lm_loss(hidden, head.weight, head.bias, labels, torch.tensor(70), chunk_tokens=7)
+    head.chunk_tokens = 7
+    torch.testing.assert_close(model(input_ids=ids).logits, logits)  # without targets: logits as before
+    with head.targets(labels, torch.tensor(70)):
+        loss = model(input_ids=ids).logits  # the head returns the loss in place of the logits
+    assert loss.dim() == 0
     loss.backward()
     torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
     for name, param in model.named_parameters():
@@ -71,7 +74,9 @@ def test_chunked_loss_with_lora_and_a_head_trained_in_full() -> None:
     model.zero_grad()
     head = install_chunked_head(model)
     assert head is not None and set(model.state_dict()) == keys
-    loss = chunked_causal_lm_loss(model(input_ids=ids).logits, head.weight, head.bias, labels, chunk_tokens=9)
+    head.chunk_tokens = 9
+    with head.targets(labels):
+        loss = model(input_ids=ids).logits
     loss.backward()
     torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
     for name, grad in expected.items():

@@ -307,8 +307,8 @@ class Config(_Strict):
     chunked_cross_entropy: bool | None = key(
         None,
         "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
-        "(tokens x vocabulary) are never materialised. Default: on for vocabularies of 64k tokens or more; "
-        "not available with DeepSpeed or FSDP yet, nor with `lm_head` in `lora_target_modules`.",
+        "(tokens x vocabulary) are never materialised. Default: on for vocabularies of 64k tokens or more, "
+        "unless `lm_head` is in `lora_target_modules` (not supported).",
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, "Arguments for gradient checkpointing, e.g. `use_reentrant: false`."
@@ -431,10 +431,6 @@ class Config(_Strict):
             problems.append("fsdp and deepspeed: choose one way to shard the model")
         if self.fsdp_config and not self.fsdp:
             problems.append("fsdp_config is set but fsdp is not: set fsdp, e.g. [full_shard, auto_wrap]")
-        if self.chunked_cross_entropy and self.fsdp:
-            problems.append("chunked_cross_entropy: true is not supported with fsdp yet")
-        if self.chunked_cross_entropy and self.deepspeed:
-            problems.append("chunked_cross_entropy: true is not supported with deepspeed yet")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16: choose one precision")
         if problems:

@@ -2,14 +2,20 @@
 
 Why our own code: with a 128k vocabulary, the logits of one 4096-token row are 4096 x 128256 floats
 (2 GiB in float32), and their gradient as much again: often the largest tensors of a step. Here the
-model's output head returns its hidden states instead of logits; the loss then computes logits only
-for positions that have a label, a chunk at a time, each chunk recomputed in the backward pass rather
-than stored. The result is the same loss (mean over trainable tokens of the global batch, through
+model's output head, given the labels, returns the loss instead of logits: it computes logits only for
+positions that have a label, a chunk at a time, each chunk recomputed in the backward pass rather than
+stored. The result is the same loss (mean over trainable tokens of the global batch, through
 `num_items_in_batch`) and the same gradients, without ever materialising the full logits.
+
+The loss is computed inside the head's own forward so that whatever manages the head's weight sees an
+ordinary module call: DeepSpeed ZeRO-3 and FSDP gather the sharded weight for it (and again for its
+backward), peft's wrapper of a head trained in full calls it, DDP sees one forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,18 +31,33 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(128, min(8192, LOGITS_PER_CHUNK // vocab_size))
 
 
-class HiddenStatesHead(torch.nn.Module):
-    """Stands in for the output projection during training: keeps its weight (same parameter, same
-    state-dict key, tying preserved) but returns the hidden states; the loss applies the weight."""
+class ChunkedLossHead(torch.nn.Module):
+    """Stands in for the output projection during training. It holds the projection's weight and bias
+    (same parameters, so state-dict keys and tying are unchanged). Within `targets(...)` its forward
+    returns the chunked loss of the hidden states it is given; otherwise it returns logits as usual."""
 
-    def __init__(self, head: torch.nn.Linear) -> None:
+    def __init__(self, head: torch.nn.Linear, chunk_tokens: int | None = None) -> None:
         super().__init__()
         self.weight = head.weight
         self.bias = head.bias
         self.original = [head]  # a list, so the Linear is not registered twice as a submodule
+        self.chunk_tokens = chunk_tokens
+        self._labels: torch.Tensor | None = None
+        self._num_items: Any = None
+
+    @contextmanager
+    def targets(self, labels: torch.Tensor, num_items_in_batch: Any = None) -> Iterator[None]:
+        self._labels, self._num_items = labels, num_items_in_batch
+        try:
+            yield
+        finally:
+            self._labels = self._num_items = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+        if self._labels is None:
+            return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return chunked_causal_lm_loss(hidden, self.weight, self.bias, self._labels, self._num_items,
+                                      self.chunk_tokens)  # fmt: skip
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
@@ -68,17 +89,9 @@ def chunked_causal_lm_loss(
     return total / denominator
 
 
-class ChunkedLoss:
-    """`compute_loss_func` for transformers.Trainer: outputs.logits holds the hidden states."""
-
-    def __init__(self, head: HiddenStatesHead, chunk_tokens: int | None = None) -> None:
-        self.head = head
-        self.chunk_tokens = chunk_tokens
-
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        return chunked_causal_lm_loss(
-            outputs.logits, self.head.weight, self.head.bias, labels, num_items_in_batch, self.chunk_tokens
-        )
+def loss_from_head(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """`compute_loss_func` for transformers.Trainer: the head already returned the loss as the logits."""
+    return outputs.logits
 
 
 def _modules_to_save_wrapper(module: Any) -> Any | None:
@@ -90,23 +103,25 @@ def _modules_to_save_wrapper(module: Any) -> Any | None:
     return module if isinstance(module, ModulesToSaveWrapper) else None
 
 
-def install_chunked_head(model: Any) -> HiddenStatesHead | None:
-    """Make the output head return hidden states; None (and nothing changed) when the head is not a plain
-    projection, such as a LoRA-adapted head. With an adapter and added tokens the head is peft's wrapper
-    around a trained copy: the copy is the one replaced, so peft still finds, trains and saves it under
-    the same keys."""
+def install_chunked_head(model: Any) -> ChunkedLossHead | None:
+    """Swap the output head for a ChunkedLossHead; None (and nothing changed) when the head is not a plain
+    projection (a LoRA-adapted head) or the model transforms its logits (Gemma's soft-capping). With an
+    adapter and added tokens the head is peft's wrapper around a trained copy: the copy is the one
+    replaced, so peft still finds, trains and saves it under the same keys."""
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+        return None
     head = model.get_output_embeddings()
     wrapper = _modules_to_save_wrapper(head)
     if wrapper is not None:
         name = wrapper.active_adapters[0]
         if type(wrapper.modules_to_save[name]) is not torch.nn.Linear:
             return None
-        replacement = HiddenStatesHead(wrapper.modules_to_save[name])
+        replacement = ChunkedLossHead(wrapper.modules_to_save[name])
         wrapper.modules_to_save[name] = replacement
         return replacement
     if type(head) is not torch.nn.Linear:
         return None
-    replacement = HiddenStatesHead(head)
+    replacement = ChunkedLossHead(head)
     model.set_output_embeddings(replacement)
     return replacement
 
@@ -116,7 +131,7 @@ def restore_head(model: Any) -> None:
     wrapper = _modules_to_save_wrapper(head)
     if wrapper is not None:
         for name, module in wrapper.modules_to_save.items():
-            if isinstance(module, HiddenStatesHead):
+            if isinstance(module, ChunkedLossHead):
                 wrapper.modules_to_save[name] = module.original[0]
-    elif isinstance(head, HiddenStatesHead):
+    elif isinstance(head, ChunkedLossHead):
         model.set_output_embeddings(head.original[0])

@@ -208,7 +208,7 @@ def make_trainer(
         eval_dataset=rows.eval,
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
-        compute_loss_func=_chunked_loss(cfg, runtime, model),
+        chunked_head=_chunked_loss_head(cfg, runtime, model),
     )
     # First in line, so the progress bar, the console printer and the trackers see the throughput it adds
     # to each log.
@@ -230,7 +230,7 @@ def _use_our_progress_bar(trainer: Any) -> None:
 def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
     if cfg.chunked_cross_entropy is not None:
         return cfg.chunked_cross_entropy
-    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not (cfg.deepspeed or cfg.fsdp or adapts_output_head(cfg))
+    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not adapts_output_head(cfg)
 
 
 def adapts_output_head(cfg: Config) -> bool:
@@ -239,9 +239,9 @@ def adapts_output_head(cfg: Config) -> bool:
     return bool(cfg.adapter) and "lm_head" in (cfg.lora_target_modules or [])
 
 
-def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
-    """The Trainer's supported loss hook, with the output head returning hidden states (see loss.py)."""
-    from dolphin_train.train.loss import ChunkedLoss, install_chunked_head
+def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
+    """The output head that computes the chunked loss itself (see loss.py), or None for the plain loss."""
+    from dolphin_train.train.loss import install_chunked_head
 
     if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
         return None
@@ -252,7 +252,7 @@ def _chunked_loss(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
         log.info("Chunked cross-entropy: off, the output head is not a plain projection")
         return None
     log.info("Chunked cross-entropy: the full logits are never materialised")
-    return ChunkedLoss(head)
+    return head
 
 
 def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The Trainer we run: transformers' Trainer with the evaluation loss averaged over tokens.
+"""The Trainer we run: transformers' Trainer with the chunked loss wired in, and the evaluation loss
+averaged over tokens.
 
 Why our own code: transformers averages the evaluation loss over batches (each batch's mean loss, weighted
 by its rows), so it changes with `micro_batch_size`, with eval packing and with conversation lengths, and
@@ -15,6 +16,7 @@ import torch
 from transformers import Trainer
 
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
 
 
 def trained_targets(labels: torch.Tensor) -> int:
@@ -45,17 +47,31 @@ class DolphinTrainer(Trainer):
 
     _eval_tally: LossTally | None = None
 
+    def __init__(self, *args: Any, chunked_head: ChunkedLossHead | None = None, **kwargs: Any) -> None:
+        if chunked_head is not None:
+            kwargs["compute_loss_func"] = loss_from_head
+        super().__init__(*args, **kwargs)
+        self.chunked_head = chunked_head
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        if self._eval_tally is None:  # training: unchanged (token-weighted through num_items_in_batch)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling), weighted
-        # by those tokens in the tally.
-        result = super().compute_loss(model, inputs, return_outputs, None)
-        loss = result[0] if return_outputs else result
-        self._eval_tally.add(loss.detach(), trained_targets(inputs["labels"]))
+        if self._eval_tally is not None:
+            # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling),
+            # weighted by those tokens in the tally.
+            num_items_in_batch = None
+        result = self._loss_with_targets(model, inputs, return_outputs, num_items_in_batch)
+        if self._eval_tally is not None:
+            loss = result[0] if return_outputs else result
+            self._eval_tally.add(loss.detach(), trained_targets(inputs["labels"]))
         return result
+
+    def _loss_with_targets(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items: Any) -> Any:
+        """With the chunked loss, the head is handed the labels before the forward pass (see loss.py)."""
+        if self.chunked_head is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items)
+        with self.chunked_head.targets(inputs["labels"], num_items):
+            return super().compute_loss(model, inputs, return_outputs, num_items)
 
     def evaluation_loop(
         self,
