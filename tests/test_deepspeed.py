@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-3 over 2 CPU processes (gloo): full fine-tuning follows the single-process loss curve
-and saves a consolidated model; QLoRA under ZeRO-3 trains and saves a whole adapter; both with the chunked loss."""
+"""DeepSpeed ZeRO-3 over 2 CPU processes (gloo), both with the chunked loss: full fine-tuning follows the
+single-process loss curve and saves a consolidated model; QLoRA trains and saves a whole adapter."""
 
 from __future__ import annotations
 
