@@ -81,8 +81,9 @@ def _eval_loss(tmp_path: Path, **overrides) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("batching", [{"micro_batch_size": 1}, {"micro_batch_size": 3},
-                                      {"micro_batch_size": 2, "sample_packing": True}],
-                         ids=["one per batch", "three per batch", "packed"])  # fmt: skip
+                                      {"micro_batch_size": 2, "sample_packing": True},
+                                      {"micro_batch_size": 3, "chunked_cross_entropy": True}],
+                         ids=["one per batch", "three per batch", "packed", "chunked loss"])  # fmt: skip
 def test_eval_loss_is_the_mean_over_trained_tokens_however_it_is_batched(tmp_path: Path, batching: dict) -> None:
     """Conversations of different lengths: a mean of per-batch means would weight short ones up."""
     reported, reference = _eval_loss(tmp_path, **batching)

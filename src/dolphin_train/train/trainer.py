@@ -43,7 +43,8 @@ class LossTally:
 
 
 class DolphinTrainer(Trainer):
-    """transformers.Trainer, overriding only the two methods its documentation offers for the loss."""
+    """transformers.Trainer with two of the methods its documentation invites subclasses to override:
+    `compute_loss` and `evaluation_loop`."""
 
     _eval_tally: LossTally | None = None
 
@@ -56,14 +57,13 @@ class DolphinTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        if self._eval_tally is not None:
-            # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling),
-            # weighted by those tokens in the tally.
-            num_items_in_batch = None
-        result = self._loss_with_targets(model, inputs, return_outputs, num_items_in_batch)
-        if self._eval_tally is not None:
-            loss = result[0] if return_outputs else result
-            self._eval_tally.add(loss.detach(), trained_targets(inputs["labels"]))
+        if self._eval_tally is None:
+            return self._loss_with_targets(model, inputs, return_outputs, num_items_in_batch)
+        # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling), weighted
+        # by those tokens in the tally. Counted first: the Trainer pops the labels from `inputs`.
+        tokens = trained_targets(inputs["labels"])
+        result = self._loss_with_targets(model, inputs, return_outputs, None)
+        self._eval_tally.add((result[0] if return_outputs else result).detach(), tokens)
         return result
 
     def _loss_with_targets(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items: Any) -> Any:
