@@ -166,3 +166,28 @@ def test_packed_rows_are_reshuffled_each_epoch_with_the_seed(tmp_path: Path) -> 
     first, second = epoch_orders(tmp_path / "a"), epoch_orders(tmp_path / "b")
     assert first == second  # seeded: the same orders on every run
     assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]  # same rows, new order each epoch
+
+
+def test_llama3_vocabulary_trains_evaluates_and_saves_with_the_default_chunked_loss(
+    tmp_path: Path, llama3_dir: str, capsys
+) -> None:
+    """With Llama-3's 128k vocabulary the chunked loss is on by default: training, evaluation and the
+    saved model (a plain output head again) all go through it."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig
+
+    from dolphin_train.cli import main
+
+    model_dir = tmp_path / "model"
+    LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(model_dir)  # fmt: skip
+    rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:40]]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), base_model=str(model_dir),
+                      tokenizer_config=llama3_dir, max_steps=2, micro_batch_size=2, val_set_size=0.25)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    assert "Chunked cross-entropy: the full logits are never materialised" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    assert 0 < summary["final_eval_loss"] < 20
+    with safe_open(str(tmp_path / "out/model.safetensors"), "pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in ("lm_head.weight", "model.embed_tokens.weight")}
+    assert shapes["lm_head.weight"] == shapes["model.embed_tokens.weight"] and shapes["lm_head.weight"][0] > 128256
