@@ -29,6 +29,27 @@ def test_offline_wandb_run_records_the_losses(tmp_path: Path, monkeypatch: pytes
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert records.count(b"train/loss") >= 4
     assert b"train/tokens_per_second" in records  # our throughput reaches wandb too
+    # The run's config holds ours, resolved, with the hashes the run summary has.
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    assert b"dolphin_train" in records and summary["config_hash"].encode() in records
+    assert b"wandb_project" in records and b"dolphin-test" in records
+
+
+def test_the_config_saved_with_the_model_loads_back_to_the_same_config(tmp_path: Path) -> None:
+    from dolphin_train.config.load import load_config
+    from dolphin_train.train.records import CONFIG_SNAPSHOT, config_hash
+
+    raw = tiny_config(tmp_path, max_steps=1, micro_batch_size=2, bf16="auto")
+    path = write_config(tmp_path / "c.yml", raw)
+    assert main([str(path), "--learning_rate", "2e-3"]) == 0  # an override is part of what ran
+    snapshot = tmp_path / "out" / CONFIG_SNAPSHOT
+    header = snapshot.read_text().splitlines()[1]
+    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
+    assert summary["config_hash"] in header and summary["data_fingerprint"] in header
+    ran = load_config(path, {"learning_rate": 2e-3})
+    saved = load_config(snapshot, {})
+    assert saved.learning_rate == 2e-3 and saved.bf16 is False  # `auto` resolved on this CPU machine
+    assert config_hash(saved.model_copy(update={"bf16": ran.bf16, "fp16": ran.fp16})) == config_hash(ran)
 
 
 def test_every_wandb_key_reaches_wandb_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

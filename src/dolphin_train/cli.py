@@ -151,12 +151,11 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import yaml
 
     from dolphin_train.config.load import load_config
-    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.config.resolve import resolve_runtime, resolved_settings
 
     cfg = load_config(args.config, overrides)
     runtime = resolve_runtime(cfg)
-    resolved = cfg.model_dump(mode="json", by_alias=True)
-    resolved.update(bf16=runtime.bf16, fp16=runtime.fp16, tf32=runtime.tf32)
+    resolved = resolved_settings(cfg, runtime)
     print(f"# {args.config}: valid. Defaults filled in; `auto` resolved for this machine.")
     print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, allow_unicode=True), end="")
     print(

@@ -94,3 +94,11 @@ def resolve_runtime(cfg: Config) -> RuntimeSettings:
         world_size=world_size,
         launcher=launcher,
     )
+
+
+def resolved_settings(cfg: Config, runtime: RuntimeSettings) -> dict:
+    """The config as it runs here: every key with its default filled in and `auto` precision resolved.
+    What `validate` prints, what training saves next to the model and hands to wandb."""
+    resolved = cfg.model_dump(mode="json", by_alias=True)
+    resolved.update(bf16=runtime.bf16, fp16=runtime.fp16, tf32=runtime.tf32)
+    return resolved

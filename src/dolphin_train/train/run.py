@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dolphin_train.config.resolve import RuntimeSettings, is_main_process, resolve_runtime
+from dolphin_train.config.resolve import RuntimeSettings, is_main_process, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan_packing
 from dolphin_train.data.prepare import PreparedData, prepare_data
@@ -24,6 +23,13 @@ from dolphin_train.train.control import (
     StopOnSignal,
     checkpoint_is_complete,
     latest_complete_checkpoint,
+)
+from dolphin_train.train.records import (
+    RecordConfigInTrackers,
+    memory_before_model_mb,
+    run_identity,
+    save_config_snapshot,
+    write_run_summary,
 )
 from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 
@@ -108,84 +114,6 @@ def resolve_resume(cfg: Config) -> str | None:
     if not checkpoint_is_complete(path):
         raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
     return str(path)
-
-
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(cfg.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
-
-
-def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    return [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on the CPU."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_reserved_mb() -> float:
-    """Peak memory PyTorch's CUDA allocator reserved (allocated plus its cache); 0 on the CPU."""
-    import torch
-
-    return torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else 0.0
-
-
-def memory_before_model_mb() -> float:
-    """What the process holds before the model is built: 0 on CUDA (the data never reaches the GPU),
-    resident memory on the CPU, so that peak minus this is the training's own memory."""
-    import torch
-
-    if torch.cuda.is_available():
-        return 0.0
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("dolphin-train", "torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes",
-                 "deepspeed", "flash-attn", "tiktoken"):  # fmt: skip
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
-def write_run_summary(
-    cfg: Config, trainer: Any, prepared: PreparedData, seconds: float, before_model_mb: float = 0.0
-) -> dict[str, Any]:
-
-    history = trainer.state.log_history
-    evals = _eval_losses(history)
-    train_losses = [e["loss"] for e in history if "loss" in e]
-    summary = {
-        "config_hash": config_hash(cfg),
-        "data_fingerprint": prepared.report.fingerprint,
-        "steps": trainer.state.global_step,
-        "epochs": round(float(trainer.state.epoch or 0), 4),
-        "world_size": trainer.args.world_size,
-        "train_seconds": round(seconds, 1),
-        "first_train_loss": train_losses[0] if train_losses else None,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "eval_losses": evals,
-        "first_eval_loss": evals[0][1] if evals else None,
-        "final_eval_loss": evals[-1][1] if evals else None,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "memory_before_model_mb": round(before_model_mb, 1),
-        "peak_reserved_mb": round(peak_reserved_mb(), 1),
-        "versions": library_versions(),
-    }
-    Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def make_trainer(
@@ -380,6 +308,10 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     if show and is_main:
         show(run.prepared.report.table())
         show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
+    identity = run_identity(cfg, run.prepared)
+    if is_main:
+        save_config_snapshot(cfg, run.runtime, identity)
+    trainer.add_callback(RecordConfigInTrackers(resolved_settings(cfg, run.runtime), identity))
     resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)
