@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh            (carry .whl, made here by scripts/gpu_wheels.sh)
 # 1. installs what the machine's image lacks from the wheels in .whl/;
 # 2. the GPU tests (attention backends against each conversation alone);
-# 3. the memory plan against real `dolphin-train train` runs (Llama-3.2-1B and Llama-3-8B shapes);
+# 3. the memory plan against real `dolphin-train train` runs (Llama-3.2-1B and Llama-3-8B shapes;
+#    GPU_MEMORY_CASES picks them, see scripts/gpu_memory_check.py);
 # 4. the throughput benchmark (MFU per attention backend, packed vs padded).
 # Each stage has its own time limit and the next one runs whatever happens; logs go to $OUT when set.
 set -uo pipefail
@@ -29,7 +30,7 @@ stage() {  # stage NAME SECONDS COMMAND...
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
 stage tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-stage memory "${GPU_MEMORY_S:-330}" python3 scripts/gpu_memory_check.py --cases "${GPU_MEMORY_CASES:-1b-full,1b-lora,8b-qlora}" \
+stage memory "${GPU_MEMORY_S:-330}" python3 scripts/gpu_memory_check.py --cases "${GPU_MEMORY_CASES:-1b-lora,8b-qlora,8b-qlora-plain}" \
   --out "$OUT/memory.json" --timeout 200
 tar czf "$OUT/train_logs.tgz" /tmp/dolphin-memory-check/*/train.log 2>/dev/null
 stage bench "${GPU_BENCH_S:-130}" python3 scripts/bench_gpu.py --steps 5
