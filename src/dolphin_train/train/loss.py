@@ -91,6 +91,8 @@ def chunked_causal_lm_loss(
 
 def loss_from_head(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
     """`compute_loss_func` for transformers.Trainer: the head already returned the loss as the logits."""
+    if outputs.logits.dim() != 0:  # a forward pass without `targets(...)`: never pass logits off as a loss
+        raise RuntimeError("the chunked-loss head returned logits: the labels were not handed to it")
     return outputs.logits
 
 
