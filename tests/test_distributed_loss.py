@@ -21,8 +21,9 @@ PROBE = str(Path(__file__).with_name("grad_probe.py"))
 def _run(tmp_path: Path, name: str, launcher: list[str], **overrides) -> dict:
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:16]]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    # 4 of the 16 conversations are held out: 2 per process, so no process evaluates a duplicate.
-    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, micro_batch_size=1, val_set_size=0.25,
+    # 5 of the 16 conversations are held out: one process has a row fewer, so the other ranks must not
+    # repeat one to keep in step (or it would count twice).
+    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, micro_batch_size=1, val_set_size=5,
                       **overrides)  # fmt: skip
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(cfg))

@@ -127,3 +127,15 @@ def test_two_packed_rows_with_padding_in_one_batch() -> None:
             n = ids.shape[1]
             torch.testing.assert_close(logits[row : row + 1, start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+
+
+def test_evaluation_rows_are_padded_with_empty_rows_to_even_shards() -> None:
+    from dolphin_train.data.packing import PaddedToEvenShards
+
+    rows = [{"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]}] * 5
+    padded = PaddedToEvenShards(rows, multiple=4, pad_token_id=0)
+    assert len(padded) == 8 and padded[4] == rows[4]
+    assert all(set(padded[i]["labels"]) == {IGNORE_INDEX} for i in range(5, 8))
+    with pytest.raises(IndexError):
+        padded[8]
+    assert len(PaddedToEvenShards(rows[:4], multiple=4, pad_token_id=0)) == 4

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dolphin_train.data.encode import IGNORE_INDEX
+
 # Conversations placed between progress-bar updates: keeps the bar's cost out of the inner loop.
 PROGRESS_CHUNK = 1 << 16
 
@@ -129,3 +131,23 @@ class SingleRows:
         row = self.dataset[i]
         n = len(row["input_ids"])
         return {"input_ids": list(row["input_ids"]), "labels": list(row["labels"]), "position_ids": list(range(n))}
+
+
+class PaddedToEvenShards:
+    """Evaluation rows followed by empty rows (no trained token) up to a multiple of `multiple` (processes x
+    batch size). Why: when the evaluation set does not divide evenly, accelerate repeats rows from its start
+    to keep the processes in step, and a repeated row would count twice in the token-weighted evaluation
+    loss; an empty row counts nothing."""
+
+    def __init__(self, rows: Any, multiple: int, pad_token_id: int) -> None:
+        self.rows = rows
+        self.length = -(-len(rows) // multiple) * multiple
+        self.empty = {"input_ids": [pad_token_id], "labels": [IGNORE_INDEX], "position_ids": [0]}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.rows[i] if i < len(self.rows) else dict(self.empty)

@@ -13,7 +13,7 @@ from typing import Any
 
 from dolphin_train.config.resolve import RuntimeSettings, is_main_process, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
-from dolphin_train.data.packing import PackedRows, PackingPlan, SingleRows, plan_packing
+from dolphin_train.data.packing import PackedRows, PackingPlan, PaddedToEvenShards, SingleRows, plan_packing
 from dolphin_train.data.prepare import PreparedData, prepare_data
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
@@ -129,11 +129,14 @@ def make_trainer(
     args = build_training_arguments(cfg, runtime, schedule)
     model = load_model(cfg, runtime, tok)
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
+    eval_rows = rows.eval
+    if eval_rows is not None and runtime.world_size > 1:
+        eval_rows = PaddedToEvenShards(eval_rows, runtime.world_size * cfg.micro_batch_size, tok.tokenizer.pad_token_id)
     trainer = DolphinTrainer(
         model=model,
         args=args,
         train_dataset=rows.train,
-        eval_dataset=rows.eval,
+        eval_dataset=eval_rows,
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
         chunked_head=_chunked_loss_head(cfg, runtime, model),
