@@ -41,20 +41,35 @@ def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(out / "model.safetensors"))
+    saved = out / "adapter_model.safetensors"
+    return load_file(str(saved if saved.exists() else out / "model.safetensors"))
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    straight = _start(_config(tmp_path, "straight"))
+def _saved_base(tmp_path: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "base"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["full fine-tuning", "LoRA, chunked loss"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, variant: str) -> None:
+    keys = {}
+    if variant.startswith("LoRA"):  # the head trained in full (added tokens) sits in the chunked-loss head
+        keys = {"adapter": "lora", "lora_r": 4, "chunked_cross_entropy": True, "train_from_scratch": False,
+                "base_model": str(_saved_base(tmp_path))}  # fmt: skip
+    straight = _start(_config(tmp_path, "straight", **keys))
     assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
 
-    config = _config(tmp_path, "killed")
+    config = _config(tmp_path, "killed", **keys)
     out = tmp_path / "killed/out"
     proc = _start(config)
     _wait_for_checkpoint(out, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "model.safetensors").exists()  # it really died before the end
+    assert not (out / "run_summary.json").exists()  # it really died before the end
     resumed = _start(config, "--resume_from_checkpoint", "auto")
     _stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
