@@ -49,6 +49,13 @@ def test_dolphin_recipe_fits_eight_48gb_gpus_and_the_breakdown_is_printed(capsys
     assert "8,030,277,632 total" in out  # with the two ChatML tokens added
 
 
+def test_plan_check_exits_3_only_when_the_run_does_not_fit(capsys: pytest.CaptureFixture) -> None:
+    recipe = str(REPO / "configs/llama3-8b.yml")
+    assert main(["plan", recipe, "--gpus", "8", "--gpu-memory", "48GB", "--check"]) == 0
+    assert main(["plan", recipe, "--gpus", "1", "--gpu-memory", "24GB", "--check"]) == 3
+    assert "Does not fit" in capsys.readouterr().out
+
+
 def test_a_plan_that_does_not_fit_names_a_change_that_does() -> None:
     cfg = load_config(REPO / "configs/llama3-8b.yml", {"deepspeed": None, "gradient_checkpointing": False})
     plan = make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"))

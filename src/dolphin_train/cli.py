@@ -17,6 +17,7 @@ from dolphin_train import __version__
 from dolphin_train.errors import ConfigError, DolphinError
 
 COMMANDS = ("train", "plan", "preprocess", "validate", "inspect", "merge-lora", "chat")
+PLAN_DOES_NOT_FIT = 3  # `plan --check`: distinct from 1 (an error) and 2 (bad command line)
 
 EPILOG = """\
 Any top-level config key can be overridden: dolphin-train CONFIG --learning_rate 1e-5 --num_epochs 2
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "GPU, else 80GB)")  # fmt: skip
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                       help="plan a GPU run (default) or a CPU run (process memory)")  # fmt: skip
+    plan.add_argument("--check", action="store_true",
+                      help="exit with status 3 when the run is not expected to fit (for launch scripts)")  # fmt: skip
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
     commands["inspect"].add_argument("--ids", action="store_true", help="show each token's id")
     merge = commands["merge-lora"]
@@ -240,7 +243,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     console = _console()
     for part in render(plan):
         console.print(part)
-    return 0
+    return PLAN_DOES_NOT_FIT if args.check and not plan.fits else 0
 
 
 def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
