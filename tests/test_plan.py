@@ -167,8 +167,9 @@ def test_training_warns_before_loading_a_model_that_will_not_fit(
     cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path)), {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=64 * 2**20))
     with caplog.at_level(logging.INFO, logger="dolphin_train"):
-        warn_if_memory_short(cfg, resolve_runtime(cfg), load_tokenizer(cfg))
+        planned_mb = warn_if_memory_short(cfg, resolve_runtime(cfg), load_tokenizer(cfg))
     assert "estimated to need" in caplog.text and "64 MiB" not in caplog.text
+    assert planned_mb is not None and planned_mb > 64  # what the run summary records as planned_peak_mb
     assert "dolphin-train plan" in caplog.text
 
 

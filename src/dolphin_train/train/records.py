@@ -70,7 +70,12 @@ def library_versions() -> dict[str, str]:
 
 
 def write_run_summary(
-    cfg: Config, trainer: Any, prepared: PreparedData, seconds: float, before_model_mb: float = 0.0
+    cfg: Config,
+    trainer: Any,
+    prepared: PreparedData,
+    seconds: float,
+    before_model_mb: float = 0.0,
+    planned_peak_mb: float | None = None,
 ) -> dict[str, Any]:
 
     history = trainer.state.log_history
@@ -90,6 +95,8 @@ def write_run_summary(
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "memory_before_model_mb": round(before_model_mb, 1),
         "peak_reserved_mb": round(peak_reserved_mb(), 1),
+        # `dolphin-train plan`'s estimate of peak_memory_mb, made before the model loaded (GPU runs only).
+        "planned_peak_mb": round(planned_peak_mb, 1) if planned_peak_mb is not None else None,
         "versions": library_versions(),
     }
     Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))

@@ -218,9 +218,10 @@ def _finish_tracking(cfg: Config) -> None:
         wandb.finish()
 
 
-def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> None:
+def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> float | None:
     """Before the model loads: if `dolphin-train plan` expects this run not to fit this GPU, say so, with
-    the change that would fit. A warning, not a stop: the estimate is close, not exact."""
+    the change that would fit. A warning, not a stop: the estimate is close, not exact. Returns the
+    estimated peak allocated memory in MiB, recorded in the run summary next to the measured one."""
     import torch
 
     from dolphin_train.plan.memory import GiB
@@ -233,7 +234,7 @@ def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
         fix = find_fix(cfg, facts, runtime.world_size, memory, "cuda") if estimate.total > memory else None
     except Exception as exc:  # the plan is advice: it never stops a run
         log.debug("No memory estimate: %s", exc)
-        return
+        return None
     log.info("Estimated peak memory per GPU: %.1f GiB of %.1f GiB", estimate.total / GiB, memory / GiB)
     if estimate.total > memory:
         advice = f" It would fit with: {fix.as_overrides()}." if fix else ""
@@ -241,6 +242,7 @@ def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
             "This run is estimated to need %.1f GiB per GPU, more than the %.1f GiB this GPU has: it may run out "
             "of memory.%s Details: dolphin-train plan CONFIG", estimate.total / GiB, memory / GiB, advice,
         )  # fmt: skip
+    return estimate.allocated / 2**20
 
 
 @dataclass
@@ -255,6 +257,7 @@ class Run:
     schedule: TrainingSchedule
     trainer: Any
     memory_before_model_mb: float = 0.0
+    planned_peak_mb: float | None = None  # the plan's peak allocated memory per GPU (GPU runs only)
 
 
 def set_up_run(cfg: Config) -> Run:
@@ -266,11 +269,10 @@ def set_up_run(cfg: Config) -> Run:
     prepared = prepare_on_main_process_first(cfg, tok, runtime)
     rows = build_rows(cfg, prepared)
     schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
-    if runtime.device == "cuda" and is_main_process():
-        warn_if_memory_short(cfg, runtime, tok)
+    planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     before_model = memory_before_model_mb()
     trainer = make_trainer(cfg, runtime, tok, rows, schedule)
-    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model, planned)
 
 
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
@@ -338,4 +340,6 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
     _finish_tracking(cfg)
-    return write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb) if is_main else {}
+    if not is_main:
+        return {}
+    return write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb, run.planned_peak_mb)
