@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.train.run import set_up_run
+from dolphin_train.train.run import leaving_the_process_group_at_the_end, set_up_run
 
 
 class CaptureGradients(TrainerCallback):
@@ -30,6 +30,11 @@ class CaptureGradients(TrainerCallback):
 
 def main(config_path: str, out_path: str) -> None:
     cfg = validate_mapping(json.loads(Path(config_path).read_text()))
+    with leaving_the_process_group_at_the_end():
+        _probe(cfg, out_path)
+
+
+def _probe(cfg, out_path: str) -> None:
     run = set_up_run(cfg)
     capture = CaptureGradients()
     run.trainer.add_callback(capture)

@@ -192,11 +192,12 @@ def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
     from dolphin_train.config.resolve import is_main_process, resolve_runtime
     from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import prepare_on_main_process_first
+    from dolphin_train.train.run import leaving_the_process_group_at_the_end, prepare_on_main_process_first
 
     cfg = load_config(args.config, overrides)
     tok = load_tokenizer(cfg)
-    prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
+    with leaving_the_process_group_at_the_end():
+        prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
     if is_main_process():
         _console().print(prepared.report.table())
         print(f"Prepared data: {prepared.path}" + (" (reused from cache)" if prepared.report.from_cache else ""))
@@ -208,11 +209,12 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.data.inspect import highlighted_example, statistics_table
     from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import prepare_on_main_process_first
+    from dolphin_train.train.run import leaving_the_process_group_at_the_end, prepare_on_main_process_first
 
     cfg = load_config(args.config, overrides)
     tok = load_tokenizer(cfg)
-    prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
+    with leaving_the_process_group_at_the_end():
+        prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
     console = _console()
     for i in range(min(args.n, len(prepared.train))):
         row = prepared.train[i]

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -280,11 +282,17 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
 
     `show` renders tables for the user (the CLI passes its console's print); None prints nothing.
     """
+    with leaving_the_process_group_at_the_end():
+        return _train_and_save(cfg, show)
+
+
+@contextmanager
+def leaving_the_process_group_at_the_end() -> Iterator[None]:
+    """For every command that may join a process group (training, and preparing data under torchrun)."""
     finished = False
     try:
-        summary = _train_and_save(cfg, show)
+        yield
         finished = True
-        return summary
     finally:
         leave_process_group(finished)
 
