@@ -1,6 +1,7 @@
 """Benchmark sample packing on the data-preparation benchmark corpus.
 
     python scripts/bench_packing.py --n 20000 --steps 30
+    python scripts/bench_packing.py --pack-only 1000000,3000000   # packing time alone, random lengths
 
 1. Packing efficiency: the corpus is prepared with the real Llama-3 tokenizer, then packed by
    best-fit decreasing at sequence_len 2048, 4096 and 8192 (conversations longer than a row are left
@@ -84,11 +85,28 @@ def train_tokens_per_second(data: Path, work: Path, packed: bool, steps: int) ->
     return tokens / seconds, seconds
 
 
+def packing_time(counts: list[int]) -> None:
+    """Seconds to plan the packing of N conversations of random length 20-4095 into 4096-token rows."""
+    from dolphin_train.data.packing import plan_packing
+
+    print("| conversations | seconds | efficiency |")
+    print("| ---: | ---: | ---: |")
+    for n in counts:
+        lengths = np.random.default_rng(0).integers(20, 4096, n)
+        start = time.perf_counter()
+        plan = plan_packing(lengths, 4096, seed=0)
+        print(f"| {n:,} | {time.perf_counter() - start:.2f} | {plan.efficiency:.4%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000, help="conversations in the corpus")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per throughput run")
+    parser.add_argument("--pack-only", help="comma-separated conversation counts: time the packing alone")
     args = parser.parse_args()
+    if args.pack_only:
+        packing_time([int(n) for n in args.pack_only.split(",")])
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "corpus.jsonl"

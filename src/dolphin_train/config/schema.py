@@ -424,7 +424,7 @@ class Config(_Strict):
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
         if self.lora_target_modules and self.lora_target_linear:
             problems.append("lora_target_modules and lora_target_linear: set one, not both")
-        if self.chunked_cross_entropy and self.adapter and "lm_head" in (self.lora_target_modules or []):
+        if self.chunked_cross_entropy and self.adapts_output_head:
             problems.append("chunked_cross_entropy: true with lm_head in lora_target_modules: the chunked loss "
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
         if self.fsdp and self.deepspeed:
@@ -440,6 +440,12 @@ class Config(_Strict):
     @property
     def eval_packing(self) -> bool:
         return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
+
+    @property
+    def adapts_output_head(self) -> bool:
+        """LoRA on the output head (named in `lora_target_modules`; peft's all-linear leaves it out): its
+        logits go through the adapter, which the chunked loss does not reproduce."""
+        return bool(self.adapter) and "lm_head" in (self.lora_target_modules or [])
 
 
 def documented_fields(model: type[BaseModel]) -> dict[str, Any]:

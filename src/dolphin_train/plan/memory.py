@@ -359,7 +359,7 @@ def _estimate(
     gpus: int,
     device: str,
 ) -> MemoryEstimate:
-    from dolphin_train.train.run import use_chunked_cross_entropy
+    from dolphin_train.train.loss import use_chunked_cross_entropy
 
     notes: list[str] = []
     ckpt = cfg.gradient_checkpointing

@@ -224,12 +224,11 @@ def render(plan: Plan) -> list[Any]:
     opt_note = f"{cfg.optimizer} states" + (
         " + float32 master weights" if m.sharding.deepspeed_stage is not None else ""
     )
-    shard = f", / {m.sharding.optimizer} GPUs" if m.sharding.optimizer > 1 else ""
     ckpt = "with" if cfg.gradient_checkpointing else "without"
     rows = [
         ("weights", m.weights, _weights_note(cfg, m)),
         ("gradients", m.gradients, "held at this moment" + _split(m.sharding.gradients)),
-        ("optimizer", m.optimizer, opt_note + shard),
+        ("optimizer", m.optimizer, opt_note + _split(m.sharding.optimizer)),
         ("activations", m.activations, f"{tokens:,} tokens {ckpt} gradient checkpointing (with: "
          f"{_gib(m.activations_with_checkpointing)}, without: {_gib(m.activations_without_checkpointing)})"),
         ("logits and loss", m.logits, _logits_note(m, tokens)),
@@ -276,7 +275,7 @@ def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
         kind = f"{m.precision.name} (DeepSpeed keeps the float32 master copy with the optimizer)"
     else:
         kind = "float32 master weights (mixed precision autocasts)" if m.precision.name != "fp32" else "float32"
-    return kind + (f", / {m.sharding.weights} GPUs" if m.sharding.weights > 1 else "")
+    return kind + _split(m.sharding.weights)
 
 
 def verdict(plan: Plan) -> Any:

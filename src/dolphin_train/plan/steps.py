@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 200
 BYTES_PER_TOKEN = 4.0  # English JSON text with a BPE vocabulary, when no tokenizer is at hand
 ESTIMATED_PACKING = 0.99  # best-fit-decreasing fills ~99.9% of rows on real data (BENCHMARKS.md)
+TOKENS_PER_TURN = 5  # ChatML markers and the role around each message
+ROLE_KEYS = ("from", "role")  # their values become part of those 5 tokens
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,6 @@ def _text_of(row: Any) -> tuple[list[str], int]:
         values = [_text_of(v) for v in row]
         return [t for texts, _ in values for t in texts], sum(n for _, n in values)
     return [], 0
-
-
-TOKENS_PER_TURN = 5  # ChatML markers and the role around each message
-ROLE_KEYS = ("from", "role")  # their values become part of those 5 tokens
 
 
 def _row_tokens(tokenizer: Any | None, line: str) -> int | None:

@@ -21,9 +21,18 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dolphin_train.config.schema import Config
 from dolphin_train.data.encode import IGNORE_INDEX
 
 LOGITS_PER_CHUNK = 2**26  # float32 logits of one chunk: 256 MiB, whatever the vocabulary
+CHUNKED_LOSS_MIN_VOCAB = 65536  # the default turns the chunked loss on from this vocabulary size
+
+
+def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
+    """The config's choice, else on for large vocabularies (training and `plan` both decide here)."""
+    if cfg.chunked_cross_entropy is not None:
+        return cfg.chunked_cross_entropy
+    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not cfg.adapts_output_head
 
 
 def chunk_tokens_for(vocab_size: int) -> int:

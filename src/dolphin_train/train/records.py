@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 from transformers import TrainerCallback
 
-from dolphin_train.config.resolve import RuntimeSettings, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.prepare import PreparedData
 
@@ -108,17 +107,17 @@ def run_identity(cfg: Config, prepared: PreparedData) -> dict[str, str]:
     return {"config_hash": config_hash(cfg), "data_fingerprint": prepared.report.fingerprint}
 
 
-def save_config_snapshot(cfg: Config, runtime: RuntimeSettings, identity: dict[str, str]) -> Path:
-    """The config this run used, defaults filled in and `auto` resolved, saved next to the model: the
-    output directory then says how it was made, whatever happens to the YAML file it came from."""
-    path = Path(cfg.output_dir, CONFIG_SNAPSHOT)
+def save_config_snapshot(output_dir: str, settings: dict[str, Any], identity: dict[str, str]) -> Path:
+    """The config this run used (`resolved_settings`: defaults filled in, `auto` resolved), saved next to
+    the model: the output directory then says how it was made, whatever happens to the YAML file."""
+    path = Path(output_dir, CONFIG_SNAPSHOT)
     path.parent.mkdir(parents=True, exist_ok=True)
     version = library_versions().get("dolphin-train", "?")
     header = (
         f"# The config this run used (dolphin-train {version}): defaults filled in, `auto` resolved.\n"
         f"# config_hash {identity['config_hash']}, data_fingerprint {identity['data_fingerprint']}\n"
     )
-    body = yaml.safe_dump(resolved_settings(cfg, runtime), sort_keys=False, allow_unicode=True)
+    body = yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
     path.write_text(header + body)
     return path
 

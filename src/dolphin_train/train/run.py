@@ -37,7 +37,6 @@ from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
 
 log = logging.getLogger(__name__)
 
-CHUNKED_LOSS_MIN_VOCAB = 65536
 PREPARE_TIMEOUT_S = 3 * 3600
 
 
@@ -160,21 +159,9 @@ def _use_our_progress_bar(trainer: Any) -> None:
         trainer.add_callback(TrainingProgress())
 
 
-def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
-    if cfg.chunked_cross_entropy is not None:
-        return cfg.chunked_cross_entropy
-    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not adapts_output_head(cfg)
-
-
-def adapts_output_head(cfg: Config) -> bool:
-    """A LoRA-adapted output head (named in `lora_target_modules`; peft's all-linear leaves it out) computes
-    its logits through the adapter, which the chunked loss does not reproduce."""
-    return bool(cfg.adapter) and "lm_head" in (cfg.lora_target_modules or [])
-
-
 def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
     """The output head that computes the chunked loss itself (see loss.py), or None for the plain loss."""
-    from dolphin_train.train.loss import install_chunked_head
+    from dolphin_train.train.loss import install_chunked_head, use_chunked_cross_entropy
 
     if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
         return None
@@ -321,10 +308,10 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     if show and is_main:
         show(run.prepared.report.table())
         show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
-    identity = run_identity(cfg, run.prepared)
+    identity, settings = run_identity(cfg, run.prepared), resolved_settings(cfg, run.runtime)
     if is_main:
-        save_config_snapshot(cfg, run.runtime, identity)
-    trainer.add_callback(RecordConfigInTrackers(resolved_settings(cfg, run.runtime), identity))
+        save_config_snapshot(cfg.output_dir, settings, identity)
+    trainer.add_callback(RecordConfigInTrackers(settings, identity))
     resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)
