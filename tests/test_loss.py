@@ -103,3 +103,13 @@ def _saved_tiny_model(tmp_path: Path) -> Path:
     path = tmp_path / "base"
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
     return path
+
+
+def test_the_trainer_loss_hook_refuses_logits_from_a_head_without_labels() -> None:
+    from types import SimpleNamespace
+
+    from dolphin_train.train.loss import loss_from_head
+
+    assert loss_from_head(SimpleNamespace(logits=torch.tensor(2.5)), torch.zeros(1)) == 2.5
+    with pytest.raises(RuntimeError, match="labels were not handed"):
+        loss_from_head(SimpleNamespace(logits=torch.zeros(2, 3, 5)), torch.zeros(1))

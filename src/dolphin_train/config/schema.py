@@ -313,7 +313,11 @@ class Config(_Strict):
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, "Arguments for gradient checkpointing, e.g. `use_reentrant: false`."
     )
-    seed: int = key(42, "Seed for data splitting, shuffling, packing order and initialisation.")
+    seed: int = key(
+        42,
+        "Seed for data splitting, shuffling, packing order and initialisation (a from-scratch model, a new "
+        "LoRA adapter).",
+    )
     resume_from_checkpoint: str | bool | None = key(
         None,
         "A checkpoint directory to resume from, or `true`/`auto` for the latest complete checkpoint in "
