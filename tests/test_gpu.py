@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from dolphin_train.model.attention import register_varlen_attention, torch_varlen_available
+from dolphin_train.config.machine import torch_varlen_available
+from dolphin_train.model.attention import register_varlen_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

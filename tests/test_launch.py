@@ -45,7 +45,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["steps"] == 3
     # Prepared once (by rank 0), cached once, no temporary directory left behind.
     assert [p.name for p in (tmp_path / "prepared").iterdir()] == [summary["data_fingerprint"]]
-    assert result.stdout.count("Training plan") == 1  # the summary is printed by rank 0 only
+    assert result.stdout.count("Run overview") == 1  # the summary is printed by rank 0 only
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def test_embedded_default_run_output_is_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert _spam(result) == []
     assert "DEBUG" not in result.stdout + result.stderr
-    assert "Training plan" in result.stdout and "Done: 3 steps" in result.stdout
+    assert "Run overview" in result.stdout and "Done: 3 steps" in result.stdout
     # The progress bar (stderr) carries the latest loss and throughput; log lines still reach stdout.
     assert re.search(r"3/3 \[.*loss [0-9.]+, tok/s [0-9,]+", result.stderr)
     assert "'loss':" in result.stdout

@@ -30,13 +30,15 @@ def test_known_architectures_have_their_published_sizes() -> None:
     """Llama-3-8B has 8,030,261,248 parameters and Phi-2 2,779,683,840 (their model cards)."""
     from dolphin_train.plan.architectures import model_config_for_plan
     from dolphin_train.plan.memory import estimate_memory
+    from dolphin_train.plan.report import planned_runtime
 
     for path, rows, expected in (("configs/llama3-8b.yml", 128256, 8_030_261_248),
                                  ("configs/phi2-qlora.yml", 51200, 2_779_683_840)):  # fmt: skip
         cfg = load_config(REPO / path, {"adapter": None, "load_in_4bit": False})
         config, source = model_config_for_plan(cfg)
         assert "known architectures" in source
-        estimate = estimate_memory(cfg, config, vocab_rows=rows, new_tokens=False, gpus=1)
+        runtime = planned_runtime(cfg, gpus=1, device="cuda")
+        estimate = estimate_memory(cfg, runtime, config, vocab_rows=rows, new_token_ids=[])
         assert estimate.params.total == expected
 
 
@@ -73,8 +75,8 @@ def test_zero3_divides_the_states_by_the_number_of_gpus() -> None:
 
 
 def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) -> None:
-    from dolphin_train.train.run import build_rows
-    from dolphin_train.train.schedule import plan_schedule
+    from dolphin_train.data.packing import build_training_rows
+    from dolphin_train.train.schedule import compute_schedule
 
     path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, sample_packing=True, micro_batch_size=2))
     cfg = load_config(path, {})
@@ -86,8 +88,8 @@ def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) 
     from dolphin_train.data.prepare import load_prepared
 
     prepared = load_prepared(next(Path(cfg.dataset_prepared_path).glob("*[0-9a-f]")))
-    rows = build_rows(cfg, prepared)
-    assert after.total_steps == plan_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
+    rows = build_training_rows(cfg, prepared)
+    assert after.total_steps == compute_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
     assert abs(before.total_steps - after.total_steps) <= 0.25 * after.total_steps
 
 
@@ -97,7 +99,7 @@ def test_planned_8bit_optimizer_states_are_what_the_trainer_allocates(overrides:
     trained copy LoRA makes when tokens are added): the plan must count them at 8 bytes, not 2."""
     import torch
 
-    from dolphin_train.train.run import set_up_run
+    from dolphin_train.recipe import set_up_run
 
     raw = tiny_config(tmp_path, max_steps=1, optimizer="adamw_8bit", **overrides)
     cfg = load_config(write_config(tmp_path / "c.yml", raw), {})
@@ -162,7 +164,7 @@ def test_training_warns_before_loading_a_model_that_will_not_fit(
 
     from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import warn_if_memory_short
+    from dolphin_train.recipe import warn_if_memory_short
 
     cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path)), {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=64 * 2**20))

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from conftest import REPO, tiny_config, write_config, write_jsonl
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.train.run import set_up_run
+from dolphin_train.recipe import set_up_run
 
 
 class _CaptureGradients(TrainerCallback):

@@ -21,9 +21,10 @@ from dolphin_train.data.canonical import load_canonical
 from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
 from dolphin_train.data.fast_bpe import FastBPE
 from dolphin_train.data.report import PreparationReport
-from dolphin_train.data.sources import Source, resolve_source, sources_fingerprint
+from dolphin_train.data.sources import Source, guessed_rows, resolve_source, sources_fingerprint
 from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
+from dolphin_train.process_group import on_main_process_first
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
 
 
 def _approximate_rows(sources: list[Source]) -> int:
-    """Enough to choose the number of worker processes: ~2 kB per conversation on disk."""
-    return sum(p.stat().st_size for s in sources for p in s.files) // 2000 if sources else 0
+    """Enough to choose the number of worker processes."""
+    return guessed_rows(sum(p.stat().st_size for s in sources for p in s.files))
 
 
 def _num_proc(cfg: Config, rows: int) -> int | None:
@@ -239,3 +240,9 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     prepared = load_prepared(final)
     prepared.report.from_cache = False
     return prepared
+
+
+def prepare_on_main_process_first(cfg: Config, tokenizer: Any, device: str) -> PreparedData:
+    """Under several processes, rank 0 prepares and caches while the others wait, then they load the same
+    cache entry; a single process simply prepares."""
+    return on_main_process_first(lambda: prepare_data(cfg, tokenizer), device)

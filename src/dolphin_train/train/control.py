@@ -13,6 +13,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+
 log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -41,6 +44,27 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
             return path
         log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
     return None
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names: a directory, or the latest complete one in `output_dir`
+    for `true` (which requires one) and `auto` (which starts fresh without one)."""
+    value = cfg.resume_from_checkpoint
+    if value is None:
+        return None
+    if value is True or value in ("auto", "true"):
+        last = latest_complete_checkpoint(cfg.output_dir)
+        if last is None and value == "auto":
+            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
+        elif last is None:
+            raise DolphinError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no complete checkpoint")
+        return str(last) if last else None
+    path = Path(str(value))
+    if not path.is_dir():
+        raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
+    if not checkpoint_is_complete(path):
+        raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
+    return str(path)
 
 
 class StopOnSignal(TrainerCallback):
