@@ -129,11 +129,12 @@ def setup_logging(verbose: bool) -> None:
     if not is_main_process():
         level = logging.WARNING
     handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    # Libraries log their warnings at import and along the way (optional kernels missing, deprecations):
+    # only errors reach the console unless -v asks for more.
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(message)s",
+                        handlers=[handler], force=True)  # fmt: skip
     logging.getLogger("dolphin_train").setLevel(level)
     if not verbose:
-        # bitsandbytes warns at import that optional CPU kernels are missing; it works without them.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         # Library chatter (deprecation notices, "loading file..." lines) hides what matters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")

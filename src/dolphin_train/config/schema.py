@@ -149,11 +149,17 @@ class Config(_Strict):
         "model",
     )
     tokenizer_config: str | None = key(None, "Tokenizer id or directory, if not `base_model`.", "model")
-    tokenizer_type: str = key("AutoTokenizer", "transformers tokenizer class.", "model")
+    tokenizer_type: str = key(
+        "AutoTokenizer",
+        "transformers tokenizer class that loads the tokenizer (`AutoTokenizer`, or a class such as "
+        "`PreTrainedTokenizerFast`); it must give a fast (Rust) tokenizer.",
+        "model",
+    )
     tokenizer_use_fast: bool = key(
         True,
-        "Accepted for axolotl compatibility. dolphin-train always uses the Rust (fast) tokenizer, whose "
-        "character offsets the masking relies on; its token ids equal the slow tokenizer's.",
+        "axolotl's switch for the slow tokenizer. dolphin-train always uses the Rust (fast) tokenizer, whose "
+        "character offsets the masking relies on and whose ids equal the slow tokenizer's; `false` says so in "
+        "the log (the Dolphin 2.9 recipe sets it).",
         "model",
     )
     trust_remote_code: bool = key(
@@ -196,7 +202,10 @@ class Config(_Strict):
         None, "Module names LoRA adapts (e.g. `[q_proj, v_proj]`); default every linear layer.", "model"
     )
     lora_target_linear: bool | None = key(
-        None, "Adapt every linear layer except the output head (the default when no modules are named).", "model"
+        None,
+        "Adapt every linear layer except the output head (the default when no modules are named); `false` "
+        "requires `lora_target_modules`.",
+        "model",
     )
     lora_modules_to_save: list[str] | None = key(
         None,
@@ -428,6 +437,9 @@ class Config(_Strict):
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
         if self.lora_target_modules and self.lora_target_linear:
             problems.append("lora_target_modules and lora_target_linear: set one, not both")
+        if self.adapter and self.lora_target_linear is False and not self.lora_target_modules:
+            problems.append("lora_target_linear: false leaves LoRA nothing to adapt: name lora_target_modules "
+                            "(e.g. [q_proj, v_proj]) or remove lora_target_linear")  # fmt: skip
         if self.chunked_cross_entropy and self.adapts_output_head:
             problems.append("chunked_cross_entropy: true with lm_head in lora_target_modules: the chunked loss "
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
@@ -444,6 +456,11 @@ class Config(_Strict):
     @property
     def eval_packing(self) -> bool:
         return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
+
+    @property
+    def lora_targets(self) -> list[str] | str:
+        """The modules LoRA adapts: those named, else every linear layer but the head (peft's `all-linear`)."""
+        return self.lora_target_modules or "all-linear"
 
     @property
     def adapts_output_head(self) -> bool:

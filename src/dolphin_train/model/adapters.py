@@ -80,7 +80,7 @@ def lora_config(cfg: Config, model: Any, saved: list[str] | None) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules or "all-linear",
+        target_modules=cfg.lora_targets,
         modules_to_save=saved,
         # Tied input and output embeddings (Llama-3.2-1B, Qwen2.5 small) trained in full stay one matrix:
         # two copies would train apart, and the merged model would lose one of them.
