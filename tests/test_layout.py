@@ -11,7 +11,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "dolphin_train"
 # Lowest first. A module may import from a lower stage or from its own; post/ and plan/ sit side by side.
-STAGES = {"errors": 0, "process_group": 0, "__init__": 0, "config": 1, "data": 2, "model": 3, "train": 4,
+STAGES = {"errors": 0, "process_group": 0, "terminal": 0, "__init__": 0, "config": 1, "data": 2, "model": 3, "train": 4,
           "post": 5, "plan": 5, "recipe": 6, "cli": 7, "__main__": 8}  # fmt: skip
 
 

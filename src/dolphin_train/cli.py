@@ -123,8 +123,13 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
+    from dolphin_train import terminal
     from dolphin_train.process_group import is_main_process
 
+    terminal.set_verbose(verbose)
+    if not verbose and not terminal.bars_wanted():
+        # No terminal to redraw them: the hub's download bars would print a line per update.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.DEBUG if verbose else logging.INFO
     if not is_main_process():
         level = logging.WARNING
@@ -135,6 +140,9 @@ def setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)  # fmt: skip
     logging.getLogger("dolphin_train").setLevel(level)
     if not verbose:
+        # torch's own handler prints the deprecation notices libraries trigger at import (torchao's
+        # pytree registrations); torch resets its top logger's level at import, not this one's.
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         # Library chatter (deprecation notices, "loading file..." lines) hides what matters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")

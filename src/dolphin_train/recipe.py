@@ -22,6 +22,7 @@ from dolphin_train.data.sources import resolve_source
 from dolphin_train.errors import DataError, DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
+from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.arguments import use_liger
 from dolphin_train.train.control import StopOnNonFiniteLoss, StopOnSignal, resolve_resume
 from dolphin_train.train.environment import set_up_process_environment
@@ -77,6 +78,7 @@ def make_trainer(
     # its weights are partitioned as they load.
     args = build_training_arguments(cfg, runtime, schedule)
     model = load_model(cfg, runtime, tok)
+    hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
     if eval_rows is not None and runtime.world_size > 1:
@@ -91,18 +93,19 @@ def make_trainer(
         chunked_head=_chunked_loss_head(cfg, runtime, model),
         throughput=_throughput_meter(cfg, runtime, model),
     )
-    _use_our_progress_bar(trainer)
+    _use_our_console(trainer)
     return trainer
 
 
-def _use_our_progress_bar(trainer: Any) -> None:
-    """Swap transformers' bar for ours (loss and tokens/s on the bar), through the Trainer's callback API."""
-    from transformers import ProgressCallback
+def _use_our_console(trainer: Any) -> None:
+    """Swap transformers' bar (and its dict-printing log) for ours, through the Trainer's callback API."""
+    from transformers import PrinterCallback, ProgressCallback
 
-    from dolphin_train.train.progress import TrainingProgress
+    from dolphin_train.train.console import TrainingConsole
 
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(TrainingProgress())
+    trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    trainer.add_callback(TrainingConsole(bar=bars_wanted()))
 
 
 def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
@@ -168,6 +171,12 @@ def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
             "of memory.%s Details: dolphin-train plan CONFIG", estimate.total / GiB, memory / GiB, advice,
         )  # fmt: skip
     return estimate.allocated / 2**20
+
+
+def _evaluated_at(state: Any, step: int) -> bool:
+    """Whether the Trainer's own schedule already evaluated at this step (it does at the last one when
+    `eval_steps` divides it): the final evaluation is not run twice."""
+    return any("eval_loss" in e and e.get("step") == step for e in state.log_history)
 
 
 @dataclass
@@ -241,7 +250,7 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
         if is_main:
             Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    if run.rows.eval is not None:
+    if run.rows.eval is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
     _finish_tracking(cfg)

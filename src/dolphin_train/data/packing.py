@@ -20,6 +20,7 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.data.prepare import PreparedData
 from dolphin_train.process_group import is_main_process
+from dolphin_train.terminal import bars_wanted
 
 # Conversations placed between progress-bar updates: keeps the bar's cost out of the inner loop.
 PROGRESS_CHUNK = 1 << 16
@@ -178,7 +179,7 @@ def build_training_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
         if not packed:
             return SingleRows(dataset), None
         lengths = np.asarray(dataset["length"], dtype=np.int64)
-        layout = pack_conversations(lengths, cfg.sequence_len, seed, progress=is_main_process())
+        layout = pack_conversations(lengths, cfg.sequence_len, seed, progress=is_main_process() and bars_wanted())
         return PackedRows(dataset, layout), layout
 
     train, train_layout = rows(prepared.train, cfg.sample_packing, cfg.seed)

@@ -25,6 +25,7 @@ from dolphin_train.data.sources import Source, guessed_rows, resolve_source, sou
 from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
 from dolphin_train.process_group import on_main_process_first
+from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,17 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     started = time.perf_counter()
     if encoder.fast is not None and num_proc:
         encoder.fast.threads = 1  # each worker process is one thread of tokenization
-    tokenized = canonical.map(
-        encoder,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc,
-        remove_columns=canonical.column_names,
-        desc="Tokenizing",
-        # Our cache is keyed by content; skip `datasets`' own fingerprint (it would hash the encoder).
-        new_fingerprint="tokenized",
-    )
+    with datasets_bars(bars_wanted() or verbose()):
+        tokenized = canonical.map(
+            encoder,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc,
+            remove_columns=canonical.column_names,
+            desc="Tokenizing",
+            # Our cache is keyed by content; skip `datasets`' own fingerprint (it would hash the encoder).
+            new_fingerprint="tokenized",
+        )
     log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
     status = np.asarray(tokenized["status"])
     counts = np.bincount(status, minlength=4)
@@ -209,8 +211,14 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     """Prepared data for this config: from the cache when the fingerprint matches, else built and cached.
 
     The cache entry is written to a temporary directory and renamed into place, so an interrupted run
-    never leaves a half-written entry that a later run would trust.
+    never leaves a half-written entry that a later run would trust. `datasets`' own progress bars (splits
+    generated, datasets saved) stay hidden unless -v; ours (reading, tokenizing) show on a terminal.
     """
+    with datasets_bars(verbose()):
+        return _prepare_data(cfg, tokenizer)
+
+
+def _prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     sources = [resolve_source(ds) for ds in cfg.datasets]
     fingerprint = data_fingerprint(cfg, tokenizer, sources)
     final = prepared_entry(cfg, fingerprint)
