@@ -12,6 +12,15 @@ from dolphin_train.errors import DolphinError
 log = logging.getLogger(__name__)
 
 
+def parameter_count(param: Any) -> int:
+    """Values a parameter holds: bitsandbytes packs two 4-bit values per byte, so a loaded 4-bit weight's
+    own numel() is half its count (its quantisation state keeps the real shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(quant_state.shape.numel())
+    return param.numel()
+
+
 def compute_dtype(runtime: RuntimeSettings) -> Any:
     """The dtype of the matrix products: bf16 or fp16 in mixed precision, else float32."""
     import torch

@@ -8,12 +8,13 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.prepare import PreparedData
+from dolphin_train.model.adapters import parameter_count
 from dolphin_train.train.schedule import TrainingSchedule
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dolphin_train.model.adapters import parameter_count
+
 # Dense bf16 peak of common training GPUs, in FLOP/s (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -35,9 +37,9 @@ def flops_per_token(model: Any, sequence_len: int) -> float:
         if p is embedding and not tied:
             continue
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += parameter_count(p)
         else:
-            frozen += p.numel()
+            frozen += parameter_count(p)
     config = model.config
     attention = 12 * config.num_hidden_layers * config.hidden_size * sequence_len
     return 6 * trainable + 4 * frozen + attention
