@@ -29,7 +29,6 @@ def _problems(tmp_path: Path, text: str) -> list[str]:
 MINIMAL = "base_model: m\ndatasets:\n  - path: d.jsonl\n    type: sharegpt\n"
 
 
-@pytest.mark.skipif(not DOLPHIN_29.exists(), reason="shared/reference is not beside this checkout")
 def test_dolphin_29_reference_config_loads_unchanged() -> None:
     cfg = load_config(DOLPHIN_29)
     assert cfg.base_model == "meta-llama/Meta-Llama-3-8B"
@@ -42,7 +41,6 @@ def test_dolphin_29_reference_config_loads_unchanged() -> None:
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
-@pytest.mark.skipif(not DOLPHIN_29.exists(), reason="shared/reference is not beside this checkout")
 def test_shipped_llama3_config_differs_from_reference_only_in_dataset_paths() -> None:
     ours = yaml.safe_load((REPO / "configs/llama3-8b.yml").read_text())
     ref = yaml.safe_load(DOLPHIN_29.read_text())

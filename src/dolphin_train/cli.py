@@ -133,11 +133,14 @@ def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if not is_main_process():
         level = logging.WARNING
-    handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
+    if terminal.bars_wanted():
+        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
+    else:  # a log file: one plain line per message, never wrapped or padded to a terminal's width
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     # Libraries log their warnings at import and along the way (optional kernels missing, deprecations):
     # only errors reach the console unless -v asks for more.
-    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(message)s",
-                        handlers=[handler], force=True)  # fmt: skip
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
     logging.getLogger("dolphin_train").setLevel(level)
     if not verbose:
         # torch's own handler prints the deprecation notices libraries trigger at import (torchao's

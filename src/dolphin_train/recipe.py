@@ -24,7 +24,7 @@ from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.arguments import use_liger
-from dolphin_train.train.control import StopOnNonFiniteLoss, StopOnSignal, resolve_resume
+from dolphin_train.train.control import StopOnNonFiniteLoss, StopOnSignal, checkpoint_step, resolve_resume
 from dolphin_train.train.environment import set_up_process_environment
 from dolphin_train.train.outputs import (
     RecordConfigInTrackers,
@@ -67,7 +67,12 @@ def paths_missing_here(cfg: Config) -> list[str]:
 
 
 def make_trainer(
-    cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows, schedule: TrainingSchedule
+    cfg: Config,
+    runtime: RuntimeSettings,
+    tok: LoadedTokenizer,
+    rows: TrainingRows,
+    schedule: TrainingSchedule,
+    resuming: bool = False,
 ) -> Any:
     from dolphin_train.model.load import load_model
     from dolphin_train.train.arguments import build_training_arguments
@@ -77,7 +82,7 @@ def make_trainer(
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
     # its weights are partitioned as they load.
     args = build_training_arguments(cfg, runtime, schedule)
-    model = load_model(cfg, runtime, tok)
+    model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
@@ -190,6 +195,7 @@ class Run:
     rows: TrainingRows
     schedule: TrainingSchedule
     trainer: Any
+    resume_from: str | None = None  # the checkpoint this run continues from
     memory_before_model_mb: float = 0.0
     planned_peak_mb: float | None = None  # the plan's peak allocated memory per GPU (GPU runs only)
 
@@ -204,9 +210,13 @@ def set_up_run(cfg: Config) -> Run:
     rows = build_training_rows(cfg, prepared)
     schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
+    resume = resolve_resume(cfg)
+    if resume:
+        step = checkpoint_step(resume)
+        log.info("Resuming from %s: %d of %d steps done", resume, step, schedule.total_steps)
     before_model = memory_before_model_mb()
-    trainer = make_trainer(cfg, runtime, tok, rows, schedule)
-    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model, planned)
+    trainer = make_trainer(cfg, runtime, tok, rows, schedule, resuming=resume is not None)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned)
 
 
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
@@ -231,13 +241,12 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     if is_main:
         save_config_snapshot(cfg.output_dir, settings, identity)
     trainer.add_callback(RecordConfigInTrackers(settings, identity))
-    resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)
     if cfg.stop_on_nan_loss:
         trainer.add_callback(non_finite)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=run.resume_from)
     elapsed = time.monotonic() - started
     if non_finite.bad_step is not None:
         raise DolphinError(

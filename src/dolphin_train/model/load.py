@@ -89,7 +89,11 @@ def _gathered(params: list[Any]) -> Any:
     return contextlib.nullcontext()
 
 
-def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Any:
+def load_model(
+    cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, weights_from_checkpoint: bool = False
+) -> Any:
+    """The model ready to train. `weights_from_checkpoint`: a resumed run, whose weights the Trainer then
+    loads from the checkpoint (only said in the log)."""
     import torch
 
     config = load_model_config(cfg)
@@ -103,7 +107,10 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
     if cfg.train_from_scratch:
         torch.manual_seed(cfg.seed)
         model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
-        log.info("Initialised %s from scratch", type(model).__name__)
+        if weights_from_checkpoint:
+            log.info("Built %s; its weights come from the checkpoint", type(model).__name__)
+        else:
+            log.info("Initialised %s from scratch", type(model).__name__)
     else:
         try:
             model = cls.from_pretrained(

@@ -31,6 +31,11 @@ def checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
+
+
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     out = Path(output_dir)
     if not out.is_dir():
