@@ -45,15 +45,16 @@ def _logged_steps(stdout: str) -> dict[int, tuple[float, float]]:
 
 
 def _run_until_step(proc: subprocess.Popen, step: int, timeout: float = 300) -> list[str]:
-    """Read the run's output until it logs `step`; the lines read so far."""
+    """Read the run's output until it logs `step` (torchrun's --tee prefixes each line with its rank); the
+    lines read so far."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
         lines.append(line)
-        if (m := TRAINING_LINE.match(line)) and int(m.group(1)) >= step:
+        if (m := TRAINING_LINE.match(re.sub(r"^\[default\d\]:", "", line))) and int(m.group(1)) >= step:
             return lines
         assert time.monotonic() < deadline, "the run did not reach the step in time"
-    raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
+    raise AssertionError(f"the run ended before step {step}: {''.join(lines)[-3000:]}")
 
 
 def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -134,6 +135,61 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     last = latest_complete_checkpoint(out)
     assert last is not None and 2 <= int(last.name.split("-")[1]) < 400
     assert str(last) in stdout.replace("\n", "")  # the message names the checkpoint it saved
+
+
+def _worker_pids(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started: its children, each with RANK in its environment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for proc_dir in Path("/proc").iterdir():
+            try:
+                parent = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (proc_dir / "environ").read_bytes().split(b"\0") if parent == launcher.pid else []
+            except (OSError, ValueError, IndexError):
+                continue
+            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+            if b"RANK" in env:
+                found[int(env[b"RANK"])] = int(proc_dir.name)
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("torchrun's workers not found")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    """A signal reaching one rank only (as a scheduler may deliver it): every rank stops after the same
+    step, the checkpoint is saved, and the job ends cleanly."""
+    config = _config(tmp_path, "two", max_steps=400, save_steps=1000, micro_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3", "-m",
+           "dolphin_train", str(config)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)  # fmt: skip
+    _run_until_step(launcher, 3)  # both ranks are training
+    os.kill(_worker_pids(launcher)[1], signal.SIGTERM)  # rank 1 only
+    output = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    stops = {int(r): int(s) for r, s in re.findall(r"\[default(\d)\]:.*Stopping at step (\d+)", output)}
+    assert set(stops) == {0, 1} and stops[0] == stops[1] < 400
+    last = latest_complete_checkpoint(tmp_path / "two/out")
+    assert last is not None and last.name == f"checkpoint-{stops[0]}"
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """The first Ctrl-C asks for a checkpoint after the current step; a second one stops without it."""
+    config = _config(tmp_path, "twice", max_steps=400, save_steps=1000, micro_batch_size=16, sequence_len=512)
+    proc = _start(config)
+    _run_until_step(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # wait for the first signal to be taken, then send the second one mid-step
+        if "Received SIGINT" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert latest_complete_checkpoint(tmp_path / "twice/out") is None  # no checkpoint was saved after all
 
 
 def test_incomplete_checkpoint_is_never_the_latest(tmp_path: Path) -> None:

@@ -130,9 +130,8 @@ def setup_logging(verbose: bool) -> None:
     if not verbose and not terminal.bars_wanted():
         # No terminal to redraw them: the hub's download bars would print a line per update.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    level = logging.DEBUG if verbose else logging.INFO
-    if not is_main_process():
-        level = logging.WARNING
+    # Other ranks repeat what rank 0 says: only their warnings, unless -v (then each rank logs all).
+    level = logging.DEBUG if verbose else logging.INFO if is_main_process() else logging.WARNING
     if terminal.bars_wanted():
         handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
     else:  # a log file: one plain line per message, never wrapped or padded to a terminal's width

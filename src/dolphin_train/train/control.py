@@ -109,6 +109,8 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._any_process_received():
             self.received = self.received or signal.SIGTERM
+            # Said by every process (a warning passes the other ranks' log filter): they stop together.
+            log.warning("Stopping at step %d: saving a checkpoint", state.global_step)
             control.should_save = True
             control.should_training_stop = True
         return control
