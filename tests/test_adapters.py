@@ -48,15 +48,35 @@ def _adapter_keys(out: Path) -> list[str]:
         return list(f.keys())
 
 
-def test_lora_trains_adapter_and_new_token_embeddings(tmp_path: Path, base_dir: Path) -> None:
-    # With the chunked loss the head is swapped during training: a checkpoint saved then has the same keys.
-    _train(tmp_path, base_dir, adapter="lora", lora_r=4, learning_rate=1e-3, chunked_cross_entropy=True, save_steps=2)
+def test_lora_trains_adapter_and_only_the_new_tokens_rows(tmp_path: Path, base_dir: Path) -> None:
+    """Two tokens added (the ChatML markers): besides LoRA, only their rows of the input embedding and of the
+    head train (2 x 192 values each here), not the 2,050 x 192 matrices. With the chunked loss the head is
+    swapped during training: a checkpoint saved then has the same keys."""
+    from safetensors.torch import load_file
+
+    from dolphin_train.recipe import set_up_run
+
+    keys = {"adapter": "lora", "lora_r": 4, "learning_rate": 1e-3, "chunked_cross_entropy": True, "save_steps": 2}
+    cfg = tiny_config(tmp_path / "setup", _data(tmp_path), base_model=str(base_dir), train_from_scratch=False, **keys)
+    trained = {n: tuple(p.shape) for n, p in set_up_run(validate_mapping(cfg)).trainer.model.named_parameters()
+               if p.requires_grad and "lora_" not in n}  # fmt: skip
+    assert sorted(trained.values()) == [(2, 192), (2, 192)] and all("trainable_tokens_delta" in n for n in trained)
+    _train(tmp_path, base_dir, **keys)
     out = tmp_path / "out"
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
-    keys = _adapter_keys(out)
-    assert any("lora_A" in k for k in keys) and any("embed_tokens" in k for k in keys)
-    assert any("lm_head" in k for k in keys) and _adapter_keys(out / "checkpoint-2") == keys
+    assert config["r"] == 4 and not config["modules_to_save"]
+    assert config["trainable_token_indices"] == {"embed_tokens": [2048, 2049], "lm_head": [2048, 2049]}
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert {tuple(v.shape) for k, v in saved.items() if "trainable_tokens_delta" in k} == {(2, 192)}
+    assert any("lora_A" in k for k in saved) and _adapter_keys(out / "checkpoint-2") == list(saved)
+
+
+def test_embeddings_named_in_modules_to_save_train_in_full(tmp_path: Path, base_dir: Path) -> None:
+    _train(tmp_path, base_dir, adapter="lora", lora_r=4, lora_modules_to_save=["embed_tokens", "lm_head"])
+    config = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"] and not config["trainable_token_indices"]
+    keys = _adapter_keys(tmp_path / "out")
+    assert any("embed_tokens" in k for k in keys) and any("lm_head" in k for k in keys)
 
 
 def test_the_same_adapter_config_trains_the_same_adapter(tmp_path: Path, base_dir: Path) -> None:

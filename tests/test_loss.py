@@ -85,14 +85,56 @@ def test_chunked_loss_with_lora_and_a_head_trained_in_full() -> None:
     assert model(input_ids=ids).logits.shape == (2, 40, 1000)
 
 
-@pytest.mark.parametrize("adapter", [{"adapter": "lora"}, {"adapter": "qlora", "load_in_4bit": True}],
-                         ids=["LoRA", "QLoRA"])  # fmt: skip
+def test_chunked_loss_with_lora_and_trained_rows_of_new_tokens() -> None:
+    """With added tokens and no `lora_modules_to_save`, peft trains only the new tokens' rows of the input
+    embedding and the head: the chunked loss, which puts the trained rows' logits in place of the frozen
+    head's, gives the plain loss and gradients, and the saved keys do not change."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                         tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    rows = [997, 998, 999]
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": rows,
+                      "lm_head": rows})  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    for name, param in model.named_parameters():  # generic values: the rows differ from the frozen ones
+        if "lora_B" in name or "trainable_tokens_delta" in name:
+            torch.nn.init.normal_(param)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 1000, (2, 40))
+    ids[:, ::3] = 998  # the new tokens appear as inputs and as targets
+    labels = ids.clone()
+    labels[0, :10] = -100
+    plain = model(input_ids=ids, labels=labels).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head" in n and "trainable_tokens_delta" in n for n in expected)
+    model.zero_grad()
+    head = install_chunked_head(model)
+    assert head is not None and set(model.state_dict()) == keys
+    head.chunk_tokens = 9
+    with head.targets(labels):
+        loss = model(input_ids=ids).logits
+    loss.backward()
+    torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+    restore_head(model)
+    assert model(input_ids=ids).logits.shape == (2, 40, 1000) and set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("adapter", [{"adapter": "lora"}, {"adapter": "qlora", "load_in_4bit": True},
+                                     {"adapter": "lora", "lora_modules_to_save": ["embed_tokens", "lm_head"]}],
+                         ids=["LoRA", "QLoRA", "LoRA, embeddings in full"])  # fmt: skip
 def test_trainer_with_chunked_loss_and_an_adapter_gives_the_same_gradients(tmp_path: Path, adapter: dict) -> None:
     settings = {"micro_batch_size": 2, "lora_r": 8, "lora_dropout": 0.0, "train_from_scratch": False, **adapter}
     base = str(_saved_tiny_model(tmp_path))
     plain = _first_step_gradients(tmp_path / "a", base_model=base, chunked_cross_entropy=False, **settings)
     chunked = _first_step_gradients(tmp_path / "b", base_model=base, chunked_cross_entropy=True, **settings)
-    assert any("lm_head" in name for name in plain)  # the tokenizer adds tokens: the head trains in full
+    trained = "modules_to_save" if "lora_modules_to_save" in adapter else "trainable_tokens_delta"
+    assert any("lm_head" in name and trained in name for name in plain)  # the new tokens' rows of the head train
     _assert_same_gradients(plain, chunked)
 
 

@@ -130,14 +130,17 @@ def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any
 
 
 def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
-    from dolphin_train.train.throughput import ThroughputMeter, flops_per_token, peak_flops
+    """Tokens per second always; MFU where the GPU's bf16 peak is known."""
+    from dolphin_train.model.layers import decoder_layers
+    from dolphin_train.train.throughput import ThroughputMeter, model_flops, peak_flops
 
     if runtime.device != "cuda" or not runtime.bf16:
         return ThroughputMeter()
     import torch
 
+    checkpointed = len(decoder_layers(model)) if cfg.gradient_checkpointing else 0
     peak = peak_flops(torch.cuda.get_device_name())
-    return ThroughputMeter(flops_per_token(model, cfg.sequence_len), peak, runtime.world_size)
+    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size)
 
 
 def _finish_tracking(cfg: Config) -> None:

@@ -25,8 +25,9 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.model.adapters import compute_dtype
+from dolphin_train.model.layers import decoder_layers
 from dolphin_train.plan.skeleton import build_meta_model, make_computable_on_meta
-from dolphin_train.plan.trace import ActivationTrace, decoder_layers, trace_activations
+from dolphin_train.plan.trace import ActivationTrace, trace_activations
 from dolphin_train.train.arguments import deepspeed_config, fsdp_options, fsdp_settings, trainer_autocasts
 from dolphin_train.train.loss import chunk_tokens_for, use_chunked_cross_entropy
 

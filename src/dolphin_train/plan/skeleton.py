@@ -50,6 +50,11 @@ def _quantise_skeleton(model: Any, quantization: Any, dtype: Any) -> None:
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map=None)
     quantizer.postprocess_model(model)
+    # The swapped-in layers are built in float32; loading gives their biases the checkpoint's dtype.
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if is_quantised(getattr(module, "weight", None)) and bias is not None:
+            bias.data = bias.data.to(dtype)
 
 
 def is_quantised(param: Any) -> bool:

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch.overrides import TorchFunctionMode
 
+from dolphin_train.model.layers import decoder_layers
+
 TRACE_ATTENTION = "dolphin_plan_trace"
 
 
@@ -114,14 +116,6 @@ class _SavedTensorCounter:
         else:
             self.per_layer[self.layer] = self.per_layer.get(self.layer, 0) + storage.nbytes()
         return tensor
-
-
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The repeated blocks: the longest ModuleList in the model."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers")
-    return max(lists, key=len)
 
 
 def trace_activations(model: Any, batch: int, seq: int, autocast_dtype: torch.dtype | None) -> ActivationTrace:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
@@ -24,7 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from dolphin_train.config.schema import Config
 from dolphin_train.data.encode import IGNORE_INDEX
 
-LOGITS_PER_CHUNK = 2**26  # float32 logits of one chunk: 256 MiB, whatever the vocabulary
+# Logits of one chunk: 2^24 values, 64 MiB in float32 and some 230 MiB with their backward working memory
+# (128 positions of a 128k vocabulary). Smaller chunks hardly slow the GPU (each is still a large matrix
+# product) and are what lets 8B QLoRA stay under 8 GiB.
+LOGITS_PER_CHUNK = 2**24
 CHUNKED_LOSS_MIN_VOCAB = 65536  # the default turns the chunked loss on from this vocabulary size
 
 
@@ -40,7 +44,23 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(128, min(8192, LOGITS_PER_CHUNK // vocab_size))
 
 
-class ChunkedLossHead(torch.nn.Module):
+class _LossTargets:
+    """The labels a head computes the loss for, handed over for one forward pass (`with head.targets(...)`)."""
+
+    _labels: torch.Tensor | None = None
+    _num_items: Any = None
+    chunk_tokens: int | None = None
+
+    @contextmanager
+    def targets(self, labels: torch.Tensor, num_items_in_batch: Any = None) -> Iterator[None]:
+        self._labels, self._num_items = labels, num_items_in_batch
+        try:
+            yield
+        finally:
+            self._labels = self._num_items = None
+
+
+class ChunkedLossHead(_LossTargets, torch.nn.Module):
     """Stands in for the output projection during training. It holds the projection's weight and bias
     (same parameters, so state-dict keys and tying are unchanged). Within `targets(...)` its forward
     returns the chunked loss of the hidden states it is given; otherwise it returns logits as usual."""
@@ -51,16 +71,6 @@ class ChunkedLossHead(torch.nn.Module):
         self.bias = head.bias
         self.original = [head]  # a list, so the Linear is not registered twice as a submodule
         self.chunk_tokens = chunk_tokens
-        self._labels: torch.Tensor | None = None
-        self._num_items: Any = None
-
-    @contextmanager
-    def targets(self, labels: torch.Tensor, num_items_in_batch: Any = None) -> Iterator[None]:
-        self._labels, self._num_items = labels, num_items_in_batch
-        try:
-            yield
-        finally:
-            self._labels = self._num_items = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._labels is None:
@@ -69,9 +79,35 @@ class ChunkedLossHead(torch.nn.Module):
                                       self.chunk_tokens)  # fmt: skip
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+@cache
+def _token_rows_head_class() -> type:
+    """peft's trainable token rows over the output head, computing the chunked loss (a subclass, so that peft
+    still finds, saves and merges the rows where it put them)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    class ChunkedTokenRowsHead(_LossTargets, TrainableTokensLayer):
+        """The head's frozen weight with the trained rows of the added tokens in place of its own. Why not
+        peft's forward: it builds a whole merged copy of the head's weight (1 GiB for Llama-3-8B in bf16) and
+        keeps it for the backward pass; here each chunk's logits take the trained rows' columns instead."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self._labels is None or len(self.active_adapters) != 1:
+                return super().forward(x, *args, **kwargs)
+            name = self.active_adapters[0]
+            index = torch.tensor(self.token_indices[name], device=x.device)
+            rows = (index, self.trainable_tokens_delta[name])
+            return chunked_causal_lm_loss(x, self.base_layer.weight, None, self._labels, self._num_items,
+                                          self.chunk_tokens, rows=rows)  # fmt: skip
+
+    return ChunkedTokenRowsHead
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                row_index: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if rows is not None:  # trained rows of added tokens replace those rows of the frozen weight
+        logits = logits.index_copy(-1, row_index, torch.nn.functional.linear(hidden, rows.to(hidden.dtype)))
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 def chunked_causal_lm_loss(
@@ -81,8 +117,10 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy from hidden states (batch, seq, d): position i predicts label i+1."""
+    """Next-token cross-entropy from hidden states (batch, seq, d): position i predicts label i+1. `rows`:
+    (indices, trained rows) that replace those rows of `weight` (the added tokens of a frozen head)."""
     targets = labels[..., 1:].reshape(-1)
     states = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])
     keep = torch.nonzero(targets != IGNORE_INDEX, as_tuple=False).flatten()
@@ -91,7 +129,8 @@ def chunked_causal_lm_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, states[part], weight, bias, targets[part], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, states[part], weight, bias, targets[part], *(rows or ()),
+                                   use_reentrant=False)  # fmt: skip
     denominator = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
@@ -105,30 +144,39 @@ def loss_from_head(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any =
     return outputs.logits
 
 
-def _modules_to_save_wrapper(module: Any) -> Any | None:
-    """peft's wrapper of a layer trained in full next to an adapter (the output head when tokens were added)."""
+def _peft_wrapper(module: Any, kind: str) -> Any | None:
+    """peft's wrapper of a layer trained next to an adapter: `ModulesToSaveWrapper` (a trained copy) or
+    `TrainableTokensWrapper` (trained rows of added tokens)."""
     try:
-        from peft.utils import ModulesToSaveWrapper
+        from peft.utils import other
     except ImportError:
         return None
-    return module if isinstance(module, ModulesToSaveWrapper) else None
+    return module if isinstance(module, getattr(other, kind)) else None
 
 
-def install_chunked_head(model: Any) -> ChunkedLossHead | None:
-    """Swap the output head for a ChunkedLossHead; None (and nothing changed) when the head is not a plain
-    projection (a LoRA-adapted head) or the model transforms its logits (Gemma's soft-capping). With an
-    adapter and added tokens the head is peft's wrapper around a trained copy: the copy is the one
-    replaced, so peft still finds, trains and saves it under the same keys."""
+def install_chunked_head(model: Any) -> Any | None:
+    """Swap the output head for one that computes the chunked loss; None (and nothing changed) when the
+    head is not a plain projection (a LoRA-adapted head) or the model transforms its logits (Gemma's
+    soft-capping). With an adapter and added tokens the head is peft's wrapper, around a trained copy or
+    around the frozen head with trained rows: what the wrapper holds is replaced, so peft still finds,
+    trains and saves it under the same keys."""
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
         return None
     head = model.get_output_embeddings()
-    wrapper = _modules_to_save_wrapper(head)
-    if wrapper is not None:
-        name = wrapper.active_adapters[0]
-        if type(wrapper.modules_to_save[name]) is not torch.nn.Linear:
+    if (copies := _peft_wrapper(head, "ModulesToSaveWrapper")) is not None:
+        name = copies.active_adapters[0]
+        if type(copies.modules_to_save[name]) is not torch.nn.Linear:
             return None
-        replacement = ChunkedLossHead(wrapper.modules_to_save[name])
-        wrapper.modules_to_save[name] = replacement
+        replacement = ChunkedLossHead(copies.modules_to_save[name])
+        copies.modules_to_save[name] = replacement
+        return replacement
+    if (token_rows := _peft_wrapper(head, "TrainableTokensWrapper")) is not None:
+        layer = token_rows.token_adapter
+        if type(layer.base_layer) is not torch.nn.Linear or layer.base_layer.bias is not None:
+            return None
+        replacement = object.__new__(_token_rows_head_class())  # the same layer, with our forward
+        replacement.__dict__.update(layer.__dict__, original=[layer])
+        token_rows.token_adapter = replacement
         return replacement
     if type(head) is not torch.nn.Linear:
         return None
@@ -139,10 +187,12 @@ def install_chunked_head(model: Any) -> ChunkedLossHead | None:
 
 def restore_head(model: Any) -> None:
     head = model.get_output_embeddings()
-    wrapper = _modules_to_save_wrapper(head)
-    if wrapper is not None:
-        for name, module in wrapper.modules_to_save.items():
+    if (copies := _peft_wrapper(head, "ModulesToSaveWrapper")) is not None:
+        for name, module in copies.modules_to_save.items():
             if isinstance(module, ChunkedLossHead):
-                wrapper.modules_to_save[name] = module.original[0]
+                copies.modules_to_save[name] = module.original[0]
+    elif (token_rows := _peft_wrapper(head, "TrainableTokensWrapper")) is not None:
+        if isinstance(token_rows.token_adapter, _LossTargets):
+            token_rows.token_adapter = token_rows.token_adapter.original[0]
     elif isinstance(head, ChunkedLossHead):
         model.set_output_embeddings(head.original[0])

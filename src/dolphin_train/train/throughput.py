@@ -1,15 +1,30 @@
 """Throughput in the training logs: trained tokens per second over each logging interval and, on CUDA,
-model FLOPs utilisation (MFU), on the console and in wandb alike. The Trainer adds these figures to each
-training log itself (`DolphinTrainer.log`), before any callback reads the log."""
+model FLOPs utilisation (MFU) and, where checkpointing recomputes, hardware FLOPs utilisation (HFU), on
+the console and in wandb alike. The Trainer counts each micro-batch's FLOPs before running it and adds
+these figures to each training log itself (`DolphinTrainer.log`), before any callback reads the log.
+
+FLOPs are counted from what each batch really holds (README, "Throughput"):
+- dense: 6 per trained parameter and 4 per frozen one (forward, and the gradient of the activations;
+  weight gradients only for trained weights), per non-padding token; the input embedding is a lookup;
+- attention: each conversation of n tokens attends causally, n²/2 query-key pairs per layer, 4·d FLOPs
+  each forward (scores and weighted values, d = heads x head dimension), 3 times that with the backward:
+  6·L·d·n² per conversation, so a packed row of short conversations costs far less than one long one;
+- recomputation (checkpointing) is hardware work, not model work: one more forward of every checkpointed
+  layer, counted in HFU only.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
+from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.model.adapters import parameter_count
+from dolphin_train.model.layers import decoder_layers
 
 # Dense bf16 peak of common training GPUs, in FLOP/s (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -26,46 +41,111 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
-def flops_per_token(model: Any, sequence_len: int) -> float:
-    """6N + 12·L·d·T for full fine-tuning (N: parameters in matrix products, so the input embedding is
-    left out unless tied to the output; L layers, d hidden size, T tokens attended); frozen weights
-    cost 4N instead of 6N (no weight gradients)."""
+@dataclass(frozen=True)
+class ModelFlops:
+    """The model's shape as FLOP counting needs it."""
+
+    trained: int  # parameters in matrix products that train
+    frozen: int  # parameters in matrix products that do not
+    layer_params: int  # parameters of all decoder layers (recomputed under checkpointing)
+    layers: int
+    attention_width: int  # query heads x head dimension
+    checkpointed_layers: int = 0
+
+    def of_batch(self, tokens: int, sum_of_squares: int) -> tuple[float, float]:
+        """(model FLOPs, hardware FLOPs) of one micro-batch: `tokens` non-padding tokens, `sum_of_squares`
+        the sum over its conversations of their length squared."""
+        dense = (6 * self.trained + 4 * self.frozen) * tokens
+        attention = 6 * self.layers * self.attention_width * sum_of_squares
+        share = self.checkpointed_layers / max(1, self.layers)
+        recompute = share * (2 * self.layer_params * tokens + 2 * self.layers * self.attention_width * sum_of_squares)
+        return dense + attention, dense + attention + recompute
+
+
+def model_flops(model: Any, checkpointed_layers: int = 0) -> ModelFlops:
     embedding = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
-    trainable = frozen = 0
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embedding
+    trained = frozen = 0
     for p in model.parameters():
         if p is embedding and not tied:
-            continue
+            continue  # a lookup, no matrix product
         if p.requires_grad:
-            trainable += parameter_count(p)
+            trained += parameter_count(p)
         else:
             frozen += parameter_count(p)
     config = model.config
-    attention = 12 * config.num_hidden_layers * config.hidden_size * sequence_len
-    return 6 * trainable + 4 * frozen + attention
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = decoder_layers(model)
+    layer_params = sum(parameter_count(p) for p in layers.parameters())
+    return ModelFlops(trained, frozen, layer_params, len(layers), heads * head_dim, checkpointed_layers)
+
+
+def conversation_lengths(position_ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(non-padding tokens, sum of each conversation's length squared) of a batch. Conversations start where
+    the position ids restart; a segment with no trained token is padding (every real conversation has
+    one: rows without are dropped when the data is prepared)."""
+    flat = position_ids.reshape(-1).cpu()
+    trained = labels.reshape(-1).cpu() != IGNORE_INDEX
+    row_len = position_ids.shape[-1]
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::row_len] = True
+    segment = torch.cumsum(starts, 0) - 1
+    lengths = torch.bincount(segment)
+    real = torch.bincount(segment, weights=trained.float()) > 0
+    kept = lengths[real]
+    return int(kept.sum()), int((kept * kept).sum())
 
 
 class ThroughputMeter(TrainerCallback):
     """Measures each logging interval. A callback only to learn when training starts (or resumes)."""
 
-    def __init__(self, flops_per_token: float | None = None, peak: float | None = None, world_size: int = 1):
-        self.flops_per_token = flops_per_token
+    def __init__(self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1):
+        self.flops = flops
         self.peak = peak
         self.world_size = world_size
         self._time = time.perf_counter()
         self._tokens = 0
+        self._model_flops = self._hardware_flops = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+        self._model_flops = self._hardware_flops = 0.0
+
+    def count_batch(self, inputs: dict[str, Any]) -> None:
+        """This process's micro-batch, before it runs (CPU tensors: no device synchronisation)."""
+        if self.flops is None or "position_ids" not in inputs:
+            return
+        tokens, squares = conversation_lengths(inputs["position_ids"], inputs["labels"])
+        model, hardware = self.flops.of_batch(tokens, squares)
+        self._model_flops += model
+        self._hardware_flops += hardware
+
+    def _flops_of_all_processes(self) -> tuple[float, float]:
+        import torch.distributed as dist
+
+        found = torch.tensor([self._model_flops, self._hardware_flops], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                found = found.cuda()
+            dist.all_reduce(found)
+        return float(found[0]), float(found[1])
 
     def figures(self, state: Any) -> dict[str, float]:
-        """tokens_per_second (and mfu) since the previous training log."""
+        """tokens_per_second (and mfu, hfu) since the previous training log. Every process calls this at each
+        training log (the FLOPs are summed over them)."""
         now, tokens = time.perf_counter(), state.num_input_tokens_seen  # tokens: all processes, no padding
         seconds, new_tokens = now - self._time, tokens - self._tokens
         self._time, self._tokens = now, tokens
+        model, hardware = self._flops_of_all_processes() if self.flops and self.peak else (0.0, 0.0)
+        self._model_flops = self._hardware_flops = 0.0
         if seconds <= 0 or new_tokens <= 0:
             return {}
         found: dict[str, float] = {"tokens_per_second": round(new_tokens / seconds)}
-        if self.flops_per_token and self.peak:
-            found["mfu"] = round(new_tokens * self.flops_per_token / seconds / (self.peak * self.world_size), 4)
+        if self.flops and self.peak:
+            found["mfu"] = round(model / seconds / (self.peak * self.world_size), 4)
+            if hardware > model:
+                found["hfu"] = round(hardware / seconds / (self.peak * self.world_size), 4)
         return found

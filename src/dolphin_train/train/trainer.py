@@ -44,8 +44,9 @@ class LossTally:
 
 
 class DolphinTrainer(Trainer):
-    """transformers.Trainer with three of the methods its documentation invites subclasses to override:
-    `compute_loss`, `evaluation_loop` and `log` (which adds the throughput figures to each training log)."""
+    """transformers.Trainer with methods its documentation invites subclasses to override: `compute_loss`,
+    `evaluation_loop`, `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the
+    throughput figures to each training log)."""
 
     _eval_tally: LossTally | None = None
 
@@ -63,6 +64,11 @@ class DolphinTrainer(Trainer):
         self.throughput = throughput
         if throughput is not None:
             self.add_callback(throughput)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        if self.throughput is not None:
+            self.throughput.count_batch(inputs)  # what this micro-batch really computes, for MFU
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.throughput is not None and "loss" in logs:
