@@ -97,26 +97,31 @@ class ConversationEncoder:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         columns = ("kind", "roles", "contents", "train", "train_end")
         rows = zip(*(batch[c] for c in columns), strict=True)
-        rendered = [self.render(dict(zip(columns, row, strict=True))) for row in rows]
+        canonical = [dict(zip(columns, row, strict=True)) for row in rows]
+        rendered = [self.render(row) for row in canonical]
+        # Plain text starts with BOS where the tokenizer adds one; a Jinja chat template writes its own.
+        bos = [row["kind"] == COMPLETION or not self.template.writes_bos for row in canonical]
         texts = [r.text for r in rendered]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "trainable": [], "status": []}
         if self.fast is not None:
             # Offsets in UTF-8 bytes, from each token's byte length: no per-token Python objects.
-            for ids, r in zip(self.fast.encode_arrays(texts), rendered, strict=True):
+            for ids, r, b in zip(self.fast.encode_arrays(texts), rendered, bos, strict=True):
                 offsets = byte_offsets(ids, self.fast.token_bytes)
                 spans = spans_to_bytes(r.text, r.trained_spans)
                 size = len(r.text) if r.text.isascii() else len(r.text.encode("utf-8"))
-                self._encode_one(ids, trained_token_mask(offsets, spans, size), r.text, out)
+                self._encode_one(ids, trained_token_mask(offsets, spans, size), r.text, b, out)
             return out
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
+        for ids, offsets, r, b in zip(enc["input_ids"], enc["offset_mapping"], rendered, bos, strict=True):
             offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
             trained = trained_token_mask(offsets, r.trained_spans, len(r.text))
-            self._encode_one(np.asarray(ids, dtype=np.int64), trained, r.text, out)
+            self._encode_one(np.asarray(ids, dtype=np.int64), trained, r.text, b, out)
         return out
 
-    def _encode_one(self, ids: np.ndarray, trained: np.ndarray, text: str, out: dict[str, list[Any]]) -> None:
-        if self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
+    def _encode_one(
+        self, ids: np.ndarray, trained: np.ndarray, text: str, add_bos: bool, out: dict[str, list[Any]]
+    ) -> None:
+        if add_bos and self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
             ids = np.concatenate(([self.bos_id], ids))
             trained = np.concatenate(([False], trained))
         # Position 0 is never a prediction target (the loss shifts labels); masking it explicitly also keeps

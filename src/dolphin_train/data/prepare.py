@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from dolphin_train.config.schema import Config
+from dolphin_train.config.schema import FALLBACK_PREFIX, Config
 from dolphin_train.data.canonical import load_canonical
 from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
 from dolphin_train.data.fast_bpe import FastBPE
+from dolphin_train.data.named_templates import NAMED_TEMPLATES, end_tokens_for
 from dolphin_train.data.report import PreparationReport
 from dolphin_train.data.sources import Source, resolve_source, sources_fingerprint
-from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
+from dolphin_train.data.templates import CHATML_TEMPLATE, ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
     token_keys = {
         "version": PREPARED_FORMAT_VERSION,
         "datasets": [d.model_dump(exclude={"path"}) for d in cfg.datasets],
-        "chat_template": cfg.chat_template,
+        "chat_template": cfg.template_name,
+        "eot_tokens": cfg.eot_tokens,
         "default_system_message": cfg.default_system_message,
         "skip_invalid_rows": cfg.skip_invalid_rows,
         "shuffle_merged_datasets": cfg.shuffle_merged_datasets,
@@ -108,12 +110,23 @@ def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canoni
 
 
 def _template(cfg: Config, tokenizer: Any) -> Template:
-    if cfg.chat_template == "tokenizer_default":
-        try:
-            return TokenizerTemplate(tokenizer)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-    return ChatMLTemplate()
+    """ChatML, or the Jinja template `load_tokenizer` left on the tokenizer (a named one, or its own)."""
+    name = cfg.template_name.removeprefix(FALLBACK_PREFIX)
+    if cfg.template_name == "chatml" or (name == "chatml" and tokenizer.chat_template in (None, CHATML_TEMPLATE)):
+        return ChatMLTemplate()
+    if not getattr(tokenizer, "chat_template", None):
+        because = "" if cfg.chat_template else " (the default for `type: chat_template` rows, as in axolotl)"
+        raise DataError(
+            f"chat_template: {cfg.template_name}{because}, but the tokenizer has no chat template: set "
+            "chat_template to chatml or to a model family's format (e.g. llama3)"
+        )
+    named = NAMED_TEMPLATES.get(name)
+    uses_named = named is not None and tokenizer.chat_template == named.jinja
+    end_tokens = cfg.eot_tokens or (end_tokens_for(name, tokenizer.eos_token) if uses_named else None)
+    for token in end_tokens or []:
+        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+            raise DataError(f"eot_tokens: {token!r} is not a single token of this tokenizer; add it under `tokens:`")
+    return TokenizerTemplate(tokenizer, end_tokens)
 
 
 def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:

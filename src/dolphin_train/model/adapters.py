@@ -75,11 +75,13 @@ def lora_config(cfg: Config, model: Any, saved: list[str] | None) -> Any:
     """The PEFT LoRA settings from the config (also used by `plan` on a meta-device model)."""
     from peft import LoraConfig
 
+    # As in axolotl, `lora_target_linear` adds every linear layer to the named modules: the union is all of them.
+    every_linear = cfg.lora_target_linear or not cfg.lora_target_modules
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules or "all-linear",
+        target_modules="all-linear" if every_linear else cfg.lora_target_modules,
         modules_to_save=saved,
         # Tied input and output embeddings (Llama-3.2-1B, Qwen2.5 small) trained in full stay one matrix:
         # two copies would train apart, and the merged model would lose one of them.
