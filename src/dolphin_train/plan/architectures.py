@@ -62,10 +62,13 @@ def known_architecture(model_id: str) -> dict[str, Any] | None:
     return KNOWN_ARCHITECTURES.get(_key(model_id))
 
 
-def rows_after_added_tokens(config: Any, added: int) -> int:
-    """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand."""
-    tokens = KNOWN_TOKENIZER_SIZES.get(config.model_type, int(config.vocab_size))
-    return max(int(config.vocab_size), tokens + added)
+def rows_after_added_tokens(config: Any, added: int, to_32x: bool = False) -> int:
+    """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand (a grown matrix
+    rounded up to a multiple of 32 with `resize_token_embeddings_to_32x`, as `model/load.py` grows it)."""
+    from dolphin_train.model.load import embedding_rows
+
+    rows = int(config.vocab_size)
+    return embedding_rows(rows, KNOWN_TOKENIZER_SIZES.get(config.model_type, rows) + added, to_32x)
 
 
 def model_config_for_plan(cfg: Config) -> tuple[Any, str]:

@@ -149,6 +149,8 @@ def _state_bytes(cfg: Config, param: Any, param_bytes: int, sharding: Sharding, 
         # DeepSpeed steps the optimizer on its float32 master copy: states are sized from float32.
         param_bytes = param.numel() * 4
     name = cfg.optimizer
+    if name == "adamw_torch_4bit":  # torchao: two 4-bit states, a float32 scale per 128 values; float32 under 4096
+        return int(param.numel() * 2 * (0.5 + 4 / 128)) if param.numel() >= 4096 else param.numel() * 8
     if name == "adafactor":
         return (sum(param.shape[-2:]) if param.dim() >= 2 else param.numel()) * 4
     if name in STATE_BYTES:
@@ -255,6 +257,8 @@ def _model_dtype(cfg: Config, precision: Precision) -> Any:
     DeepSpeed (autocast does the 16-bit compute), the compute dtype otherwise."""
     import torch
 
+    if cfg.bfloat16:
+        return torch.bfloat16
     if cfg.adapter or cfg.deepspeed:
         return precision.torch_dtype
     return torch.float32
@@ -282,6 +286,9 @@ def build_meta_model(cfg: Config, model_config: Any, vocab_rows: int, new_tokens
     model.train()
     if cfg.adapter:
         model = _with_meta_adapter(cfg, model, new_tokens)
+    from dolphin_train.model.load import freeze_except
+
+    freeze_except(cfg, model)
     return model
 
 

@@ -91,10 +91,14 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
         tokenizer, new_ids, note = loaded.tokenizer, loaded.new_token_ids, "the run's tokenizer"
     else:
         tokenizer, new_ids, note = _local_tokenizer(cfg)
+    from dolphin_train.model.load import embedding_rows
+
     if tokenizer is not None:
-        rows, new = max(int(config.vocab_size), len(tokenizer)), bool(new_ids)
+        rows = embedding_rows(int(config.vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
+        new = bool(new_ids)
     else:
-        rows, new = rows_after_added_tokens(config, len(cfg.tokens)), bool(cfg.tokens)
+        rows = rows_after_added_tokens(config, len(cfg.tokens), cfg.resize_token_embeddings_to_32x)
+        new = bool(cfg.tokens)
     return ModelFacts(config, source, rows, new, tokenizer, note)
 
 

@@ -97,3 +97,25 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self.bad_step = state.global_step
             control.should_training_stop = True
         return control
+
+
+class LossWatchdog(TrainerCallback):
+    """`loss_watchdog_threshold`: a logged training loss above the threshold for `patience` logs in a row means
+    learning has broken down (a diverging run rarely recovers); stop and name the step, like a NaN loss does."""
+
+    def __init__(self, threshold: float, patience: int) -> None:
+        self.threshold = threshold
+        self.patience = patience
+        self.high_in_a_row = 0
+        self.bad_step: int | None = None
+        self.last_loss: float | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return control
+        self.high_in_a_row = self.high_in_a_row + 1 if float(loss) > self.threshold else 0
+        if self.high_in_a_row >= self.patience:
+            self.bad_step, self.last_loss = state.global_step, float(loss)
+            control.should_training_stop = True
+        return control
