@@ -343,6 +343,19 @@ def ours(work: Path, name: str) -> list[tuple[list[int], list[int]]]:
     return [(list(map(int, r["input_ids"])), list(map(int, r["labels"]))) for r in prepared.train]
 
 
+def fixture_rows(where: Path, theirs: list[dict], shape: dict, k: int = 3) -> dict:
+    """A few conversations (the most varied: tool turns, a system turn, many turns) with axolotl's rows."""
+    conversations = [json.loads(line)["messages"] for line in (where / "data.jsonl").read_text().splitlines()]
+
+    def variety(i: int) -> tuple:
+        roles = [m["role"] for m in conversations[i]]
+        return ("tool" in roles, "system" in roles, -abs(len(roles) - 6), -len(theirs[i]["input_ids"]))
+
+    chosen = sorted(sorted(range(len(theirs)), key=variety, reverse=True)[:k])
+    rows = [{"messages": conversations[i], **theirs[i]} for i in chosen]
+    return {"template": shape.get("template"), "tokens": shape["tokens"], "rows": rows}
+
+
 def compare(name: str, mine: list, theirs: list) -> dict:
     same_ids = sum(a[0] == b[0] for a, b in zip(mine, theirs, strict=False))
     same_labels = sum(a[0] == b[0] and a[1] == b[1] for a, b in zip(mine, theirs, strict=False))
@@ -359,6 +372,9 @@ def main() -> int:
     parser.add_argument("--axolotl-python", default="/tmp/axolotl-venv/bin/python")
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fixture", help="also write axolotl's rows for a few conversations per template (tests/ checks them)"
+    )
     args = parser.parse_args()
     import datasets
     import yaml
@@ -390,10 +406,13 @@ def main() -> int:
         print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
         sys.exit("axolotl failed")
     print(f"axolotl: {time.perf_counter() - started:.0f} s for {len(names)} templates", file=sys.stderr)
-    results = []
+    results, fixture = [], {}
     for name, (_, rows_path) in zip(names, jobs, strict=True):
         theirs = [json.loads(line) for line in Path(rows_path).read_text().splitlines()]
         results.append(compare(name, ours(work, name), [(r["input_ids"], r["labels"]) for r in theirs]))
+        fixture[name] = fixture_rows(work / _dir(name), theirs, FORMATS[name])
+    if args.fixture:
+        Path(args.fixture).write_text(json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n")
     print("| template | rows (ours, axolotl) | tokens | trained tokens | identical input_ids | identical labels |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -49,8 +49,8 @@ def _problem_row(where: str, exc: RowProblem) -> dict[str, Any]:
     return {**_EMPTY, "status": ROW_INVALID, "where": where, "reason": exc.reason, "problem": str(exc)}
 
 
-def _good_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "status": ROW_OK, "where": "", "reason": "", "problem": ""}
+def _good_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    return {**row, "status": ROW_OK, "where": where, "reason": "", "problem": ""}
 
 
 class JsonlBatch:
@@ -75,7 +75,7 @@ def _converted(raw: RawRow, convert: RowConverter) -> dict[str, Any]:
     try:
         if raw.problem:
             raise RowProblem("invalid JSON", raw.problem)
-        return _good_row(convert(raw.value))
+        return _good_row(convert(raw.value), raw.where)
     except RowProblem as exc:
         return _problem_row(raw.where, exc)
 
@@ -91,7 +91,7 @@ def _is_jsonl(path: Path, source: Source) -> bool:
 
 @dataclass
 class CanonicalData:
-    dataset: Any  # canonical rows only (valid ones), columns CANONICAL_COLUMNS
+    dataset: Any  # canonical rows only (valid ones), columns CANONICAL_COLUMNS and `where` (file and line)
     rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path, blank lines excluded
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (where, reason, detail)
 
@@ -156,5 +156,6 @@ def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc:
         result.rows_read[source.config.path] = read
     if kept_parts:
         merged = datasets.concatenate_datasets(kept_parts)
-        result.dataset = merged.select_columns(list(CANONICAL_COLUMNS))
+        # `where` stays: a row the chat template rejects at tokenization is named by its file and line.
+        result.dataset = merged.select_columns([*CANONICAL_COLUMNS, "where"])
     return result

@@ -18,8 +18,9 @@ import numpy as np
 
 from dolphin_train.config.schema import FALLBACK_PREFIX, Config
 from dolphin_train.data.canonical import load_canonical
-from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
+from dolphin_train.data.encode import KEPT, NO_TRAINABLE, REJECTED, TOO_LONG, TRUNCATED, ConversationEncoder
 from dolphin_train.data.fast_bpe import FastBPE
+from dolphin_train.data.formats import RowProblem
 from dolphin_train.data.named_templates import NAMED_TEMPLATES, end_tokens_for
 from dolphin_train.data.report import PreparationReport
 from dolphin_train.data.sources import Source, resolve_source, sources_fingerprint
@@ -99,7 +100,14 @@ def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canoni
         log.info("Tokenizing with the Hugging Face tokenizer")
         return None
     sample = canonical.select(range(min(len(canonical), SAMPLE_FOR_FAST_CHECK)))
-    texts = [encoder.render(row).text for row in sample]
+    texts = []
+    for row in sample:
+        try:
+            texts.append(encoder.render(row).text)
+        except RowProblem:  # reported with the others after tokenization
+            continue
+    if not texts:
+        return None
     if not fast.agrees_with(tokenizer, texts):
         log.warning("The fast BPE engine disagrees with the Hugging Face tokenizer on this data: not using it")
         return None
@@ -109,7 +117,7 @@ def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canoni
     return fast
 
 
-def _template(cfg: Config, tokenizer: Any) -> Template:
+def template_for(cfg: Config, tokenizer: Any) -> Template:
     """ChatML, or the Jinja template `load_tokenizer` left on the tokenizer (a named one, or its own)."""
     name = cfg.template_name.removeprefix(FALLBACK_PREFIX)
     if cfg.template_name == "chatml" or (name == "chatml" and tokenizer.chat_template in (None, CHATML_TEMPLATE)):
@@ -151,7 +159,7 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         cfg.sequence_len,
         cfg.train_on_inputs,
         truncate=cfg.excess_length_strategy == "truncate",
-        template=_template(cfg, tokenizer),
+        template=template_for(cfg, tokenizer),
     )
     started = time.perf_counter()
     encoder.fast = _checked_fast_tokenizer(encoder, tokenizer, canonical)
@@ -171,13 +179,14 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     )
     log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
     status = np.asarray(tokenized["status"])
-    counts = np.bincount(status, minlength=4)
+    _template_rejections(cfg, canonical, tokenized, status, report)
+    counts = np.bincount(status, minlength=5)
     report.kept = int(counts[KEPT] + counts[TRUNCATED])
     report.truncated = int(counts[TRUNCATED])
     report.dropped_too_long = int(counts[TOO_LONG])
     report.dropped_no_trainable = int(counts[NO_TRAINABLE])
     keep = np.flatnonzero((status == KEPT) | (status == TRUNCATED))
-    kept = tokenized.select(keep).remove_columns(["status"])
+    kept = tokenized.select(keep).remove_columns(["status", "problem"])
     if len(kept) == 0:
         raise DataError(
             f"no row is left to train on: {report.dropped_too_long} longer than sequence_len "
@@ -188,6 +197,26 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     report.trainable_tokens = int(np.asarray(kept["trainable"]).sum())
     report.longest = int(lengths.max())
     return kept, report
+
+
+def _template_rejections(cfg: Config, canonical: Any, tokenized: Any, status: Any, report: PreparationReport) -> None:
+    """Rows the chat template cannot format (a system turn for Gemma, turns that do not alternate for
+    Mistral...): an error naming them, or with `skip_invalid_rows`, dropped and counted."""
+    rejected = np.flatnonzero(status == REJECTED)
+    if not len(rejected):
+        return
+    if cfg.skip_invalid_rows:
+        reason = "rejected by the chat template"
+        report.skipped_invalid[reason] = report.skipped_invalid.get(reason, 0) + len(rejected)
+        return
+    shown = rejected[:MAX_LISTED_PROBLEMS]
+    where, problem = canonical.select(shown)["where"], tokenized.select(shown)["problem"]
+    listed = "\n".join(f"  - {w}: {p}" for w, p in zip(where, problem, strict=True))
+    more = f"\n  ... and {len(rejected) - len(shown)} more" if len(rejected) > len(shown) else ""
+    raise DataError(
+        f"{len(rejected)} row(s) the chat template ({cfg.template_name}) cannot format (skip_invalid_rows: true "
+        f"drops them, counted):\n{listed}{more}"
+    )
 
 
 def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:

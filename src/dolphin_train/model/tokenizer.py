@@ -64,11 +64,12 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
         tokenizer.add_special_tokens(special)
     wanted = list(cfg.tokens)
     template = chosen_template(cfg, tokenizer)
-    missing = [t for t in template_markers(template) if t not in wanted and t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # built afresh at each call: once here
+    missing = [t for t in template_markers(template) if t not in wanted and t not in vocab]
     if missing:
         log.info("Adding tokens %s to the tokenizer (chat_template: %s)", ", ".join(missing), template)
         wanted += missing
-    new = [t for t in wanted if t not in tokenizer.get_vocab()]
+    new = [t for t in wanted if t not in vocab]
     if new:
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
     if tokenizer.pad_token is None:
