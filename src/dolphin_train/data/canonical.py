@@ -138,6 +138,15 @@ def _parts(cfg: Config, source: Source, work_dir: Path, num_proc: int | None) ->
     return parts
 
 
+def _label(source: Source) -> str:
+    """The dataset as the report names it: its path, and what selects within it (the same hub id or directory
+    may be listed twice, with different splits, configurations or files)."""
+    ds = source.config
+    parts = [f"{k}={v}" for k, v in (("name", ds.name), ("split", ds.split), ("data_files", ds.data_files))
+             if v is not None and not (k == "split" and v == "train")]  # fmt: skip
+    return f"{ds.path} ({', '.join(parts)})" if parts else ds.path
+
+
 def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc: int | None) -> CanonicalData:
     import datasets
 
@@ -153,7 +162,7 @@ def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc:
                 invalid = part.select(bad)
                 result.problems += list(zip(invalid["where"], invalid["reason"], invalid["problem"], strict=True))
             kept_parts.append(part.select(np.flatnonzero(status == ROW_OK)))
-        result.rows_read[source.config.path] = read
+        result.rows_read[_label(source)] = result.rows_read.get(_label(source), 0) + read
     if kept_parts:
         merged = datasets.concatenate_datasets(kept_parts)
         # `where` stays: a row the chat template rejects at tokenization is named by its file and line.

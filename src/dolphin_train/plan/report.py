@@ -72,9 +72,12 @@ class Plan:
 
 
 def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
-    """The tokenizer when it is on this machine (a directory); hub ids are not fetched for a plan."""
+    """The tokenizer when it is on this machine (a directory, or a hub id in the Hugging Face cache); hub ids
+    are not fetched for a plan."""
+    from dolphin_train.plan.architectures import cached_hub_file
+
     source = cfg.tokenizer_config or cfg.base_model
-    if not Path(source).is_dir():
+    if not Path(source).is_dir() and cached_hub_file(source, "tokenizer_config.json") is None:
         return None, [], f"tokenizer {source!r} not on this machine: `tokens` counted as new"
     from dolphin_train.model.tokenizer import load_tokenizer
 
