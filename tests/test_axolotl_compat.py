@@ -54,7 +54,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
     ("llama4", MESSAGES + TOOLS, {"chat_template": "llama4", "gradient_checkpointing": True,
                                   "gradient_checkpointing_kwargs": {"use_reentrant": False}}),
     ("gemma QLoRA", NO_SYSTEM, {"chat_template": "gemma", "adapter": "qlora", "load_in_4bit": True,
-                                "eot_tokens": ["<end_of_turn>"], "attention": "sdpa"}),
+                                "eot_tokens": ["<end_of_turn>"], "attention": "sdpa",
+                                "lora_target_modules": "model.layers.[0-9]+.self_attn.(q|v)_proj"}),
     ("gemma3, unfrozen parameters", MESSAGES, {"chat_template": "gemma3", "eot_tokens": ["<end_of_turn>"],
                                                "unfrozen_parameters": ["^lm_head.weight$", "model.layers.1.*"]}),
     ("phi-3 alpaca:phi", ALPACA, {"chat_template": "phi_3", "resize_token_embeddings_to_32x": True,
@@ -283,6 +284,13 @@ def test_unfrozen_parameters_with_an_adapter_keep_only_matching_adapter_weights(
     assert _planned_trainable(cfg) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_a_regular_expression_picks_the_lora_modules(tmp_path: Path) -> None:
+    _, model = _tiny_model(tmp_path, adapter="lora", lora_target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj")
+    adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert adapted == {f"base_model.model.model.layers.0.self_attn.{m}_proj" for m in ("q", "v")}
+    assert validate_mapping({**BASE, "adapter": "lora", "lora_target_modules": "(lm_head|.*q_proj)"}).adapts_output_head
+
+
 def test_embeddings_grow_to_a_multiple_of_32_when_asked(tmp_path: Path) -> None:
     from dolphin_train.plan.report import model_facts
 
@@ -306,15 +314,18 @@ def test_bfloat16_keeps_the_weights_in_bfloat16(tmp_path: Path) -> None:
     assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
 
 
-def test_adamw_torch_4bit_is_torchaos_optimizer_and_steps_on_the_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "torchao_class"), [("adamw_torch_4bit", "AdamW4bit"), ("adamw_torch_8bit", "AdamW8bit")]
+)
+def test_torchao_low_bit_adamw_steps_on_the_cpu(name: str, torchao_class: str, tmp_path: Path) -> None:
     pytest.importorskip("torchao")
     import torch
     from transformers import Trainer, TrainingArguments
 
     _, model = _tiny_model(tmp_path)
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), optim="adamw_torch_4bit", use_cpu=True, report_to="none")
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), optim=name, use_cpu=True, report_to="none")
     optimizer = Trainer(model=model, args=args).create_optimizer()
-    assert type(optimizer).__name__ == "AdamW4bit"
+    assert type(optimizer).__name__ == torchao_class
     before = model.lm_head.weight.detach().clone()
     model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
     optimizer.step()

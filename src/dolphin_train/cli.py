@@ -134,6 +134,10 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:
         # bitsandbytes warns at import that optional CPU kernels are missing; it works without them.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # torchao (adamw_torch_4bit/8bit), imported by transformers when installed, warns about kernels it does
+        # not load on this machine, and torch about how torchao registers its types.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         # Library chatter (deprecation notices, "loading file..." lines) hides what matters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")

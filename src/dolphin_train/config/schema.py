@@ -25,6 +25,7 @@ OPTIMIZERS = (
     "adamw_8bit",
     "adamw_bnb_8bit",
     "adamw_torch_4bit",
+    "adamw_torch_8bit",
     "paged_adamw_8bit",
     "paged_adamw_32bit",
     "adafactor",
@@ -271,8 +272,11 @@ class Config(_Strict):
     lora_r: int = key(8, "LoRA rank.", "model", ge=1)
     lora_alpha: int = key(16, "LoRA scaling numerator (the update is scaled by alpha / r).", "model", ge=1)
     lora_dropout: float = key(0.0, "Dropout on the LoRA input.", "model", ge=0, lt=1)
-    lora_target_modules: list[str] | None = key(
-        None, "Module names LoRA adapts (e.g. `[q_proj, v_proj]`); default every linear layer.", "model"
+    lora_target_modules: list[str] | str | None = key(
+        None,
+        "Module names LoRA adapts (e.g. `[q_proj, v_proj]`), or one regular expression over full module names "
+        "(as peft reads a string, e.g. `model.layers.[0-9]+.self_attn.(q|v)_proj`); default every linear layer.",
+        "model",
     )
     lora_target_linear: bool | None = key(
         None,
@@ -759,7 +763,7 @@ class Config(_Strict):
             problems.append("load_in_4bit and load_in_8bit: choose one")
         if self.load_in_4bit and self.adapter == "lora":
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
-        if self.lora_target_linear and "lm_head" in (self.lora_target_modules or []):
+        if self.lora_target_linear and self.names_output_head:
             problems.append("lora_target_linear: true adapts every linear layer but the output head, and lm_head "
                             "cannot be added to it: list every module in lora_target_modules instead")  # fmt: skip
         if self.chunked_loss_choice and self.adapts_output_head:
@@ -850,7 +854,15 @@ class Config(_Strict):
     def adapts_output_head(self) -> bool:
         """LoRA on the output head (named in `lora_target_modules`; peft's all-linear leaves it out): its
         logits go through the adapter, which the chunked loss does not reproduce."""
-        return bool(self.adapter) and "lm_head" in (self.lora_target_modules or [])
+        return bool(self.adapter) and self.names_output_head
+
+    @property
+    def names_output_head(self) -> bool:
+        """`lm_head` among `lora_target_modules` (or matched by its regular expression)."""
+        targets = self.lora_target_modules
+        if isinstance(targets, str):
+            return re.fullmatch(targets, "lm_head") is not None
+        return "lm_head" in (targets or [])
 
 
 def documented_fields(model: type[BaseModel]) -> dict[str, Any]:
