@@ -53,6 +53,7 @@ FORMATS = {
         "end": "<end_of_turn>",
         "system": True,
     },
+    "gemma3n": {"tokens": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>", "system": True},
     "phi_3": {"tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>", "system": True},
     "phi_35": {"tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>", "system": True},
     "qwen_25": {"tokens": ["<|im_start|>", "<|im_end|>"], "end": "<|im_end|>", "system": True, "tools": True},
@@ -411,7 +412,9 @@ def main() -> int:
         theirs = [json.loads(line) for line in Path(rows_path).read_text().splitlines()]
         results.append(compare(name, ours(work, name), [(r["input_ids"], r["labels"]) for r in theirs]))
         fixture[name] = fixture_rows(work / _dir(name), theirs, FORMATS[name])
-    if args.fixture:
+    if args.fixture:  # templates not compared in this run keep their rows
+        kept = json.loads(Path(args.fixture).read_text()) if Path(args.fixture).exists() else {}
+        fixture = {name: fixture.get(name, kept.get(name)) for name in FORMATS if name in fixture or name in kept}
         Path(args.fixture).write_text(json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n")
     print("| template | rows (ours, axolotl) | tokens | trained tokens | identical input_ids | identical labels |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -58,6 +58,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                                 "lora_target_modules": "model.layers.[0-9]+.self_attn.(q|v)_proj"}),
     ("gemma3, unfrozen parameters", MESSAGES, {"chat_template": "gemma3", "eot_tokens": ["<end_of_turn>"],
                                                "unfrozen_parameters": ["^lm_head.weight$", "model.layers.1.*"]}),
+    ("gemma3n LoRA", MESSAGES, {"chat_template": "gemma3n", "adapter": "lora", "lora_target_modules":
+                                "model.layers.[\\d]+.(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"}),
     ("phi-3 alpaca:phi", ALPACA, {"chat_template": "phi_3", "resize_token_embeddings_to_32x": True,
                                   "eval_table_size": 0, "eval_max_new_tokens": 128, "eval_table_max_new_tokens": 64,
                                   "datasets": [{"type": "alpaca:phi"}], "bfloat16": True, "bf16": "auto"}),

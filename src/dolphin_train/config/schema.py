@@ -81,6 +81,7 @@ TEMPLATE_NAMES = (
     "llama4",
     "gemma",
     "gemma3",
+    "gemma3n",
     "phi_3",
     "phi_35",
     "qwen_25",

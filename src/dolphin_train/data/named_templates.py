@@ -258,6 +258,7 @@ NAMED_TEMPLATES: dict[str, NamedTemplate] = {
     "llama4": NamedTemplate(LLAMA4, ("<|eot|>",), ("<|header_start|>", "<|header_end|>", "<|eot|>")),
     "gemma": NamedTemplate(GEMMA, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),
     "gemma3": NamedTemplate(GEMMA3, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),
+    "gemma3n": NamedTemplate(GEMMA3, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),  # same text turns
     "phi_3": NamedTemplate(PHI_3, ("<|end|>",), _PHI_MARKERS),
     "phi_35": NamedTemplate(PHI_35, ("<|end|>",), _PHI_MARKERS),
     "qwen_25": NamedTemplate(QWEN_25, ("<|im_end|>",), _CHATML_MARKERS),
