@@ -63,19 +63,23 @@ def _add_span(spans: list[tuple[int, int]], start: int, end: int, end_with_eot: 
         spans.append((end, end_with_eot))
 
 
+SKELETONS_KEPT = 4096  # distinct role sequences remembered per template (a few kB each)
+
+
 class TokenizerTemplate:
     """A Jinja chat template set on the tokenizer: the tokenizer's own (`chat_template: tokenizer_default`) or a
     named one (`llama3`, `gemma3`... see named_templates.py). The template writes every token, BOS included,
     exactly as `apply_chat_template` does at inference.
 
     Why our own code: the mask needs to know where each turn's content lies in the rendered text. We render
-    the conversation once with placeholder contents, find the placeholders and splice the real contents in,
-    so the cost stays linear in the conversation. Each placeholder is padded with a whitespace character, so
-    that a template that trims a content (`| trim`) shows it on that very turn, and the splice trims the same
-    way. The splice is then checked against the template's own rendering of the real conversation (a second
-    render, a few percent of the tokenization time); where they differ (a template that rewrites a content,
-    like Qwen 3's reasoning blocks or Llama's JSON-quoted tool results), each turn is located instead by
-    rendering the conversation with that one content replaced, and taking what differs. The end-of-turn token
+    the conversation's roles once with placeholder contents (a skeleton, cached by the sequence of roles, so
+    most conversations reuse one), find the placeholders and splice the real contents in, so the cost stays
+    linear in the conversation. Each placeholder is padded with a whitespace character, so that a template
+    that trims a content (`| trim`) shows it on that very turn, and the splice trims the same way. The splice
+    is then checked against the template's own rendering of the real conversation; where they differ (a
+    template that rewrites a content, like Qwen 3's reasoning blocks or Llama's JSON-quoted tool results),
+    each turn is located instead by rendering the conversation with that one content replaced, and taking
+    what differs. The end-of-turn token
     is the first of `end_tokens` that the template writes right after a turn's content (by default any token
     added to the vocabulary, e.g. `<|eot_id|>` for Llama-3-Instruct).
     """
@@ -91,6 +95,7 @@ class TokenizerTemplate:
         if end_tokens is None:
             end_tokens = list(getattr(tokenizer, "get_added_vocab", dict)())
         self.end_tokens = sorted(end_tokens, key=len, reverse=True)
+        self._skeletons: dict[tuple[str, ...], str] = {}
 
     def _apply(self, roles: list[str], contents: list[str]) -> str:
         messages = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
@@ -116,7 +121,11 @@ class TokenizerTemplate:
         """(text, content span per turn) from one placeholder rendering, or None when a placeholder is missing
         or repeated (the template drops, reorders or copies a turn: located by difference instead)."""
         pad = self.PAD
-        skeleton = self._apply(roles, [f"{pad}{self.MARK.format(i)}{pad}" for i in range(len(roles))])
+        skeleton = self._skeletons.get(tuple(roles))
+        if skeleton is None:
+            skeleton = self._apply(roles, [f"{pad}{self.MARK.format(i)}{pad}" for i in range(len(roles))])
+            if len(self._skeletons) < SKELETONS_KEPT:
+                self._skeletons[tuple(roles)] = skeleton
         found = []
         for i in range(len(roles)):
             mark = self.MARK.format(i)
