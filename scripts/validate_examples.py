@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Run `dolphin-train validate` over a directory of axolotl example configs and count how many validate.
 
-    python scripts/validate_examples.py AXOLOTL/examples [--only 'llama-3|mistral'] [--all] [-v]
+    python scripts/validate_examples.py AXOLOTL/examples [--families | --only 'llama-3|mistral'] [--all] [-v]
+
+`--families` keeps the model families of the README's count (FAMILIES below).
 
 By default only supervised fine-tuning configs of text models are counted: configs with `rl`, `reward_model`,
 `process_reward_model`, `pretraining_dataset`, `processor_type` (vision/audio), `qat`, `diffusion`, `ebft` or
@@ -26,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 NOT_SFT = ("rl", "reward_model", "process_reward_model", "pretraining_dataset", "processor_type", "qat", "diffusion",
            "ebft", "streaming")  # fmt: skip
+# Llama 2 and 3, Mistral and Mixtral, Qwen 2 and 3, Gemma, Phi, DeepSeek-V2, Falcon, and the archived Falcon,
+# Gemma, Qwen, TinyLlama and OpenLLaMA examples.
+FAMILIES = (r"^(llama-2|llama-3/|mistral/|qwen2/|qwen3/|gemma|phi/|deepseek-v2|falcon"
+            r"|archived/(falcon|gemma|tiny-llama|openllama-3b|qwen)/)")  # fmt: skip
 HARDWARE = ("needs a CUDA GPU", "needs an Ampere or newer NVIDIA GPU")
 
 
@@ -62,12 +68,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--only", help="a regular expression the config's path must match (e.g. 'llama-3|mistral')")
+    parser.add_argument("--families", action="store_true", help="--only the families of the README's count")
     parser.add_argument("--all", action="store_true", help="count every config, not only text SFT ones")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every refusal in full")
     args = parser.parse_args()
     paths = sorted(p for p in args.directory.rglob("*") if p.suffix in (".yml", ".yaml") and p.is_file())
-    if args.only:
-        paths = [p for p in paths if re.search(args.only, str(p.relative_to(args.directory)))]
+    only = FAMILIES if args.families else args.only
+    if only:
+        paths = [p for p in paths if re.search(only, str(p.relative_to(args.directory)))]
     if not args.all:
         paths = [p for p in paths if is_sft(p)]
     import logging
