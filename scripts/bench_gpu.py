@@ -17,8 +17,9 @@ import time
 import numpy as np
 import torch
 
+from dolphin_train.config.machine import torch_varlen_available
 from dolphin_train.data.packing import best_fit_decreasing
-from dolphin_train.model.attention import register_varlen_attention, torch_varlen_available
+from dolphin_train.model.attention import register_varlen_attention
 from dolphin_train.train.throughput import flops_per_token, peak_flops
 
 LLAMA_32_1B = {

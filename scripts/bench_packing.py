@@ -45,7 +45,7 @@ def _config(data: Path, work: Path, **overrides) -> dict:
 
 def packing_efficiency(data: Path, work: Path) -> None:
     from dolphin_train.config.load import validate_mapping
-    from dolphin_train.data.packing import plan_packing
+    from dolphin_train.data.packing import pack_conversations
     from dolphin_train.data.prepare import prepare_data
     from dolphin_train.model.tokenizer import load_tokenizer
 
@@ -58,7 +58,7 @@ def packing_efficiency(data: Path, work: Path) -> None:
     for capacity in (2048, 4096, 8192):
         fits = lengths[lengths <= capacity]
         start = time.perf_counter()
-        plan = plan_packing(fits, capacity, seed=0)
+        plan = pack_conversations(fits, capacity, seed=0)
         seconds = time.perf_counter() - start
         over = len(plan.bins) / plan.lower_bound_rows - 1
         print(f"| {capacity} | {len(fits):,} | {len(plan.bins):,} | {plan.lower_bound_rows:,} | {over:.3%} | "
@@ -67,7 +67,7 @@ def packing_efficiency(data: Path, work: Path) -> None:
 
 def train_tokens_per_second(data: Path, work: Path, packed: bool, steps: int) -> tuple[float, float]:
     from dolphin_train.config.load import validate_mapping
-    from dolphin_train.train.run import set_up_run
+    from dolphin_train.recipe import set_up_run
 
     tiny = {
         "base_model": str(REPO / "configs/tiny/model"),
@@ -87,14 +87,14 @@ def train_tokens_per_second(data: Path, work: Path, packed: bool, steps: int) ->
 
 def packing_time(counts: list[int]) -> None:
     """Seconds to plan the packing of N conversations of random length 20-4095 into 4096-token rows."""
-    from dolphin_train.data.packing import plan_packing
+    from dolphin_train.data.packing import pack_conversations
 
     print("| conversations | seconds | efficiency |")
     print("| ---: | ---: | ---: |")
     for n in counts:
         lengths = np.random.default_rng(0).integers(20, 4096, n)
         start = time.perf_counter()
-        plan = plan_packing(lengths, 4096, seed=0)
+        plan = pack_conversations(lengths, 4096, seed=0)
         print(f"| {n:,} | {time.perf_counter() - start:.2f} | {plan.efficiency:.4%} |")
 
 

@@ -15,7 +15,8 @@ import torch
 from transformers import TrainerCallback
 
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.train.run import leaving_the_process_group_at_the_end, set_up_run
+from dolphin_train.process_group import leaving_the_process_group_at_the_end
+from dolphin_train.recipe import set_up_run
 
 
 class CaptureGradients(TrainerCallback):

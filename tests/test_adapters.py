@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from conftest import REPO, tiny_config, write_config, write_jsonl
 from dolphin_train.cli import main
+from dolphin_train.config.load import validate_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -132,17 +134,37 @@ def test_adapter_without_embeddings_is_rejected_when_tokens_are_added(tmp_path: 
     assert "leaves out ['embed_tokens']" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "adamw_torch_fused", "adafactor"])
-def test_optimizers_train_a_tiny_model(tmp_path: Path, optimizer: str) -> None:
-    from safetensors.torch import load_file
+def _optimizer_kind(optimizer: Any) -> str:
+    """What the run's optimizer really is: class, fusion, and the dtype and paging of its states."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    states = [v for state in inner.state.values() for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in states})
+    library = type(inner).__module__.split(".")[0]
+    paged, fused = bool(getattr(inner, "is_paged", False)), bool(inner.defaults.get("fused"))
+    return f"{library}.{type(inner).__name__} fused={fused} paged={paged} states={','.join(dtypes)}"
+
+
+@pytest.mark.parametrize(("optimizer", "kind"), [
+    ("adamw_8bit", "bitsandbytes.AdamW fused=False paged=False states=float32,uint8"),
+    ("paged_adamw_8bit", "bitsandbytes.AdamW fused=False paged=True states=float32,uint8"),
+    ("adamw_torch_fused", "torch.AdamW fused=True paged=False states=float32"),
+    ("adafactor", "transformers.Adafactor fused=False paged=False states=float32"),
+    ("adamw_torch", "torch.AdamW fused=False paged=False states=float32"),
+])  # fmt: skip
+def test_optimizers_train_a_tiny_model(tmp_path: Path, optimizer: str, kind: str) -> None:
+    """The optimizer named is the one that steps (8-bit optimizers keep uint8 states, beside the float32
+    ones bitsandbytes keeps for embeddings and small tensors), and it trains to finite weights."""
+    from dolphin_train.recipe import set_up_run
 
     cfg = tiny_config(tmp_path, _data(tmp_path), max_steps=2, sequence_len=256, sample_packing=True,
                       micro_batch_size=4, optimizer=optimizer, learning_rate=1e-3)  # fmt: skip
-    assert main([str(write_config(tmp_path / "c.yml", cfg))]) == 0
-    summary = json.loads((tmp_path / "out/run_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["final_train_loss"] == summary["final_train_loss"]  # finite
-    weights = load_file(str(tmp_path / "out/model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    run = set_up_run(validate_mapping(cfg))
+    run.trainer.train()
+    assert _optimizer_kind(run.trainer.optimizer) == kind
+    assert run.trainer.state.global_step == 2
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert all(torch.isfinite(p).all() for p in run.trainer.model.parameters())
 
 
 def test_tiny_phi_trains_with_qlora(tmp_path: Path) -> None:
@@ -157,12 +179,28 @@ def test_tiny_phi_trains_with_qlora(tmp_path: Path) -> None:
     assert {"q_proj", "dense", "fc1", "fc2"} <= {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
 
 
-def test_chat_prompt_answers_in_chatml(tmp_path: Path, base_dir: Path, capsys) -> None:
+def test_chat_prompt_answers_in_chatml(tmp_path: Path, base_dir: Path, capsys, monkeypatch) -> None:
+    """`chat --prompt` on an adapter: the model sees the system message and the prompt in ChatML, with the
+    generation header; the answer printed is the text it generated (decoded without special tokens)."""
+    import dolphin_train.post.chat as chat_module
+
     path = _train(tmp_path, base_dir, adapter="lora", learning_rate=1e-3)
+    seen = []
+
+    def recording_reply(model, tokenizer, messages, out, max_new_tokens, temperature):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        answer = real_reply(model, tokenizer, messages, out, max_new_tokens, temperature)
+        seen.append((prompt, answer))
+        return answer
+
+    real_reply = chat_module.reply
+    monkeypatch.setattr(chat_module, "reply", recording_reply)
     capsys.readouterr()
     assert main(["chat", str(path), "--prompt", "Hi", "--max-new-tokens", "8", "--system", "Be brief."]) == 0
-    answer = capsys.readouterr().out
-    assert answer.endswith("\n") and "<|im_start|>" not in answer
+    printed = capsys.readouterr().out
+    [(prompt, answer)] = seen
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert answer.strip() and printed == answer + "\n" and "<|im_" not in printed
 
 
 def test_dora_and_continuing_from_a_saved_adapter(tmp_path: Path, base_dir: Path) -> None:

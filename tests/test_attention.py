@@ -48,7 +48,7 @@ def test_varlen_backend_matches_sdpa_on_packed_rows() -> None:
         def __getitem__(self, idx):
             return {k: [convs[i][k] for i in idx] for k in ("input_ids", "labels")}
 
-    packed = PackedRows(Rows(), plan=type("P", (), {"bins": [[0, 1], [2, 3, 4]]})())
+    packed = PackedRows(Rows(), layout=type("P", (), {"bins": [[0, 1], [2, 3, 4]]})())
     batch = ChatCollator(pad_token_id=0)([packed[0], packed[1]])
     with torch.no_grad():
         sdpa = model(**batch).logits

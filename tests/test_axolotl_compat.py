@@ -192,10 +192,11 @@ def test_alpaca_variants_read_alpaca_rows() -> None:
 
 
 def test_attention_names_choose_the_backend() -> None:
+    from dolphin_train.config.machine import Machine
     from dolphin_train.config.resolve import resolve_attention
 
     def backend(**keys) -> tuple[str, str]:
-        return resolve_attention(validate_mapping({**BASE, **keys}), cuda=False)
+        return resolve_attention(validate_mapping({**BASE, **keys}), Machine.planned("cpu", 1))
 
     assert backend(attention="eager") == ("eager", "set by attention")
     assert backend(attention="flex") == ("flex_attention", "set by attention")
@@ -212,8 +213,10 @@ def test_liger_keys_become_transformers_kernel_choice_and_cce_the_chunked_loss()
     cfg = validate_mapping({**BASE, "plugins": [LIGER_PLUGIN, CCE_PLUGIN], "liger_rope": True,
                             "liger_glu_activation": True, "liger_fused_linear_cross_entropy": False})  # fmt: skip
     assert cfg.liger_kernel_config == {"rope": True, "swiglu": True, "geglu": True, "fused_linear_cross_entropy": False}
-    cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process")
-    assert not use_liger(cfg, cpu)  # Liger's kernels need CUDA
+    cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process", liger=False)
+    gpu = RuntimeSettings("cuda", True, False, True, "sdpa", "", 1, "single process", liger=True)
+    assert not use_liger(cfg, cpu) and use_liger(cfg, gpu)  # on CUDA, with liger-kernel installed
+    assert not use_liger(validate_mapping({**BASE, "liger_kernel": False}), gpu)
     assert use_chunked_cross_entropy(cfg, vocab_size=1000)  # the CCE plugin asks for it even for small vocabularies
     off = validate_mapping({**BASE, "plugins": [CCE_PLUGIN], "cut_cross_entropy": False})
     assert not use_chunked_cross_entropy(off, vocab_size=1000)
@@ -222,18 +225,18 @@ def test_liger_keys_become_transformers_kernel_choice_and_cce_the_chunked_loss()
 def test_training_arguments_carry_ddp_and_eval_batch_keys(tmp_path: Path) -> None:
     from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.train.arguments import build_training_arguments
-    from dolphin_train.train.schedule import plan_schedule
+    from dolphin_train.train.schedule import compute_schedule
 
     raw = _raw(tmp_path, SHAREGPT, {"ddp_find_unused_parameters": True, "eval_batch_size": 3, "micro_batch_size": 2,
                                     "bf16": False, "datasets": [{"type": "sharegpt"}]})  # fmt: skip
     cfg = validate_mapping(raw)
-    args = build_training_arguments(cfg, resolve_runtime(cfg), plan_schedule(cfg, 10, 1, has_eval=False))
+    args = build_training_arguments(cfg, resolve_runtime(cfg), compute_schedule(cfg, 10, 1, has_eval=False))
     assert args.ddp_find_unused_parameters is True
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (2, 3)
 
 
 def test_auto_resume_from_checkpoints_finds_the_latest(tmp_path: Path) -> None:
-    from dolphin_train.train.run import resolve_resume
+    from dolphin_train.train.control import resolve_resume
 
     cfg = validate_mapping({**BASE, "output_dir": str(tmp_path), "auto_resume_from_checkpoints": True})
     assert resolve_resume(cfg) is None  # nothing yet: start fresh

@@ -29,7 +29,6 @@ def _problems(tmp_path: Path, text: str) -> list[str]:
 MINIMAL = "base_model: m\ndatasets:\n  - path: d.jsonl\n    type: sharegpt\n"
 
 
-@pytest.mark.skipif(not DOLPHIN_29.exists(), reason="shared/reference is not beside this checkout")
 def test_dolphin_29_reference_config_loads_unchanged() -> None:
     cfg = load_config(DOLPHIN_29)
     assert cfg.base_model == "meta-llama/Meta-Llama-3-8B"
@@ -42,7 +41,6 @@ def test_dolphin_29_reference_config_loads_unchanged() -> None:
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
-@pytest.mark.skipif(not DOLPHIN_29.exists(), reason="shared/reference is not beside this checkout")
 def test_shipped_llama3_config_differs_from_reference_only_in_dataset_paths() -> None:
     ours = yaml.safe_load((REPO / "configs/llama3-8b.yml").read_text())
     ref = yaml.safe_load(DOLPHIN_29.read_text())
@@ -196,3 +194,40 @@ def test_deepspeed_in_one_cpu_process_says_how_to_launch(tmp_path: Path, capsys:
     assert main([str(path)]) == 1
     err = capsys.readouterr().err
     assert "--num-processes 2" in err and "Traceback" not in err
+
+
+def test_lora_target_linear_false_needs_named_modules(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, MINIMAL + "adapter: lora\nlora_target_linear: false\n")
+    assert len(problems) == 1 and "lora_target_linear: false leaves LoRA nothing to adapt" in problems[0]
+    cfg = validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}], "adapter": "lora",
+                            "lora_target_linear": False, "lora_target_modules": ["q_proj"]})  # fmt: skip
+    assert cfg.lora_targets == ["q_proj"]
+    assert validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}]}).lora_targets == "all-linear"
+
+
+def test_tokenizer_type_chooses_the_class_that_loads_the_tokenizer(tmp_path: Path) -> None:
+    from dolphin_train.errors import DolphinError
+    from dolphin_train.model.tokenizer import load_tokenizer
+
+    gpt2 = load_tokenizer(validate_mapping(tiny_config(tmp_path, tokenizer_type="GPT2Tokenizer")))
+    assert type(gpt2.tokenizer).__name__ == "GPT2Tokenizer" and gpt2.tokenizer.is_fast
+    with pytest.raises(DolphinError, match="tokenizer_type: 'LlamaModel' is not a transformers tokenizer class"):
+        load_tokenizer(validate_mapping(tiny_config(tmp_path, tokenizer_type="LlamaModel")))
+
+
+def test_tokenizer_use_fast_false_still_loads_the_fast_tokenizer_and_says_so(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from dolphin_train.model.tokenizer import load_tokenizer
+
+    with caplog.at_level(logging.INFO, logger="dolphin_train"):
+        tok = load_tokenizer(validate_mapping(tiny_config(tmp_path, tokenizer_use_fast=False)))
+    assert tok.tokenizer.is_fast and "tokenizer_use_fast: false: using the fast tokenizer" in caplog.text
+
+
+def test_sdp_attention_says_why_sdpa_was_chosen() -> None:
+    from dolphin_train.config.resolve import resolve_runtime
+
+    cfg = validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}], "sdp_attention": True})
+    runtime = resolve_runtime(cfg)
+    assert runtime.attn_implementation == "sdpa" and "sdp_attention: true" in runtime.attention_note

@@ -49,6 +49,33 @@ def _losses(out: Path) -> list[float]:
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 
 
+SGD_STEP = {"max_steps": 1, "save_steps": 1, "optimizer": "sgd", "learning_rate": 100.0, "max_grad_norm": 0.0,
+            "weight_decay": 0.0, "sample_packing": False}  # fmt: skip
+
+
+def test_zero3_first_step_applies_the_single_process_gradient(tmp_path: Path) -> None:
+    """One plain SGD step (no clipping, no momentum): the update is the learning rate times the gradient,
+    so the weights after it show the gradient itself. 2 processes x 2 rows under ZeRO-3 must apply the
+    gradient of 1 process x 4 rows: unpacked rows of unequal lengths, so a per-process mean of the loss,
+    or a gradient scaled by the number of processes, shows."""
+    from safetensors.torch import load_file
+
+    common = {**SGD_STEP, "dataset_prepared_path": str(tmp_path / "prepared"), "base_model": str(_saved_base(tmp_path)),
+              "train_from_scratch": False, "chunked_cross_entropy": True}  # fmt: skip
+    one = write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", micro_batch_size=4, **common))
+    _run([sys.executable, "-m", "dolphin_train", str(one)])
+    zero3 = write_config(tmp_path / "z.yml", tiny_config(tmp_path / "z", micro_batch_size=2, deepspeed=ZERO3, **common))
+    _torchrun(zero3)
+    base = load_file(str(tmp_path / "base/model.safetensors"))
+    single, sharded = (load_file(str(tmp_path / run / "out/model.safetensors")) for run in ("one", "z"))
+    assert single.keys() == sharded.keys()
+    for name, weight in single.items():
+        reference = base.get(name)
+        update = weight - reference if reference is not None and reference.shape == weight.shape else weight
+        tolerance = 1e-4 * float(update.abs().max()) + 1e-7
+        torch.testing.assert_close(sharded[name], weight, rtol=0, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_zero3_full_fine_tuning_matches_one_process_and_saves_consolidated(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -67,8 +94,9 @@ def test_zero3_full_fine_tuning_matches_one_process_and_saves_consolidated(tmp_p
     assert _losses(tmp_path / "z/out") == pytest.approx(_losses(tmp_path / "one/out"), rel=1e-3)
     weights = load_file(str(tmp_path / "z/out/model.safetensors"))
     reference = load_file(str(tmp_path / "one/out/model.safetensors"))
-    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in reference.items()}
-    assert all(v.numel() > 0 for v in weights.values())
+    assert weights.keys() == reference.keys()  # consolidated: every tensor whole, with the values of one process
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_zero3_qlora_trains_and_saves_a_whole_adapter(tmp_path: Path) -> None:

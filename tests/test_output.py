@@ -29,19 +29,69 @@ def _spam(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if SPAM.search(line)]
 
 
+LIBRARY_BARS = ("Generating train split", "Saving the dataset", "Writing model shards", "Loading dataset")
+DEFAULT_JOB = (str(REPO / "configs/tiny-chat.yml"), "--max_steps", "3", "--logging_steps", "1")
+
+
+def _default_job_args(tmp_path: Path) -> tuple[str, ...]:
+    return (*DEFAULT_JOB, "--output_dir", str(tmp_path / "out"), "--dataset_prepared_path", str(tmp_path / "p"))
+
+
 @pytest.mark.slow
-def test_embedded_default_run_output_is_clean(tmp_path: Path) -> None:
-    result = _run(
-        str(REPO / "configs/tiny-chat.yml"), "--max_steps", "3", "--logging_steps", "1",
-        "--output_dir", str(tmp_path / "out"), "--dataset_prepared_path", str(tmp_path / "prepared"),
-    )  # fmt: skip
+def test_default_job_redirected_to_a_file_reads_top_to_bottom(tmp_path: Path) -> None:
+    """As in a SLURM log or `| tee`: no carriage-return bars, one formatted line per log step with the ETA."""
+    result = _run(*_default_job_args(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _spam(result) == []
-    assert "DEBUG" not in result.stdout + result.stderr
-    assert "Training plan" in result.stdout and "Done: 3 steps" in result.stdout
-    # The progress bar (stderr) carries the latest loss and throughput; log lines still reach stdout.
-    assert re.search(r"3/3 \[.*loss [0-9.]+, tok/s [0-9,]+", result.stderr)
-    assert "'loss':" in result.stdout
+    text = result.stdout + result.stderr
+    assert "\r" not in text and "{'" not in text
+    assert _spam(result) == [] and "DEBUG" not in text
+    assert not any(bar in text for bar in LIBRARY_BARS)
+    assert "Run overview" in result.stdout and "Done: 3 steps" in result.stdout
+    steps = [line for line in result.stdout.splitlines() if re.match(r"step [123]/3  loss [0-9.]+  lr ", line)]
+    assert len(steps) == 3 and all(re.search(r"tok/s [0-9,]+  elapsed 0:00:\d\d  ETA \d:\d\d:\d\d$", s) for s in steps)
+    assert re.search(r"^step 0/3  eval loss [0-9.]+", result.stdout, re.MULTILINE)
+    assert re.search(r"^step 3/3  eval loss [0-9.]+", result.stdout, re.MULTILINE)
+
+
+def _run_in_a_terminal(*args: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal (120 columns) as its standard output and error."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = dict(os.environ, WANDB_MODE="disabled", COLUMNS="120")
+    for quieting in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        env.pop(quieting, None)
+    proc = subprocess.Popen([sys.executable, "-m", "dolphin_train", *args], stdout=terminal, stderr=terminal,
+                            stdin=subprocess.DEVNULL, env=env, cwd=REPO)  # fmt: skip
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_default_job_in_a_terminal_draws_one_training_bar_and_formatted_lines(tmp_path: Path) -> None:
+    code, text = _run_in_a_terminal(*_default_job_args(tmp_path))
+    assert code == 0, text[-3000:]
+    assert "{'" not in text and not any(bar in text for bar in LIBRARY_BARS)
+    bars = {m.group(1) or "" for m in re.finditer(r"(?:^|\r)(?:([^\r\n:]*): )?\s*\d+%\|", text, re.MULTILINE)}
+    assert bars == {"training", "Reading tiny_chat.jsonl", "Tokenizing"}  # ours; no (unnamed) evaluation bar
+    assert re.search(r"training: 100%\|.*3/3", text)
+    lines = text.replace("\r", "\n").splitlines()
+    steps = [line for line in lines if re.fullmatch(r"step [123]/3  loss [0-9.]+  lr .*tok/s [0-9,]+", line.strip())]
+    assert len(steps) == 3
 
 
 @pytest.mark.slow

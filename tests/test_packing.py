@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dolphin_train.data.encode import IGNORE_INDEX
-from dolphin_train.data.packing import PackedRows, best_fit_decreasing, plan_packing
+from dolphin_train.data.packing import PackedRows, best_fit_decreasing, pack_conversations
 from dolphin_train.train.collator import ChatCollator
 
 
@@ -36,12 +36,12 @@ def test_packing_in_progress_chunks_gives_the_same_bins(
 
 def test_packing_plan_is_seeded_and_reports_efficiency() -> None:
     lengths = np.array([300, 200, 500, 12, 40, 512, 100])
-    a, b = plan_packing(lengths, 512, seed=1), plan_packing(lengths, 512, seed=1)
+    a, b = pack_conversations(lengths, 512, seed=1), pack_conversations(lengths, 512, seed=1)
     assert a.bins == b.bins
     assert a.total_tokens == int(lengths.sum())
     assert a.efficiency == pytest.approx(lengths.sum() / (len(a.bins) * 512))
     with pytest.raises(ValueError, match="exceeds"):
-        plan_packing(np.array([600]), 512, seed=0)
+        pack_conversations(np.array([600]), 512, seed=0)
 
 
 def _tiny_llama(vocab: int = 97) -> torch.nn.Module:
@@ -89,7 +89,7 @@ def test_packed_row_equals_conversations_run_alone(pad_to: int | None) -> None:
     model = _tiny_llama()
     rng = np.random.default_rng(1)
     convs = _conversations(rng, [7, 19, 5, 12])
-    packed = PackedRows(_ListDataset(convs), plan=type("P", (), {"bins": [[0, 1, 2, 3]]})())
+    packed = PackedRows(_ListDataset(convs), layout=type("P", (), {"bins": [[0, 1, 2, 3]]})())
     batch = ChatCollator(pad_token_id=0, pad_to=pad_to)([packed[0]])
     with torch.no_grad():
         out = model(**batch)
@@ -113,7 +113,7 @@ def test_two_packed_rows_with_padding_in_one_batch() -> None:
     model = _tiny_llama()
     rng = np.random.default_rng(2)
     convs = _conversations(rng, [9, 4, 15, 6, 3])
-    packed = PackedRows(_ListDataset(convs), plan=type("P", (), {"bins": [[0, 1], [2, 3, 4]]})())
+    packed = PackedRows(_ListDataset(convs), layout=type("P", (), {"bins": [[0, 1], [2, 3, 4]]})())
     batch = ChatCollator(pad_token_id=0)([packed[0], packed[1]])
     assert batch["input_ids"].shape == (2, 24)  # longest row 24 tokens, padded to a multiple of 8
     with torch.no_grad():

@@ -30,13 +30,15 @@ def test_known_architectures_have_their_published_sizes() -> None:
     """Llama-3-8B has 8,030,261,248 parameters and Phi-2 2,779,683,840 (their model cards)."""
     from dolphin_train.plan.architectures import model_config_for_plan
     from dolphin_train.plan.memory import estimate_memory
+    from dolphin_train.plan.report import planned_runtime
 
     for path, rows, expected in (("configs/llama3-8b.yml", 128256, 8_030_261_248),
                                  ("configs/phi2-qlora.yml", 51200, 2_779_683_840)):  # fmt: skip
         cfg = load_config(REPO / path, {"adapter": None, "load_in_4bit": False})
         config, source = model_config_for_plan(cfg)
         assert "known architectures" in source
-        estimate = estimate_memory(cfg, config, vocab_rows=rows, new_tokens=False, gpus=1)
+        runtime = planned_runtime(cfg, gpus=1, device="cuda")
+        estimate = estimate_memory(cfg, runtime, config, vocab_rows=rows, new_token_ids=[])
         assert estimate.params.total == expected
 
 
@@ -73,8 +75,8 @@ def test_zero3_divides_the_states_by_the_number_of_gpus() -> None:
 
 
 def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) -> None:
-    from dolphin_train.train.run import build_rows
-    from dolphin_train.train.schedule import plan_schedule
+    from dolphin_train.data.packing import build_training_rows
+    from dolphin_train.train.schedule import compute_schedule
 
     path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, sample_packing=True, micro_batch_size=2))
     cfg = load_config(path, {})
@@ -86,8 +88,8 @@ def test_steps_are_estimated_without_a_cache_and_exact_with_one(tmp_path: Path) 
     from dolphin_train.data.prepare import load_prepared
 
     prepared = load_prepared(next(Path(cfg.dataset_prepared_path).glob("*[0-9a-f]")))
-    rows = build_rows(cfg, prepared)
-    assert after.total_steps == plan_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
+    rows = build_training_rows(cfg, prepared)
+    assert after.total_steps == compute_schedule(cfg, len(rows.train), 1, has_eval=False).total_steps
     assert abs(before.total_steps - after.total_steps) <= 0.25 * after.total_steps
 
 
@@ -97,7 +99,7 @@ def test_planned_8bit_optimizer_states_are_what_the_trainer_allocates(overrides:
     trained copy LoRA makes when tokens are added): the plan must count them at 8 bytes, not 2."""
     import torch
 
-    from dolphin_train.train.run import set_up_run
+    from dolphin_train.recipe import set_up_run
 
     raw = tiny_config(tmp_path, max_steps=1, optimizer="adamw_8bit", **overrides)
     cfg = load_config(write_config(tmp_path / "c.yml", raw), {})
@@ -162,7 +164,7 @@ def test_training_warns_before_loading_a_model_that_will_not_fit(
 
     from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import warn_if_memory_short
+    from dolphin_train.recipe import warn_if_memory_short
 
     cfg = load_config(write_config(tmp_path / "c.yml", tiny_config(tmp_path)), {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=64 * 2**20))
@@ -187,3 +189,71 @@ def test_an_adapter_plan_says_what_it_trains(capsys: pytest.CaptureFixture) -> N
     out = capsys.readouterr().out
     assert "qlora r=64, 4-bit base + input/output embeddings in full" in out
     assert "New tokens were added" not in out  # the training log line stays out of the plan
+
+
+# ---- the plan and a training run decide alike -----------------------------------------------------------
+
+TINY_SHAPES = {
+    "llama": {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+    "phi": {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shipped", ["tiny-chat.yml", "llama3-8b.yml", "phi2-qlora.yml"])
+def test_plan_and_training_agree_on_dtype_trainable_parameters_and_batch(shipped: str, tmp_path: Path) -> None:
+    """Each shipped config as it is, with only its model shrunk (same architecture family) and its data and
+    paths made local, in bf16 as on a GPU (`auto`): the plan's model (meta device) and the model training
+    loads have the same dtypes and the same trainable parameters, and the plan's batch is the run's."""
+    import torch
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.data.packing import build_training_rows
+    from dolphin_train.data.prepare import prepare_data
+    from dolphin_train.model.adapters import parameter_count
+    from dolphin_train.model.load import load_model
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.plan.report import model_facts, plan_memory, planned_runtime
+    from dolphin_train.plan.skeleton import build_meta_model
+    from dolphin_train.train.schedule import compute_schedule
+
+    raw = yaml.safe_load((REPO / "configs" / shipped).read_text())
+    family = "phi" if "phi" in shipped else "llama"
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY_SHAPES[family])).save_pretrained(base)
+    raw.update(base_model=str(base), tokenizer_config=str(REPO / "configs/tiny/tokenizer"), train_from_scratch=False,
+               datasets=[{"path": str(REPO / "data/tiny_chat.jsonl"), "type": "sharegpt"}], sequence_len=512,
+               dataset_prepared_path=str(tmp_path / "prepared"), output_dir=str(tmp_path / "out"),
+               wandb_project=None, val_set_size=0.1, bf16=True)  # fmt: skip
+    if raw.get("deepspeed"):  # loads in bf16 for DeepSpeed's own float32 master copy (no ZeRO-3 here)
+        raw["deepspeed"] = str(REPO / raw["deepspeed"])
+    raw["special_tokens"] = {**raw.get("special_tokens", {}), "pad_token": "<|end_of_text|>"}
+    cfg = load_config(write_config(tmp_path / "c.yml", raw), {})
+
+    runtime = resolve_runtime(cfg)
+    planned = planned_runtime(cfg, gpus=1, device=runtime.device)
+    assert (planned.precision, planned.attn_implementation) == (runtime.precision, runtime.attn_implementation)
+    tok = load_tokenizer(cfg)
+    facts = model_facts(cfg, tok)
+    estimate = plan_memory(cfg, facts, planned)
+    model = load_model(cfg, runtime, tok)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert estimate.params.trainable == sum(trainable.values())
+    assert estimate.params.total == sum(parameter_count(p) for p in model.parameters())
+    skeleton = build_meta_model(cfg, planned, facts.config, facts.vocab_rows, facts.new_token_ids)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if type(p).__name__ == "Parameter"}
+    assert {n: p.dtype for n, p in skeleton.named_parameters() if n in dtypes} == dtypes
+    assert {n for n, p in skeleton.named_parameters() if p.requires_grad} == set(trainable)
+
+    rows = build_training_rows(cfg, prepare_data(cfg, tok.tokenizer))
+    cfg = load_config(tmp_path / "c.yml", {"deepspeed": None})  # one CPU process: the schedule without ZeRO
+    schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    plan = make_plan(cfg, gpus=1, gpu_memory=GiB, device=runtime.device)
+    assert plan.data.total_steps == schedule.total_steps or plan.data.total_steps is None
+    from dolphin_train.train.schedule import batch_shape
+
+    assert batch_shape(cfg, 1) == schedule.batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> Path:
-    keys = {"max_steps": 10, "save_steps": 2, "sample_packing": True, "micro_batch_size": 4,
+    keys = {"max_steps": 9, "save_steps": 3, "sample_packing": True, "micro_batch_size": 4,
             "dataset_prepared_path": str(tmp_path / "prepared"), **overrides}  # fmt: skip
     return write_config(tmp_path / f"{name}.yml", tiny_config(tmp_path / name, **keys))
 
@@ -27,7 +28,33 @@ def _config(tmp_path: Path, name: str, **overrides) -> Path:
 def _start(config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "dolphin_train", str(config), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=1)  # fmt: skip
+
+
+TRAINING_LINE = re.compile(r"^step +(\d+)/(\d+)  loss ([0-9.]+)  lr ([0-9.e+-]+)")
+
+
+def _logged_steps(stdout: str) -> dict[int, tuple[float, float]]:
+    """{step: (loss, learning rate)} from the run's training lines."""
+    found = {}
+    for line in stdout.splitlines():
+        if m := TRAINING_LINE.match(line):
+            found[int(m.group(1))] = (float(m.group(3)), float(m.group(4)))
+    return found
+
+
+def _run_until_step(proc: subprocess.Popen, step: int, timeout: float = 300) -> list[str]:
+    """Read the run's output until it logs `step` (torchrun's --tee prefixes each line with its rank); the
+    lines read so far."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if (m := TRAINING_LINE.match(re.sub(r"^\[default\d\]:", "", line))) and int(m.group(1)) >= step:
+            return lines
+        assert time.monotonic() < deadline, "the run did not reach the step in time"
+    raise AssertionError(f"the run ended before step {step}: {''.join(lines)[-3000:]}")
 
 
 def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -56,23 +83,39 @@ def _saved_base(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("variant", ["full fine-tuning", "LoRA, chunked loss"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, variant: str) -> None:
+    """Killed between two checkpoints, then resumed: the resumed process runs only the remaining steps, with
+    the learning rate and loss of the uninterrupted run at each of them (scheduler, optimizer state, data
+    position and weights restored), and ends with its weights. Resuming with a fresh optimizer, a fresh
+    scheduler, from the first batch or from step 0 fails this test."""
     keys = {}
     if variant.startswith("LoRA"):  # the head trained in full (added tokens) sits in the chunked-loss head
         keys = {"adapter": "lora", "lora_r": 4, "chunked_cross_entropy": True, "train_from_scratch": False,
                 "base_model": str(_saved_base(tmp_path))}  # fmt: skip
     straight = _start(_config(tmp_path, "straight", **keys))
-    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+    stdout, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+    uninterrupted = _logged_steps(stdout)
+    assert sorted(uninterrupted) == list(range(1, 10))
 
     config = _config(tmp_path, "killed", **keys)
     out = tmp_path / "killed/out"
     proc = _start(config)
-    _wait_for_checkpoint(out, 4, proc)
+    killed_log = _run_until_step(proc, 4)  # past the checkpoint at step 3; the next one comes at step 6
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "run_summary.json").exists()  # it really died before the end
+    last = latest_complete_checkpoint(out)
+    assert last is not None and last.name == "checkpoint-3", "the kill did not land between two checkpoints"
+    assert max(_logged_steps("".join(killed_log))) > 3  # it trained past the checkpoint it resumes from
+
     resumed = _start(config, "--resume_from_checkpoint", "auto")
-    _stdout, stderr = resumed.communicate(timeout=600)
+    stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
+    assert f"Resuming from {last}: 3 of 9 steps done" in stdout
+    after = _logged_steps(stdout)
+    assert sorted(after) == [4, 5, 6, 7, 8, 9]  # only the remaining steps
+    for step, (loss, lr) in after.items():
+        assert lr == pytest.approx(uninterrupted[step][1], rel=1e-6), f"learning rate at step {step}"
+        assert loss == pytest.approx(uninterrupted[step][0], abs=2e-4), f"loss at step {step}"
 
     expected, actual = _weights(tmp_path / "straight/out"), _weights(out)
     assert expected.keys() == actual.keys()
@@ -92,6 +135,61 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     last = latest_complete_checkpoint(out)
     assert last is not None and 2 <= int(last.name.split("-")[1]) < 400
     assert str(last) in stdout.replace("\n", "")  # the message names the checkpoint it saved
+
+
+def _worker_pids(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started: its children, each with RANK in its environment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for proc_dir in Path("/proc").iterdir():
+            try:
+                parent = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (proc_dir / "environ").read_bytes().split(b"\0") if parent == launcher.pid else []
+            except (OSError, ValueError, IndexError):
+                continue
+            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+            if b"RANK" in env:
+                found[int(env[b"RANK"])] = int(proc_dir.name)
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("torchrun's workers not found")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    """A signal reaching one rank only (as a scheduler may deliver it): every rank stops after the same
+    step, the checkpoint is saved, and the job ends cleanly."""
+    config = _config(tmp_path, "two", max_steps=400, save_steps=1000, micro_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3", "-m",
+           "dolphin_train", str(config)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)  # fmt: skip
+    _run_until_step(launcher, 3)  # both ranks are training
+    os.kill(_worker_pids(launcher)[1], signal.SIGTERM)  # rank 1 only
+    output = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    stops = {int(r): int(s) for r, s in re.findall(r"\[default(\d)\]:.*Stopping at step (\d+)", output)}
+    assert set(stops) == {0, 1} and stops[0] == stops[1] < 400
+    last = latest_complete_checkpoint(tmp_path / "two/out")
+    assert last is not None and last.name == f"checkpoint-{stops[0]}"
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """The first Ctrl-C asks for a checkpoint after the current step; a second one stops without it."""
+    config = _config(tmp_path, "twice", max_steps=400, save_steps=1000, micro_batch_size=16, sequence_len=512)
+    proc = _start(config)
+    _run_until_step(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # wait for the first signal to be taken, then send the second one mid-step
+        if "Received SIGINT" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert latest_complete_checkpoint(tmp_path / "twice/out") is None  # no checkpoint was saved after all
 
 
 def test_incomplete_checkpoint_is_never_the_latest(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dolphin_train.train.throughput import ThroughputCallback, flops_per_token, peak_flops
+from dolphin_train.train.throughput import ThroughputMeter, flops_per_token, peak_flops
 
 
 def test_flops_per_token_counts_matrix_parameters_and_attention() -> None:
@@ -26,12 +26,11 @@ def test_flops_per_token_counts_matrix_parameters_and_attention() -> None:
 def test_logs_gain_tokens_per_second_and_mfu(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([0.0, 100.0, 102.0])  # construction, train begin, first log
     monkeypatch.setattr("dolphin_train.train.throughput.time.perf_counter", lambda: next(clock))
-    callback = ThroughputCallback(flops_per_token=1e9, peak=1e12, world_size=2)
+    meter = ThroughputMeter(flops_per_token=1e9, peak=1e12, world_size=2)
     state = SimpleNamespace(num_input_tokens_seen=0)
-    callback.on_train_begin(None, state, None)
+    meter.on_train_begin(None, state, None)
     state.num_input_tokens_seen = 1000
-    logs = {"loss": 1.0}
-    callback.on_log(None, state, None, logs=logs)
+    logs = meter.figures(state)
     assert logs["tokens_per_second"] == 500
     assert logs["mfu"] == pytest.approx(500 * 1e9 / 2e12)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("Some CPU") is None

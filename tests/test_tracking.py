@@ -12,7 +12,8 @@ from conftest import tiny_config, write_config
 from dolphin_train.cli import main
 from dolphin_train.config.load import validate_mapping
 from dolphin_train.config.schema import Config, documented_fields
-from dolphin_train.train.arguments import report_to, wandb_environment
+from dolphin_train.train.arguments import report_to
+from dolphin_train.train.environment import wandb_environment
 
 
 @pytest.mark.slow
@@ -37,7 +38,7 @@ def test_offline_wandb_run_records_the_losses(tmp_path: Path, monkeypatch: pytes
 
 def test_the_config_saved_with_the_model_loads_back_to_the_same_config(tmp_path: Path) -> None:
     from dolphin_train.config.load import load_config
-    from dolphin_train.train.records import CONFIG_SNAPSHOT, config_hash
+    from dolphin_train.train.outputs import CONFIG_SNAPSHOT, config_hash
 
     raw = tiny_config(tmp_path, max_steps=1, micro_batch_size=2, bf16="auto")
     path = write_config(tmp_path / "c.yml", raw)
@@ -88,7 +89,7 @@ def test_trackers_wandb_tensorboard_both_or_none(tmp_path: Path) -> None:
 def test_tensorboard_missing_fails_at_start_naming_the_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("dolphin_train.train.arguments.tensorboard_installed", lambda: False)
+    monkeypatch.setattr("dolphin_train.train.environment.tensorboard_installed", lambda: False)
     path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, use_tensorboard=True, max_steps=1))
     assert main([str(path)]) == 1
     err = capsys.readouterr().err

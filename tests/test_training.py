@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from conftest import REPO, tiny_config, write_config, write_jsonl
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.train.run import set_up_run
+from dolphin_train.recipe import set_up_run
 
 
 class _CaptureGradients(TrainerCallback):
@@ -142,13 +142,20 @@ def test_embedded_default_trains_and_saves_a_loadable_chat_model(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_resume_from_latest_checkpoint(tmp_path: Path) -> None:
+def test_resume_from_latest_checkpoint(tmp_path: Path, capsys) -> None:
+    """`resume_from_checkpoint: true` continues from checkpoint-4: the second run trains only steps 5 and 6."""
+    import re
+
     from dolphin_train.cli import main
 
     path = write_config(tmp_path / "c.yml", tiny_config(tmp_path, max_steps=4, save_steps=2, sample_packing=True))
     assert main([str(path)]) == 0
     assert (tmp_path / "out/checkpoint-4").is_dir()
+    capsys.readouterr()
     assert main([str(path), "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {tmp_path / 'out/checkpoint-4'}: 4 of 6 steps done" in out
+    assert [int(s) for s in re.findall(r"^step (\d+)/6  loss", out, re.MULTILINE)] == [5, 6]
     summary = json.loads((tmp_path / "out/run_summary.json").read_text())
     assert summary["steps"] == 6
 

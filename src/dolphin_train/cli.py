@@ -123,21 +123,28 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    from dolphin_train.config.resolve import is_main_process
+    from dolphin_train import terminal
+    from dolphin_train.process_group import is_main_process
 
-    level = logging.DEBUG if verbose else logging.INFO
-    if not is_main_process():
-        level = logging.WARNING
-    handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    terminal.set_verbose(verbose)
+    if not verbose and not terminal.bars_wanted():
+        # No terminal to redraw them: the hub's download bars would print a line per update.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Other ranks repeat what rank 0 says: only their warnings, unless -v (then each rank logs all).
+    level = logging.DEBUG if verbose else logging.INFO if is_main_process() else logging.WARNING
+    if terminal.bars_wanted():
+        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
+    else:  # a log file: one plain line per message, never wrapped or padded to a terminal's width
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    # Libraries log their warnings at import and along the way (optional kernels missing, deprecations):
+    # only errors reach the console unless -v asks for more.
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
     logging.getLogger("dolphin_train").setLevel(level)
     if not verbose:
-        # bitsandbytes warns at import that optional CPU kernels are missing; it works without them.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        # torchao (adamw_torch_4bit/8bit), imported by transformers when installed, warns about kernels it does
-        # not load on this machine, and torch about how torchao registers its types.
-        for name in ("torchao", "torch.utils._pytree"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        # torch's own handler prints the deprecation notices libraries trigger at import (torchao's
+        # pytree registrations); torch resets its top logger's level at import, not this one's.
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         # Library chatter (deprecation notices, "loading file..." lines) hides what matters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
@@ -159,6 +166,7 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     from dolphin_train.config.load import load_config
     from dolphin_train.config.resolve import resolve_runtime, resolved_settings
+    from dolphin_train.recipe import paths_missing_here
 
     cfg = load_config(args.config, overrides)
     runtime = resolve_runtime(cfg)
@@ -169,39 +177,17 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         f"# this machine: {runtime.device}, attention {runtime.attn_implementation} "
         f"({runtime.attention_note}), {runtime.launcher}"
     )
-    for warning in _missing_paths(cfg):
+    for warning in paths_missing_here(cfg):
         print(f"# warning: {warning}")
     return 0
 
 
-def _missing_paths(cfg: Any) -> list[str]:
-    """Files the config names that are absent here: fine for `validate` on a laptop, fatal for `train`."""
-    from pathlib import Path
-
-    from dolphin_train.data.sources import resolve_source
-    from dolphin_train.errors import DataError
-
-    missing = []
-    for ds in cfg.datasets:
-        try:
-            resolve_source(ds)  # local files, directories and globs; a hub id is taken as such
-        except DataError as exc:
-            missing.append(str(exc))
-    if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).exists():
-        missing.append(f"deepspeed config not found here: {cfg.deepspeed}")
-    return missing
-
-
 def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.config.resolve import is_main_process, resolve_runtime
-    from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import leaving_the_process_group_at_the_end, prepare_on_main_process_first
+    from dolphin_train.process_group import is_main_process
+    from dolphin_train.recipe import open_prepared_data
 
-    cfg = load_config(args.config, overrides)
-    tok = load_tokenizer(cfg)
-    with leaving_the_process_group_at_the_end():
-        prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
+    _, prepared = open_prepared_data(load_config(args.config, overrides))
     if is_main_process():
         _console().print(prepared.report.table())
         print(f"Prepared data: {prepared.path}" + (" (reused from cache)" if prepared.report.from_cache else ""))
@@ -210,15 +196,11 @@ def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.config.resolve import resolve_runtime
     from dolphin_train.data.inspect import highlighted_example, statistics_table
-    from dolphin_train.model.tokenizer import load_tokenizer
-    from dolphin_train.train.run import leaving_the_process_group_at_the_end, prepare_on_main_process_first
+    from dolphin_train.recipe import open_prepared_data
 
     cfg = load_config(args.config, overrides)
-    tok = load_tokenizer(cfg)
-    with leaving_the_process_group_at_the_end():
-        prepared = prepare_on_main_process_first(cfg, tok, resolve_runtime(cfg))
+    tok, prepared = open_prepared_data(cfg)
     console = _console()
     for i in range(min(args.n, len(prepared.train))):
         row = prepared.train[i]
@@ -228,23 +210,16 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
-def _default_gpu_memory() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_properties(0).total_memory}B"
-    return "80GB"
-
-
 def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.plan.report import make_plan, parse_memory, render
+    from dolphin_train.plan.report import default_gpu_memory, make_plan, parse_memory, render
+    from dolphin_train.process_group import world_size
 
     cfg = load_config(args.config, overrides)
-    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    gpus = args.gpus if args.gpus is not None else world_size()
     if gpus < 1:
         raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
-    memory = parse_memory(args.gpu_memory or _default_gpu_memory())
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else default_gpu_memory()
     plan = make_plan(cfg, gpus, memory, args.device)
     console = _console()
     for part in render(plan):
@@ -260,16 +235,11 @@ def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     base, adapter, dtype, quantization, trust = args.base, args.adapter, args.dtype, None, False
     if args.config:
         from dolphin_train.config.load import load_config
-        from dolphin_train.config.resolve import resolve_runtime
-        from dolphin_train.model.adapters import quantization_config
+        from dolphin_train.post.merge import merge_settings
 
-        cfg = load_config(args.config, overrides)
-        runtime = resolve_runtime(cfg)
-        base = base or cfg.base_model
-        adapter = adapter or cfg.output_dir
-        dtype = dtype or ("bfloat16" if runtime.bf16 else "float32")
-        quantization = quantization_config(cfg, runtime) if cfg.load_in_4bit else None
-        trust = cfg.trust_remote_code
+        settings = merge_settings(load_config(args.config, overrides), args.dtype)
+        base, adapter = base or settings.base, adapter or settings.adapter
+        dtype, quantization, trust = settings.dtype, settings.quantization, settings.trust_remote_code
     elif overrides:
         raise ConfigError([f"--{k}: config overrides need a CONFIG" for k in overrides], source="command line")
     if not base or not adapter:
@@ -311,7 +281,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.num_processes and "WORLD_SIZE" not in os.environ:
         forwarded = ["train", args.config, *args.overrides_as_written]
         return relaunch_with_torchrun(args.num_processes, forwarded + (["-v"] if args.verbose else []))
-    from dolphin_train.train.run import run_training
+    from dolphin_train.recipe import run_training
 
     console = _console()
     summary = run_training(cfg, show=console.print)

@@ -1,19 +1,21 @@
-"""Values derived from the config and this machine (`auto` precision, attention backend, launcher).
+"""Values derived from the config and the machine (`auto` precision, attention backend, launcher).
 
 They live here, not in the Config, so the Config stays exactly what the user wrote (plus defaults).
+Training resolves them for the machine it finds; `dolphin-train plan` for the machine it plans for.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from dataclasses import asdict, dataclass
 
+from dolphin_train.config.machine import Machine
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
+
+VARLEN = "dolphin_varlen"  # PyTorch's varlen flash attention, registered with transformers by model/attention.py
 
 
 @dataclass(frozen=True)
@@ -25,36 +27,19 @@ class RuntimeSettings:
     attn_implementation: str
     attention_note: str  # why this backend was chosen, logged at start
     world_size: int
-    launcher: str  # "single process", "torchrun/accelerate (N processes)"
+    launcher: str  # "single process", "distributed (N processes)"
+    liger: bool = False  # Liger's fused kernels usable (liger-kernel installed, CUDA)
+
+    @property
+    def precision(self) -> str:
+        """"bf16", "fp16" or "fp32": the dtype of the matrix products."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or the only process): the one that prints, logs and writes summaries."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _bf16_supported() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _tf32_supported() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-
-
-def resolve_attention(cfg: Config, cuda: bool) -> tuple[str, str]:
+def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
     """Pick the attention backend. Packed rows stay exact with every choice: flash-attn and transformers'
     SDPA path both derive sequence boundaries from the restarting position ids."""
     if cfg.attn_implementation:
@@ -63,39 +48,40 @@ def resolve_attention(cfg: Config, cuda: bool) -> tuple[str, str]:
     if cfg.attention and not flash:
         return cfg.attention_backend, "set by attention"
     if flash:
-        if cuda and importlib.util.find_spec("flash_attn") is not None:
+        if machine.flash_attn:
             return "flash_attention_2", "flash_attention: true and flash-attn is installed"
-        if cuda:
-            from dolphin_train.model.attention import VARLEN, torch_varlen_available
-
-            if torch_varlen_available():
-                return VARLEN, "flash_attention: true, flash-attn not installed: PyTorch's varlen flash attention"
-        reason = "no CUDA device" if not cuda else "neither flash-attn nor PyTorch varlen attention is available"
+        if machine.varlen_attention:
+            return VARLEN, "flash_attention: true, flash-attn not installed: PyTorch's varlen flash attention"
+        reason = "no CUDA device" if machine.device != "cuda" else "neither flash-attn nor PyTorch varlen attention"
         return "sdpa", f"flash_attention: true, but {reason}: using PyTorch SDPA (block-diagonal mask when packed)"
+    if cfg.sdp_attention:
+        return "sdpa", "sdp_attention: true: PyTorch SDPA (block-diagonal mask when packed)"
     return "sdpa", "PyTorch SDPA (block-diagonal mask when packed)"
 
 
-def resolve_runtime(cfg: Config) -> RuntimeSettings:
-    cuda = _cuda_available()
-    bf16 = _bf16_supported() if cfg.bf16 == "auto" else bool(cfg.bf16)
+def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSettings:
+    """`auto` settings and the attention backend for `machine` (default: this one)."""
+    machine = machine or Machine.detect()
+    cuda = machine.device == "cuda"
+    bf16 = machine.bf16 if cfg.bf16 == "auto" else bool(cfg.bf16)
     fp16 = bool(cfg.fp16) and not bf16
-    tf32 = _tf32_supported() if cfg.tf32 == "auto" else bool(cfg.tf32)
+    tf32 = machine.tf32 if cfg.tf32 == "auto" else bool(cfg.tf32)
     if fp16 and not cuda:
         raise EnvironmentProblem("fp16: true needs a CUDA GPU; use bf16 (or neither) on the CPU")
-    if cfg.tf32 is True and not _tf32_supported():
+    if cfg.tf32 is True and not machine.tf32:
         raise EnvironmentProblem("tf32: true needs an Ampere or newer NVIDIA GPU; set tf32: auto or false")
-    attn, note = resolve_attention(cfg, cuda)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = "single process" if world_size == 1 else f"distributed ({world_size} processes)"
+    attn, note = resolve_attention(cfg, machine)
+    launcher = "single process" if machine.world_size == 1 else f"distributed ({machine.world_size} processes)"
     return RuntimeSettings(
-        device="cuda" if cuda else "cpu",
+        device=machine.device,
         bf16=bf16,
         fp16=fp16,
         tf32=tf32,
         attn_implementation=attn,
         attention_note=note,
-        world_size=world_size,
+        world_size=machine.world_size,
         launcher=launcher,
+        liger=machine.liger,
     )
 
 

@@ -10,6 +10,7 @@ key"), but setting it to anything other than its default fails with "not support
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal
 
@@ -230,11 +231,17 @@ class Config(_Strict):
         "model",
     )
     tokenizer_config: str | None = key(None, "Tokenizer id or directory, if not `base_model`.", "model")
-    tokenizer_type: str = key("AutoTokenizer", "transformers tokenizer class.", "model")
+    tokenizer_type: str = key(
+        "AutoTokenizer",
+        "transformers tokenizer class that loads the tokenizer (`AutoTokenizer`, or a class such as "
+        "`PreTrainedTokenizerFast`); it must give a fast (Rust) tokenizer.",
+        "model",
+    )
     tokenizer_use_fast: bool = key(
         True,
-        "Accepted for axolotl compatibility. dolphin-train always uses the Rust (fast) tokenizer, whose "
-        "character offsets the masking relies on; its token ids equal the slow tokenizer's.",
+        "axolotl's switch for the slow tokenizer. dolphin-train always uses the Rust (fast) tokenizer, whose "
+        "character offsets the masking relies on and whose ids equal the slow tokenizer's; `false` says so in "
+        "the log (the Dolphin 2.9 recipe sets it).",
         "model",
     )
     trust_remote_code: bool = key(
@@ -282,7 +289,8 @@ class Config(_Strict):
     lora_target_linear: bool | None = key(
         None,
         "Adapt every linear layer except the output head (the default when no modules are named; with "
-        "`lora_target_modules` too, as in axolotl, the union: every linear layer).",
+        "`lora_target_modules` too, as in axolotl, the union: every linear layer); `false` requires "
+        "`lora_target_modules`.",
         "model",
     )
     lora_modules_to_save: list[str] | None = key(
@@ -682,10 +690,10 @@ class Config(_Strict):
         name = value.removeprefix(FALLBACK_PREFIX) if value else value
         if value is None or value == TOKENIZER_DEFAULT or name in TEMPLATE_NAMES:
             return value
-        from dolphin_train.config.load import suggest
-
         names = ", ".join((*TEMPLATE_NAMES, TOKENIZER_DEFAULT))
-        raise ValueError(f"unknown chat template{suggest(name, TEMPLATE_NAMES)}; known: {names}")
+        close = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ValueError(f"unknown chat template{hint}; known: {names}")
 
     @field_validator("attn_implementation")
     @classmethod
@@ -767,6 +775,9 @@ class Config(_Strict):
         if self.lora_target_linear and self.names_output_head:
             problems.append("lora_target_linear: true adapts every linear layer but the output head, and lm_head "
                             "cannot be added to it: list every module in lora_target_modules instead")  # fmt: skip
+        if self.adapter and self.lora_target_linear is False and not self.lora_target_modules:
+            problems.append("lora_target_linear: false leaves LoRA nothing to adapt: name lora_target_modules "
+                            "(e.g. [q_proj, v_proj]) or remove lora_target_linear")  # fmt: skip
         if self.chunked_loss_choice and self.adapts_output_head:
             problems.append("chunked_cross_entropy: true with lm_head in lora_target_modules: the chunked loss "
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
@@ -850,6 +861,15 @@ class Config(_Strict):
     @property
     def eval_packing(self) -> bool:
         return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
+
+    @property
+    def lora_targets(self) -> list[str] | str:
+        """The modules LoRA adapts: those named (a list, or peft's regular expression), else every linear
+        layer but the head (peft's `all-linear`); as in axolotl, `lora_target_linear: true` adds every linear
+        layer to those named, so their union is all of them."""
+        if self.lora_target_linear or not self.lora_target_modules:
+            return "all-linear"
+        return self.lora_target_modules
 
     @property
     def adapts_output_head(self) -> bool:

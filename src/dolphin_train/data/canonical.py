@@ -19,6 +19,7 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.formats import RowConverter, RowProblem
 from dolphin_train.data.sources import RawRow, Source, iter_source_rows, parse_json_line
 from dolphin_train.errors import DolphinError
+from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 
 ROW_OK, ROW_BLANK, ROW_INVALID = 0, 1, 2
 PARALLEL_READ_MIN_ROWS = 50_000
@@ -105,20 +106,21 @@ def _parts(cfg: Config, source: Source, work_dir: Path, num_proc: int | None) ->
     if not source.hub and all(_is_jsonl(p, source) for p in source.files):
         for path in source.files:
             lines = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=cache)
-            parts.append(
-                lines.map(
-                    JsonlBatch(convert, str(path)),
-                    batched=True,
-                    with_indices=True,
-                    batch_size=1000,
-                    # Parsing costs ~0.1 ms a row: worker processes pay off only for large files.
-                    num_proc=num_proc if num_proc and len(lines) >= PARALLEL_READ_MIN_ROWS else None,
-                    remove_columns=["text"],
-                    features=canonical_features(),
-                    new_fingerprint=f"canonical-{len(parts)}",
-                    desc=f"Reading {path.name}",
+            with datasets_bars(bars_wanted() or verbose()):
+                parts.append(
+                    lines.map(
+                        JsonlBatch(convert, str(path)),
+                        batched=True,
+                        with_indices=True,
+                        batch_size=1000,
+                        # Parsing costs ~0.1 ms a row: worker processes pay off only for large files.
+                        num_proc=num_proc if num_proc and len(lines) >= PARALLEL_READ_MIN_ROWS else None,
+                        remove_columns=["text"],
+                        features=canonical_features(),
+                        new_fingerprint=f"canonical-{len(parts)}",
+                        desc=f"Reading {path.name}",
+                    )
                 )
-            )
         return parts
     try:
         parts.append(

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from dolphin_train.data.encode import IGNORE_INDEX
-from dolphin_train.data.packing import plan_packing
+from dolphin_train.data.packing import pack_conversations
 from dolphin_train.data.prepare import PreparedData
+from dolphin_train.terminal import bars_wanted
 
 
 def highlighted_example(tokenizer: Any, input_ids: list[int], labels: list[int], show_ids: bool) -> Any:
@@ -27,11 +28,11 @@ def highlighted_example(tokenizer: Any, input_ids: list[int], labels: list[int],
 def statistics_table(prepared: PreparedData, sequence_len: int, seed: int) -> Any:
     lengths = np.asarray(prepared.train["length"], dtype=np.int64)
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
-    plan = plan_packing(lengths, sequence_len, seed, progress=True)
+    layout = pack_conversations(lengths, sequence_len, seed, progress=bars_wanted())
     table = prepared.report.table()  # the preparation report, then the shape of the training rows
     table.add_row("length p50 / p90 / p99 / max", f"{p50:,} / {p90:,} / {p99:,} / {int(lengths.max()):,}")
     table.add_row(
         f"packing at {sequence_len} tokens",
-        f"{len(plan.bins):,} rows (lower bound {plan.lower_bound_rows:,}), {plan.efficiency:.2%} full",
+        f"{len(layout.bins):,} rows (lower bound {layout.lower_bound_rows:,}), {layout.efficiency:.2%} full",
     )
     return table

@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dolphin_train.config.schema import Config
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.data.prepare import PreparedData
+from dolphin_train.process_group import is_main_process
+from dolphin_train.terminal import bars_wanted
 
 # Conversations placed between progress-bar updates: keeps the bar's cost out of the inner loop.
 PROGRESS_CHUNK = 1 << 16
@@ -73,7 +77,9 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, progress: bool = Fal
 
 
 @dataclass(frozen=True)
-class PackingPlan:
+class PackingLayout:
+    """Which conversations share each packed row (`bins`: conversation indices per row, in training order)."""
+
     bins: list[list[int]]
     capacity: int
     total_tokens: int
@@ -88,26 +94,26 @@ class PackingPlan:
         return -(-self.total_tokens // self.capacity)
 
 
-def plan_packing(lengths: np.ndarray, capacity: int, seed: int, progress: bool = False) -> PackingPlan:
+def pack_conversations(lengths: np.ndarray, capacity: int, seed: int, progress: bool = False) -> PackingLayout:
     """Best-fit-decreasing bins in a seeded random order (so long rows are not all at the start)."""
     bins = best_fit_decreasing(lengths, capacity, progress)
     rng = np.random.default_rng(seed)
     shuffled = [bins[i] for i in rng.permutation(len(bins))]
-    return PackingPlan(shuffled, capacity, int(np.sum(lengths)))
+    return PackingLayout(shuffled, capacity, int(np.sum(lengths)))
 
 
 class PackedRows:
     """A map-style dataset of packed rows over a tokenized `datasets.Dataset` (read lazily)."""
 
-    def __init__(self, dataset: Any, plan: PackingPlan) -> None:
+    def __init__(self, dataset: Any, layout: PackingLayout) -> None:
         self.dataset = dataset
-        self.plan = plan
+        self.layout = layout
 
     def __len__(self) -> int:
-        return len(self.plan.bins)
+        return len(self.layout.bins)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        rows = self.dataset[self.plan.bins[i]]
+        rows = self.dataset[self.layout.bins[i]]
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
@@ -151,3 +157,31 @@ class PaddedToEvenShards:
         if not 0 <= i < self.length:
             raise IndexError(i)
         return self.rows[i] if i < len(self.rows) else dict(self.empty)
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows the Trainer iterates, and how they were packed (None when not packed)."""
+
+    train: Any
+    eval: Any | None
+    train_layout: PackingLayout | None
+    eval_layout: PackingLayout | None
+
+
+def build_training_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
+    """Packed rows (`sample_packing`, `eval_sample_packing`) or one conversation per row: what training
+    iterates and what `plan` counts steps from."""
+
+    def rows(dataset: Any, packed: bool, seed: int) -> tuple[Any, PackingLayout | None]:
+        if dataset is None:
+            return None, None
+        if not packed:
+            return SingleRows(dataset), None
+        lengths = np.asarray(dataset["length"], dtype=np.int64)
+        layout = pack_conversations(lengths, cfg.sequence_len, seed, progress=is_main_process() and bars_wanted())
+        return PackedRows(dataset, layout), layout
+
+    train, train_layout = rows(prepared.train, cfg.sample_packing, cfg.seed)
+    eval_rows, eval_layout = rows(prepared.eval, cfg.eval_packing, cfg.seed + 1)
+    return TrainingRows(train, eval_rows, train_layout, eval_layout)

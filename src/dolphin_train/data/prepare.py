@@ -23,9 +23,11 @@ from dolphin_train.data.fast_bpe import FastBPE
 from dolphin_train.data.formats import RowProblem
 from dolphin_train.data.named_templates import NAMED_TEMPLATES, end_tokens_for
 from dolphin_train.data.report import PreparationReport
-from dolphin_train.data.sources import Source, resolve_source, sources_fingerprint
+from dolphin_train.data.sources import Source, guessed_rows, resolve_source, sources_fingerprint
 from dolphin_train.data.templates import CHATML_TEMPLATE, ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
+from dolphin_train.process_group import on_main_process_first
+from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
 
 
 def _approximate_rows(sources: list[Source]) -> int:
-    """Enough to choose the number of worker processes: ~2 kB per conversation on disk."""
-    return sum(p.stat().st_size for s in sources for p in s.files) // 2000 if sources else 0
+    """Enough to choose the number of worker processes."""
+    return guessed_rows(sum(p.stat().st_size for s in sources for p in s.files))
 
 
 def _num_proc(cfg: Config, rows: int) -> int | None:
@@ -167,16 +169,17 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     started = time.perf_counter()
     if encoder.fast is not None and num_proc:
         encoder.fast.threads = 1  # each worker process is one thread of tokenization
-    tokenized = canonical.map(
-        encoder,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc,
-        remove_columns=canonical.column_names,
-        desc="Tokenizing",
-        # Our cache is keyed by content; skip `datasets`' own fingerprint (it would hash the encoder).
-        new_fingerprint="tokenized",
-    )
+    with datasets_bars(bars_wanted() or verbose()):
+        tokenized = canonical.map(
+            encoder,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc,
+            remove_columns=canonical.column_names,
+            desc="Tokenizing",
+            # Our cache is keyed by content; skip `datasets`' own fingerprint (it would hash the encoder).
+            new_fingerprint="tokenized",
+        )
     log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
     status = np.asarray(tokenized["status"])
     _template_rejections(cfg, canonical, tokenized, status, report)
@@ -250,8 +253,14 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     """Prepared data for this config: from the cache when the fingerprint matches, else built and cached.
 
     The cache entry is written to a temporary directory and renamed into place, so an interrupted run
-    never leaves a half-written entry that a later run would trust.
+    never leaves a half-written entry that a later run would trust. `datasets`' own progress bars (splits
+    generated, datasets saved) stay hidden unless -v; ours (reading, tokenizing) show on a terminal.
     """
+    with datasets_bars(verbose()):
+        return _prepare_data(cfg, tokenizer)
+
+
+def _prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     sources = [resolve_source(ds) for ds in cfg.datasets]
     fingerprint = data_fingerprint(cfg, tokenizer, sources)
     final = prepared_entry(cfg, fingerprint)
@@ -281,3 +290,9 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
     prepared = load_prepared(final)
     prepared.report.from_cache = False
     return prepared
+
+
+def prepare_on_main_process_first(cfg: Config, tokenizer: Any, device: str) -> PreparedData:
+    """Under several processes, rank 0 prepares and caches while the others wait, then they load the same
+    cache entry; a single process simply prepares."""
+    return on_main_process_first(lambda: prepare_data(cfg, tokenizer), device)

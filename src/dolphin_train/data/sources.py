@@ -27,6 +27,12 @@ from dolphin_train.config.schema import DatasetConfig
 from dolphin_train.errors import DataError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BYTES_PER_CONVERSATION = 2000  # on disk, a typical chat row: the guess used before rows are counted
+
+
+def guessed_rows(size_bytes: int) -> int:
+    """Rows in a data file of this size, before anything is read (worker counts, `plan` estimates)."""
+    return size_bytes // BYTES_PER_CONVERSATION
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,20 @@ from dolphin_train.errors import DolphinError
 log = logging.getLogger(__name__)
 
 
+def parameter_count(param: Any) -> int:
+    """Values a parameter holds: bitsandbytes packs two 4-bit values per byte, so a loaded 4-bit weight's
+    own numel() is half its count (its quantisation state keeps the real shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(quant_state.shape.numel())
+    return param.numel()
+
+
 def compute_dtype(runtime: RuntimeSettings) -> Any:
+    """The dtype of the matrix products: bf16 or fp16 in mixed precision, else float32."""
     import torch
 
-    return torch.bfloat16 if runtime.bf16 else torch.float16 if runtime.fp16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[runtime.precision]
 
 
 def quantization_config(cfg: Config, runtime: RuntimeSettings) -> Any:
@@ -75,13 +85,11 @@ def lora_config(cfg: Config, model: Any, saved: list[str] | None) -> Any:
     """The PEFT LoRA settings from the config (also used by `plan` on a meta-device model)."""
     from peft import LoraConfig
 
-    # As in axolotl, `lora_target_linear` adds every linear layer to the named modules: the union is all of them.
-    every_linear = cfg.lora_target_linear or not cfg.lora_target_modules
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if every_linear else cfg.lora_target_modules,
+        target_modules=cfg.lora_targets,
         modules_to_save=saved,
         # Tied input and output embeddings (Llama-3.2-1B, Qwen2.5 small) trained in full stay one matrix:
         # two copies would train apart, and the merged model would lose one of them.
@@ -93,20 +101,35 @@ def lora_config(cfg: Config, model: Any, saved: list[str] | None) -> Any:
     )
 
 
-def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
-    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+def prepare_base_for_adapter(cfg: Config, model: Any) -> Any:
+    """The frozen base as LoRA trains over it: peft's k-bit preparation for quantised bases (norms,
+    embeddings and head upcast to float32), or a gradient path through frozen embeddings for checkpointing."""
+    from peft import prepare_model_for_kbit_training
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
         )
-    elif cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    return model
+
+
+def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: bool = True) -> Any:
+    """A new trainable LoRA adapter over the prepared base (also built by `plan` on a meta-device model)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg, model, modules_to_save(cfg, model, new_token_ids, announce)))
+
+
+def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
+    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
+    from peft import PeftModel
+
+    model = prepare_base_for_adapter(cfg, model)
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
         return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
-    config = lora_config(cfg, model, modules_to_save(cfg, model, new_token_ids))
-    return get_peft_model(model, config)
+    return new_adapter(cfg, model, new_token_ids)

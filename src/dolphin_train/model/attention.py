@@ -16,17 +16,7 @@ from typing import Any
 
 import torch
 
-VARLEN = "dolphin_varlen"
-
-
-def torch_varlen_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from dolphin_train.config.resolve import VARLEN
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

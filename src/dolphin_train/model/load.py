@@ -1,4 +1,8 @@
-"""Load (or initialise) the model at the right precision and attention backend, sized to the tokenizer."""
+"""Load (or initialise) the model at the right precision and attention backend, sized to the tokenizer.
+
+The decisions made here (load dtype, model-config overrides, quantisation) are the ones `dolphin-train plan`
+calls too, on a meta-device copy of the model, so the plan and the run cannot disagree.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,30 @@ import contextlib
 import logging
 from typing import Any
 
-from dolphin_train.config.resolve import RuntimeSettings
+from dolphin_train.config.resolve import VARLEN, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
-from dolphin_train.model.attention import VARLEN, register_varlen_attention
+from dolphin_train.model.attention import register_varlen_attention
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _model_class(cfg: Config) -> Any:
+def load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
+    """The dtype the weights are loaded in. Without DeepSpeed, full fine-tuning keeps float32 master
+    weights and autocasts to bf16/fp16: pure bf16 weights lose small Adam updates. DeepSpeed keeps its own
+    float32 master copy, so the model loads in the compute dtype there; so do frozen adapter bases."""
+    import torch
+
+    if cfg.bfloat16:  # asked for: bfloat16 weights, no float32 master copy
+        return torch.bfloat16
+    if cfg.adapter or cfg.deepspeed:
+        return compute_dtype(runtime)
+    return torch.float32
+
+
+def model_class(cfg: Config) -> Any:
     import transformers
 
     cls = getattr(transformers, cfg.model_type, None)
@@ -25,24 +42,16 @@ def _model_class(cfg: Config) -> Any:
     return cls
 
 
-def _load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
-    """Without DeepSpeed, full fine-tuning keeps float32 master weights and autocasts to bf16/fp16: pure
-    bf16 weights lose small Adam updates. DeepSpeed keeps its own fp32 master copy, so the model loads in
-    the compute dtype there."""
-    import torch
-
-    if cfg.bfloat16:  # asked for: bfloat16 weights, no float32 master copy
-        return torch.bfloat16
-    if cfg.adapter:  # frozen base weights: no master copy needed, load in the compute dtype
-        return compute_dtype(runtime)
-    if cfg.deepspeed and runtime.bf16:
-        return torch.bfloat16
-    if cfg.deepspeed and runtime.fp16:
-        return torch.float16
-    return torch.float32
+def apply_config_overrides(config: Any, cfg: Config) -> Any:
+    """`model_config` values over the model's config.json; no KV cache while training (transformers
+    recognises packed rows, from restarting position ids, only when no cache is built)."""
+    for name, value in (cfg.model_config_overrides or {}).items():
+        setattr(config, name, value)
+    config.use_cache = False
+    return config
 
 
-def _model_config(cfg: Config) -> Any:
+def load_model_config(cfg: Config) -> Any:
     from transformers import AutoConfig
 
     source = cfg.base_model_config or cfg.base_model
@@ -50,10 +59,8 @@ def _model_config(cfg: Config) -> Any:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DolphinError(f"cannot load the model config from {source!r}: {exc}") from None
-    for name, value in (cfg.model_config_overrides or {}).items():
-        setattr(config, name, value)
     check_declared_family(cfg, config)
-    return config
+    return apply_config_overrides(config, cfg)
 
 
 # axolotl's `is_*_derived_model` flags, and the model types each one names.
@@ -134,22 +141,28 @@ def _gathered(params: list[Any]) -> Any:
     return contextlib.nullcontext()
 
 
-def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Any:
+def load_model(
+    cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, weights_from_checkpoint: bool = False
+) -> Any:
+    """The model ready to train. `weights_from_checkpoint`: a resumed run, whose weights the Trainer then
+    loads from the checkpoint (only said in the log)."""
     import torch
 
-    config = _model_config(cfg)
-    cls = _model_class(cfg)
+    config = load_model_config(cfg)
+    cls = model_class(cfg)
     if runtime.attn_implementation == VARLEN:
         register_varlen_attention()
-    dtype = _load_dtype(cfg, runtime)
-    kwargs = {"dtype": dtype, "attn_implementation": runtime.attn_implementation}
+    kwargs = {"dtype": load_dtype(cfg, runtime), "attn_implementation": runtime.attn_implementation}
     quantization = quantization_config(cfg, runtime)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if cfg.train_from_scratch:
         torch.manual_seed(cfg.seed)
         model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
-        log.info("Initialised %s from scratch", type(model).__name__)
+        if weights_from_checkpoint:
+            log.info("Built %s; its weights come from the checkpoint", type(model).__name__)
+        else:
+            log.info("Initialised %s from scratch", type(model).__name__)
     else:
         try:
             model = cls.from_pretrained(
@@ -164,9 +177,7 @@ def load_model(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> A
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False, pad_to_multiple_of=multiple)
     init_new_embeddings(model, tok.new_token_ids)
     sync_special_token_ids(model, tokenizer)
-    # No KV cache while training: transformers recognises packed rows (restarting position ids) only when
-    # no cache is built. `save_final_model` turns it back on for inference.
-    model.config.use_cache = False
+    model.config.use_cache = False  # `save_final_model` turns it back on for inference
     if cfg.adapter:
         # LoRA's A matrices start random: `seed` decides them, whatever ran before in this process.
         torch.manual_seed(cfg.seed)

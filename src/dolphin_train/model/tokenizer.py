@@ -21,16 +21,34 @@ class LoadedTokenizer:
     template: str = "chatml"  # the chat template the data is formatted with (a name, or tokenizer_default)
 
 
-def _load_base(cfg: Config) -> Any:
-    from transformers import AutoTokenizer
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
+
+def _tokenizer_class(cfg: Config) -> Any:
+    import transformers
+
+    cls = getattr(transformers, cfg.tokenizer_type, None)
+    if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" not in cfg.tokenizer_type:
+        raise DolphinError(
+            f"tokenizer_type: {cfg.tokenizer_type!r} is not a transformers tokenizer class "
+            "(use AutoTokenizer, or a class such as PreTrainedTokenizerFast)"
+        )
+    return cls
+
+
+def _load_base(cfg: Config) -> Any:
     source = cfg.tokenizer_config or cfg.base_model
+    if not cfg.tokenizer_use_fast:
+        log.info("tokenizer_use_fast: false: using the fast tokenizer anyway (same ids; masking needs its offsets)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = _tokenizer_class(cfg).from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DolphinError(f"cannot load the tokenizer from {source!r}: {exc}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise DolphinError(f"{source}: a fast (Rust) tokenizer is required (tokenizer.json)")
+        raise DolphinError(
+            f"{source}: a fast (Rust) tokenizer is required (tokenizer.json); tokenizer_type "
+            f"{cfg.tokenizer_type} gave {type(tokenizer).__name__}"
+        )
     return tokenizer
 
 
@@ -59,7 +77,7 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
 
     tokenizer = _load_base(cfg)
     before = len(tokenizer)
-    special = {k: v for k, v in cfg.special_tokens.model_dump().items() if v}
+    special = {name: value for name in SPECIAL_TOKEN_NAMES if (value := getattr(cfg.special_tokens, name))}
     if special:
         tokenizer.add_special_tokens(special)
     wanted = list(cfg.tokens)

@@ -87,32 +87,28 @@ def cached_hub_file(repo_id: str, filename: str) -> Path | None:
 
 
 def model_config_for_plan(cfg: Config) -> tuple[Any, str]:
-    """(transformers config, where it came from). A local directory, `base_model_config`, or a hub id whose
-    config.json is in the Hugging Face cache wins over the table, so a plan for a real checkpoint is exact."""
+    """(transformers config, where it came from). A local directory (`base_model_config`, else
+    `base_model`), or a hub id whose config.json is in the Hugging Face cache, wins over the table, so a plan
+    for a real checkpoint is exact; either way the config's `model_config` overrides apply as training
+    applies them."""
     from transformers import AutoConfig
 
-    for source in (cfg.base_model_config, cfg.base_model):
-        if source and (Path(source) / "config.json").exists():
-            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-            return _with_overrides(config, cfg), f"{source}/config.json"
-        cached = cached_hub_file(source, "config.json") if source else None
-        if cached is not None:
-            config = AutoConfig.from_pretrained(str(cached.parent), trust_remote_code=cfg.trust_remote_code)
-            return _with_overrides(config, cfg), f"{source} (config.json in the Hugging Face cache)"
+    from dolphin_train.model.load import apply_config_overrides, load_model_config
+
+    source = cfg.base_model_config or cfg.base_model
+    if (Path(source) / "config.json").exists():
+        return load_model_config(cfg), f"{source}/config.json"
+    cached = cached_hub_file(source, "config.json")
+    if cached is not None:
+        config = AutoConfig.from_pretrained(str(cached.parent), trust_remote_code=cfg.trust_remote_code)
+        return apply_config_overrides(config, cfg), f"{source} (config.json in the Hugging Face cache)"
     known = known_architecture(cfg.base_model)
     if known is not None:
         values = dict(known)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
-        return _with_overrides(config, cfg), "dolphin-train's table of known architectures"
+        return apply_config_overrides(config, cfg), "dolphin-train's table of known architectures"
     names = ", ".join(sorted(KNOWN_ARCHITECTURES))
     raise DolphinError(
         f"cannot plan {cfg.base_model!r} without its config.json: download it next to the config and set "
         f"base_model_config to its directory, or use one of the known architectures ({names})"
     )
-
-
-def _with_overrides(config: Any, cfg: Config) -> Any:
-    for name, value in (cfg.model_config_overrides or {}).items():
-        setattr(config, name, value)
-    config.use_cache = False
-    return config

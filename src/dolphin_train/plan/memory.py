@@ -4,8 +4,8 @@ Why our own code: neither transformers nor accelerate estimates training memory 
 The estimate follows what our trainer actually allocates:
 
 - weights, gradients and optimizer states: counted parameter by parameter on a meta-device copy of
-  the model built the way `model/load.py` builds it (load dtype, 4-/8-bit linear layers, the PEFT
-  adapter and the embeddings it trains in full), then divided by what ZeRO or FSDP shards;
+  the model built by the functions training calls (`skeleton.py`: load dtype, 4-/8-bit linear layers,
+  k-bit preparation, the PEFT adapter and what it trains in full), then divided by what ZeRO or FSDP shards;
 - activations: measured by tracing the model's forward pass on the meta device (`trace.py`), with
   gradient checkpointing keeping only each layer's input plus one layer recomputed in the backward pass;
 - logits and loss: the output head's logits and the float32 cross-entropy working memory, or one chunk
@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
-from dolphin_train.plan.trace import ActivationTrace, register_trace_attention, trace_activations
+from dolphin_train.model.adapters import compute_dtype
+from dolphin_train.plan.skeleton import build_meta_model, make_computable_on_meta
+from dolphin_train.plan.trace import ActivationTrace, decoder_layers, trace_activations
+from dolphin_train.train.arguments import deepspeed_config, fsdp_options, fsdp_settings, trainer_autocasts
+from dolphin_train.train.loss import chunk_tokens_for, use_chunked_cross_entropy
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context, cuBLAS and kernels: outside PyTorch's allocator
@@ -33,6 +38,8 @@ FRAGMENTATION = 0.07  # reserved-but-unallocated share of PyTorch's caching allo
 # part of the gap between these estimates and the peak resident memory of tiny runs (tests/test_plan.py).
 CPU_RUNTIME = 80 * 2**20
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales, float32 scale of scales
+INT8_BYTES_PER_PARAM = 1.0
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Optimizer state bytes per trainable parameter as a multiple of the parameter's own bytes, or absolute.
 STATE_MULTIPLE = {"adamw_torch": 2, "adamw_torch_fused": 2, "paged_adamw_32bit": 2, "adagrad": 1, "rmsprop": 1,
                   "lion_32bit": 1, "sgd": 0}  # fmt: skip
@@ -42,26 +49,6 @@ TORCHAO_STATE_BYTES = {"adamw_torch_4bit": 0.5, "adamw_torch_8bit": 1.0}
 # The foreach (multi-tensor) Adam of PyTorch, used on CUDA, builds one full-size temporary per step.
 FOREACH_OPTIMIZERS = {"adamw_torch"}
 
-
-@dataclass(frozen=True)
-class Precision:
-    name: str  # "bf16", "fp16" or "fp32"
-    bytes: int
-
-    @property
-    def torch_dtype(self) -> Any:
-        import torch
-
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
-
-
-def plan_precision(cfg: Config, device: str) -> Precision:
-    """`bf16: auto` means bf16 on any GPU this plan is for (Ampere or newer); on the CPU only if asked."""
-    if cfg.bf16 is True or (cfg.bf16 == "auto" and device == "cuda"):
-        return Precision("bf16", 2)
-    if cfg.fp16 and device == "cuda":
-        return Precision("fp16", 2)
-    return Precision("fp32", 4)
 
 
 @dataclass(frozen=True)
@@ -79,8 +66,6 @@ class Sharding:
 
 
 def _deepspeed_settings(cfg: Config) -> dict[str, Any]:
-    from dolphin_train.train.arguments import deepspeed_config
-
     settings = deepspeed_config(cfg)  # a mapping, or a path checked to exist
     return settings if isinstance(settings, dict) else json.loads(Path(settings).read_text())
 
@@ -104,8 +89,8 @@ def plan_sharding(cfg: Config, gpus: int) -> Sharding:
             settings=zero,
         )
     if cfg.fsdp:
-        options = " ".join(cfg.fsdp) if isinstance(cfg.fsdp, list) else str(cfg.fsdp)
-        settings = {k.removeprefix("fsdp_"): v for k, v in (cfg.fsdp_config or {}).items()}
+        options = " ".join(fsdp_options(cfg))
+        settings = fsdp_settings(cfg) or {}
         strategy = str(settings.get("sharding_strategy", "FULL_SHARD" if "full_shard" in options else options))
         full = "full_shard" in options or "FULL_SHARD" in strategy.upper() or settings.get("reshard_after_forward")
         offload = "offload" in options or bool(settings.get("offload_params"))
@@ -139,11 +124,14 @@ class ParameterInventory:
     head_copy_bytes: int
 
 
-def _quantised(name: str, module: Any, cfg: Config) -> bool:
-    """Linear layers bitsandbytes quantises: every nn.Linear but the output head."""
-    import torch
-
-    return (cfg.load_in_4bit or cfg.load_in_8bit) and isinstance(module, torch.nn.Linear) and "lm_head" not in name
+def _stored_bytes(param: Any) -> int:
+    """Bytes of a weight as training stores it: bitsandbytes' quantised weights at their packed size."""
+    kind = type(param).__name__
+    if kind == "Params4bit":
+        return int(param.numel() * NF4_BYTES_PER_PARAM)
+    if kind == "Int8Params":
+        return int(param.numel() * INT8_BYTES_PER_PARAM)
+    return param.numel() * param.element_size()
 
 
 def _state_bytes(cfg: Config, param: Any, param_bytes: int, sharding: Sharding, is_embedding: bool) -> int:
@@ -174,17 +162,11 @@ def _bnb_keeps_32bit_states(param: Any, sharding: Sharding, is_embedding: bool) 
     return param.numel() < 4096 or is_embedding
 
 
-def inventory(model: Any, cfg: Config, sharding: Sharding, precision: Precision, autocast: bool) -> ParameterInventory:
+def inventory(model: Any, cfg: Config, sharding: Sharding, precision_bytes: int, autocast: bool) -> ParameterInventory:
     import torch
-
-    from dolphin_train.plan.trace import decoder_layers
 
     layers = decoder_layers(model.get_decoder() if hasattr(model, "get_decoder") else model)
     layer_ids = {id(p) for p in layers[0].parameters()}
-    quantised_ids: set[int] = set()
-    for name, module in model.named_modules():
-        if _quantised(name, module, cfg):
-            quantised_ids.add(id(module.weight))
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     total = trainable = weight_bytes = trainable_bytes = largest = largest_n = states = copies = 0
     head = model.get_output_embeddings()
@@ -193,18 +175,15 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision: Precision,
     for param in model.parameters():
         n = param.numel()
         total += n
-        if id(param) in quantised_ids:
-            weight_bytes += int(n * (NF4_BYTES_PER_PARAM if cfg.load_in_4bit else 1.0))
-        else:
-            weight_bytes += n * param.element_size()
+        weight_bytes += _stored_bytes(param)
         if param.requires_grad:
             size = n * param.element_size()
             trainable += n
             trainable_bytes += size
             largest, largest_n = max(largest, size), max(largest_n, n)
             states += _state_bytes(cfg, param, size, sharding, id(param) in embedding_ids)
-        if autocast and param.requires_grad and param.dim() >= 2 and param.element_size() > precision.bytes:
-            copy = n * precision.bytes
+        if autocast and param.requires_grad and param.dim() >= 2 and param.element_size() > precision_bytes:
+            copy = n * precision_bytes
             copies += copy
             head_copy += copy if id(param) in head_ids else 0
             layer_copy += copy if id(param) in layer_ids else 0
@@ -244,7 +223,7 @@ class MemoryEstimate:
     activations_with_checkpointing: int
     params: ParameterInventory
     sharding: Sharding
-    precision: Precision
+    precision: str  # "bf16", "fp16" or "fp32"
     chunked_loss: bool
     notes: tuple[str, ...] = ()
 
@@ -258,163 +237,109 @@ class MemoryEstimate:
         return self.allocated + self.overhead
 
 
-def _model_dtype(cfg: Config, precision: Precision) -> Any:
-    """The dtype `model/load.py` loads in: float32 master weights for full fine-tuning without
-    DeepSpeed (autocast does the 16-bit compute), the compute dtype otherwise."""
-    import torch
-
-    if cfg.bfloat16:
-        return torch.bfloat16
-    if cfg.adapter or cfg.deepspeed:
-        return precision.torch_dtype
-    return torch.float32
-
-
-def uses_autocast(cfg: Config, precision: Precision) -> bool:
-    """Trainer autocasts in mixed precision except under DeepSpeed, which converts the model itself."""
-    return precision.name != "fp32" and not cfg.deepspeed
-
-
-def build_meta_model(cfg: Config, model_config: Any, vocab_rows: int, new_tokens: bool, precision: Precision) -> Any:
-    """The model as training sees it, on the meta device: no memory, no weights, same parameters."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model_config)
-    config.vocab_size = max(int(config.vocab_size), vocab_rows)
-    dtype = _model_dtype(cfg, precision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=register_trace_attention(), trust_remote_code=cfg.trust_remote_code
-        )
-    model.train()
-    if cfg.adapter:
-        model = _with_meta_adapter(cfg, model, new_tokens)
-    from dolphin_train.model.load import freeze_except
-
-    freeze_except(cfg, model)
-    return model
+def estimate_memory(
+    cfg: Config, runtime: RuntimeSettings, model_config: Any, *, vocab_rows: int, new_token_ids: list[int]
+) -> MemoryEstimate:
+    """Per-device memory of `cfg` on the machine `runtime` describes (`resolve_runtime`, real or planned)."""
+    sharding = plan_sharding(cfg, runtime.world_size)
+    autocast = trainer_autocasts(cfg, runtime)
+    precision_bytes = PRECISION_BYTES[runtime.precision]
+    model = build_meta_model(cfg, runtime, model_config, vocab_rows, new_token_ids)
+    params = inventory(model, cfg, sharding, precision_bytes, autocast)
+    compute = compute_dtype(runtime)
+    make_computable_on_meta(model, compute)
+    if getattr(model, "is_activation_checkpointing", False):  # k-bit preparation may have turned it on
+        model.activation_checkpointing_disable()  # the trace measures both ways itself
+    trace = trace_activations(model, cfg.micro_batch_size, cfg.sequence_len, compute if autocast else None)
+    return _combine(cfg, runtime, params, trace, sharding, autocast)
 
 
-def _with_meta_adapter(cfg: Config, model: Any, new_tokens: bool) -> Any:
-    """The adapter exactly as `model/adapters.py` configures it; k-bit preparation done by hand, because
-    on the meta device there are no 4-bit tensors for peft to recognise."""
-    import torch
-    from peft import get_peft_model
-
-    from dolphin_train.model.adapters import lora_config, modules_to_save
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        # peft's k-bit preparation keeps only the quantised weights in low precision: norms, embeddings
-        # and the head go to float32 (the quantised layers are sized separately in `inventory`).
-        quantised = {id(m.weight) for n, m in model.named_modules() if _quantised(n, m, cfg)}
-        for param in model.parameters():
-            if id(param) not in quantised and param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.to(torch.float32)
-    saved = modules_to_save(cfg, model, [0] if new_tokens else [], announce=False)
-    return get_peft_model(model, lora_config(cfg, model, saved))
+# ---- one function per part of the memory, each per device --------------------------------------------
 
 
-def _logits_bytes(tokens: int, vocab: int, hidden: int, precision: Precision, chunked: bool):
+@dataclass(frozen=True)
+class _Weights:
+    stored: int  # the parameters as stored, sharded (0 when offloaded)
+    gathered: int  # ZeRO-3 / FSDP: the layer computed and the one prefetched, in the compute dtype
+
+
+def weights_part(params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Weights:
+    stored = 0 if sharding.offload_params else params.weight_bytes // sharding.weights
+    gathered = 0
+    if sharding.weights > 1:  # the embeddings are gathered whole when they are used
+        gathered = 2 * max(params.largest_layer_params, params.embedding_params) * precision_bytes
+    return _Weights(stored, gathered)
+
+
+@dataclass(frozen=True)
+class _Gradients:
+    held: int  # the gradients of the trainable parameters, sharded
+    step_partition: int  # DeepSpeed: float32 gradients of one optimizer sub-group during the step
+
+
+def gradients_part(params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Gradients:
+    if sharding.deepspeed_stage is None:
+        return _Gradients(params.trainable_bytes // sharding.gradients, 0)
+    # DeepSpeed reduces 16-bit gradients into a float32 partition at the step, one optimizer sub-group
+    # (`sub_group_size` parameters; 0: one tensor) at a time.
+    held = params.trainable * precision_bytes // sharding.gradients
+    sub_group = _number(sharding.settings.get("sub_group_size"), 1_000_000_000)
+    partition = params.trainable // sharding.optimizer
+    largest = params.largest_trainable_params
+    step = 0 if sharding.offload_optimizer else 4 * min(partition, max(sub_group, largest // sharding.optimizer))
+    return _Gradients(held, step)
+
+
+def optimizer_part(params: ParameterInventory, sharding: Sharding) -> int:
+    """Optimizer states, and DeepSpeed's float32 master weights (0 on the GPU when offloaded)."""
+    if sharding.offload_optimizer:
+        return 0
+    master = params.trainable * 4 // sharding.optimizer if sharding.deepspeed_stage is not None else 0
+    return params.state_bytes // sharding.optimizer + master
+
+
+@dataclass(frozen=True)
+class _Activations:
+    kept: int  # what the forward pass keeps for the backward pass, with this config's checkpointing
+    without_checkpointing: int
+    with_checkpointing: int
+    recomputed: int  # checkpointing: the one layer recomputed at a time in the backward pass
+    head_copy: int  # autocast's 16-bit copy of a float32 output head
+
+
+def activations_part(cfg: Config, params: ParameterInventory, trace: ActivationTrace, autocast: bool) -> _Activations:
+    copies = params.autocast_copy_bytes - params.head_copy_bytes if autocast else 0
+    without, with_ckpt = trace.saved(False) + copies, trace.saved(True)
+    ckpt = cfg.gradient_checkpointing
+    recomputed = trace.largest_layer + (params.autocast_copy_largest_layer if autocast else 0) if ckpt else 0
+    head_copy = params.head_copy_bytes if autocast else 0
+    return _Activations(with_ckpt if ckpt else without, without, with_ckpt, recomputed, head_copy)
+
+
+def logits_part(tokens: int, vocab: int, hidden: int, precision_bytes: int, chunked: bool) -> tuple[int, int]:
     """(end of forward, start of backward) working memory of the output head and the loss."""
-    from dolphin_train.train.loss import chunk_tokens_for
-
     if chunked:
         chunk = min(tokens, chunk_tokens_for(vocab)) * vocab
         # Selected hidden states of trained positions, and one chunk's logits in the backward pass.
-        states = tokens * hidden * precision.bytes
-        return states, states + chunk * (precision.bytes + 12)
-    logits = tokens * vocab * precision.bytes
-    upcast = 0 if precision.bytes == 4 else tokens * vocab * 4
+        states = tokens * hidden * precision_bytes
+        return states, states + chunk * (precision_bytes + 12)
+    logits = tokens * vocab * precision_bytes
+    upcast = 0 if precision_bytes == 4 else tokens * vocab * 4
     log_softmax = tokens * vocab * 4
     # Forward: logits, their float32 copy and the saved log-softmax; backward: the saved log-softmax,
     # its gradient and the gradient of the logits in float32, then cast back.
     return logits + upcast + log_softmax, log_softmax * 3
 
 
-def estimate_memory(
-    cfg: Config,
-    model_config: Any,
-    *,
-    vocab_rows: int,
-    new_tokens: bool,
-    gpus: int,
-    device: str = "cuda",
-) -> MemoryEstimate:
-    precision = plan_precision(cfg, device)
-    sharding = plan_sharding(cfg, gpus)
-    autocast = uses_autocast(cfg, precision)
-    model = build_meta_model(cfg, model_config, vocab_rows, new_tokens, precision)
-    params = inventory(model, cfg, sharding, precision, autocast)
-    tokens = cfg.micro_batch_size * cfg.sequence_len
-    trace = trace_activations(
-        model, cfg.micro_batch_size, cfg.sequence_len, precision.torch_dtype if autocast else None
-    )
-    return _estimate(cfg, params, trace, sharding, precision, autocast, tokens, gpus, device)
+@dataclass(frozen=True)
+class _Working:
+    step_temporaries: int  # the optimizer step's temporaries
+    ddp_buckets: int  # DDP's gradient buckets
 
 
-def _number(value: Any, default: int) -> int:
-    return int(value) if isinstance(value, (int, float)) else default
-
-
-def _estimate(
-    cfg: Config,
-    params: ParameterInventory,
-    trace: ActivationTrace,
-    sharding: Sharding,
-    precision: Precision,
-    autocast: bool,
-    tokens: int,
-    gpus: int,
-    device: str,
-) -> MemoryEstimate:
-    from dolphin_train.train.loss import use_chunked_cross_entropy
-
-    notes: list[str] = []
-    ckpt = cfg.gradient_checkpointing
+def working_memory_part(cfg: Config, params: ParameterInventory, sharding: Sharding, device: str,
+                        gpus: int) -> _Working:  # fmt: skip
     zero = sharding.deepspeed_stage
-    # --- weights: the stored parameters, sharded, plus ZeRO-3/FSDP's gathered layers in the compute dtype.
-    weights = 0 if sharding.offload_params else params.weight_bytes // sharding.weights
-    gathered = 0
-    if sharding.weights > 1:
-        # The layer being computed and the next one prefetched, plus the embeddings when they are used.
-        gathered = 2 * max(params.largest_layer_params, params.embedding_params) * precision.bytes
-    # --- gradients: same dtype as the trainable parameters; DeepSpeed reduces 16-bit gradients into a
-    # float32 partition at the step.
-    if zero is not None:
-        grads = params.trainable * precision.bytes // sharding.gradients
-        # Float32 gradients of one optimizer sub-group at a time (`sub_group_size` parameters; 0: one tensor).
-        largest = params.largest_trainable_params
-        sub_group = _number(sharding.settings.get("sub_group_size"), 1_000_000_000)
-        partition = params.trainable // sharding.optimizer
-        step_grads = (
-            0 if sharding.offload_optimizer else 4 * min(partition, max(sub_group, largest // sharding.optimizer))
-        )
-    else:
-        grads = params.trainable_bytes // sharding.gradients
-        step_grads = 0
-    # --- optimizer: states, and DeepSpeed's float32 master weights.
-    if sharding.offload_optimizer:
-        optimizer = 0
-        notes.append("optimizer states and float32 master weights live in CPU memory (offload)")
-    else:
-        master = params.trainable * 4 // sharding.optimizer if zero is not None else 0
-        optimizer = params.state_bytes // sharding.optimizer + master
-    # --- activations (one micro-batch) and the autocast weight copies they hold on to.
-    copies_full = params.autocast_copy_bytes - params.head_copy_bytes
-    without = trace.saved(False) + (copies_full if autocast else 0)
-    with_ckpt = trace.saved(True)
-    activations = with_ckpt if ckpt else without
-    recompute = trace.largest_layer + (params.autocast_copy_largest_layer if autocast else 0) if ckpt else 0
-    chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
-    logits_fwd, logits_bwd = _logits_bytes(tokens, params.vocab_size, params.hidden_size, precision, chunked)
-    head_copy = params.head_copy_bytes if autocast else 0
-    # --- short-lived: the optimizer step's temporaries; DDP's gradient buckets.
-    step = 0
     if cfg.optimizer in FOREACH_OPTIMIZERS and device == "cuda" and zero is None:
         step = params.state_bytes // 2 // sharding.optimizer  # one state-sized temporary
     elif cfg.optimizer in STATE_BYTES and device == "cpu":
@@ -422,43 +347,69 @@ def _estimate(
         step = params.largest_trainable_params * 4 * 5
     elif zero is None:
         step = params.largest_trainable_bytes * 2  # PyTorch's per-tensor loop: temporaries of one tensor
-    ddp_buckets = params.trainable_bytes if gpus > 1 and zero is None and not cfg.fsdp else 0
+    else:
+        step = 0
+    buckets = params.trainable_bytes if gpus > 1 and zero is None and not cfg.fsdp else 0
+    return _Working(step, buckets)
+
+
+def overhead_part(allocated: int, gpus: int, device: str) -> int:
+    if device != "cuda":
+        return CPU_RUNTIME
+    return CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0) + int(FRAGMENTATION * allocated)
+
+
+def _number(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, (int, float)) else default
+
+
+def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, trace: ActivationTrace,
+             sharding: Sharding, autocast: bool) -> MemoryEstimate:  # fmt: skip
+    """The parts at each of four moments of a step; the peak is the largest."""
+    precision_bytes = PRECISION_BYTES[runtime.precision]
+    gpus = runtime.world_size
+    weights = weights_part(params, sharding, precision_bytes)
+    grads = gradients_part(params, sharding, precision_bytes)
+    optimizer = optimizer_part(params, sharding)
+    acts = activations_part(cfg, params, trace, autocast)
+    chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
+    tokens = cfg.micro_batch_size * cfg.sequence_len
+    logits_fwd, logits_bwd = logits_part(tokens, params.vocab_size, params.hidden_size, precision_bytes, chunked)
+    work = working_memory_part(cfg, params, sharding, runtime.device, gpus)
     accumulating = cfg.gradient_accumulation_steps > 1
-    held_grads = grads if accumulating else 0
+    held_grads = grads.held if accumulating else 0
+    gathered, recomputed = weights.gathered, acts.recomputed
     moments = {
-        "end of forward": activations + head_copy + logits_fwd + held_grads + gathered,
-        "start of backward": activations + head_copy + logits_bwd + held_grads + gathered + recompute,
-        "end of backward": grads + ddp_buckets + gathered + recompute + trace.hidden_bytes * 2,
-        "optimizer step": grads + ddp_buckets + step_grads + step,
+        "end of forward": acts.kept + acts.head_copy + logits_fwd + held_grads + gathered,
+        "start of backward": acts.kept + acts.head_copy + logits_bwd + held_grads + gathered + recomputed,
+        "end of backward": grads.held + work.ddp_buckets + gathered + recomputed + trace.hidden_bytes * 2,
+        "optimizer step": grads.held + work.ddp_buckets + grads.step_partition + work.step_temporaries,
     }
     moment = max(moments, key=moments.__getitem__)
-    fixed = weights + optimizer
-    peak_extra = moments[moment]
-    # Split the peak into the named parts.
-    part_grads = grads if moment in ("end of backward", "optimizer step") or accumulating else 0
-    part_acts = activations + head_copy if moment in ("end of forward", "start of backward") else 0
+    part_grads = grads.held if moment in ("end of backward", "optimizer step") or accumulating else 0
+    part_acts = acts.kept + acts.head_copy if moment in ("end of forward", "start of backward") else 0
     part_logits = {"end of forward": logits_fwd, "start of backward": logits_bwd}.get(moment, 0)
-    transient = peak_extra - part_grads - part_acts - part_logits
-    allocated = fixed + peak_extra
-    overhead = CPU_RUNTIME
-    if device == "cuda":
-        overhead = CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0) + int(FRAGMENTATION * allocated)
+    transient = moments[moment] - part_grads - part_acts - part_logits
+    allocated = weights.stored + optimizer + moments[moment]
+    notes = []
+    if sharding.offload_optimizer:
+        notes.append("optimizer states and float32 master weights live in CPU memory (offload)")
     if cfg.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure")
     return MemoryEstimate(
-        weights=weights,
+        weights=weights.stored,
         gradients=part_grads,
         optimizer=optimizer,
         activations=part_acts,
         logits=part_logits,
         transient=transient,
-        overhead=overhead,
+        overhead=overhead_part(allocated, gpus, runtime.device),
         peak_moment=moment,
-        activations_without_checkpointing=without,
-        activations_with_checkpointing=with_ckpt,
+        activations_without_checkpointing=acts.without_checkpointing,
+        activations_with_checkpointing=acts.with_checkpointing,
         params=params,
         sharding=sharding,
-        precision=precision,
+        precision=runtime.precision,
         chunked_loss=chunked,
         notes=tuple(notes),
     )

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.machine import Machine
+from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import ConfigError
-from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory
+from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory, plan_sharding
 from dolphin_train.plan.steps import DataPlan, plan_data
+from dolphin_train.train.schedule import batch_shape
 
 log = logging.getLogger(__name__)
 HEADROOM_WARNING = 0.10  # under 10% to spare: fits, but tight
@@ -29,12 +32,17 @@ def parse_memory(text: str) -> int:
     return int(value * (1024 if binary else 1000) ** scale)
 
 
+def default_gpu_memory() -> int:
+    """This machine's GPU memory, else 80 GB (the common training card)."""
+    return Machine.detect().memory or parse_memory("80GB")
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     config: Any
     source: str
     vocab_rows: int
-    new_tokens: bool
+    new_token_ids: list[int]  # ids of the tokens the run adds (their rows are trained)
     tokenizer: Any | None
     tokenizer_note: str
 
@@ -57,6 +65,7 @@ class Plan:
     gpus: int
     gpu_memory: int
     device: str
+    runtime: RuntimeSettings  # `auto` settings resolved for the machine planned for
     model: ModelFacts
     data: DataPlan
     memory: MemoryEstimate
@@ -98,27 +107,30 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
 
     if tokenizer is not None:
         rows = embedding_rows(int(config.vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
-        new = bool(new_ids)
     else:
         rows = rows_after_added_tokens(config, len(cfg.tokens), cfg.resize_token_embeddings_to_32x)
-        new = bool(cfg.tokens)
-    return ModelFacts(config, source, rows, new, tokenizer, note)
+        new_ids = list(range(rows - len(cfg.tokens), rows))
+    return ModelFacts(config, source, rows, list(new_ids), tokenizer, note)
 
 
-def plan_memory(cfg: Config, facts: ModelFacts, gpus: int, device: str) -> MemoryEstimate:
-    return estimate_memory(
-        cfg, facts.config, vocab_rows=facts.vocab_rows, new_tokens=facts.new_tokens, gpus=gpus, device=device
-    )
+def planned_runtime(cfg: Config, gpus: int, device: str, gpu_memory: int | None = None) -> RuntimeSettings:
+    """`auto` settings as training will resolve them on the machine planned for."""
+    return resolve_runtime(cfg, Machine.planned(device, gpus, gpu_memory))
+
+
+def plan_memory(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings) -> MemoryEstimate:
+    return estimate_memory(cfg, runtime, facts.config, vocab_rows=facts.vocab_rows, new_token_ids=facts.new_token_ids)
 
 
 def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
     facts = model_facts(cfg)
     data = plan_data(cfg, facts.tokenizer, gpus)
-    memory = plan_memory(cfg, facts, gpus, device)
+    runtime = planned_runtime(cfg, gpus, device, gpu_memory)
+    memory = plan_memory(cfg, facts, runtime)
     fix = None
     if memory.total > gpu_memory:
-        fix = find_fix(cfg, facts, gpus, gpu_memory, device)
-    return Plan(cfg, gpus, gpu_memory, device, facts, data, memory, fix)
+        fix = find_fix(cfg, facts, runtime, gpu_memory)
+    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix)
 
 
 def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
@@ -132,11 +144,7 @@ def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
         steps.append({"micro_batch_size": micro, "gradient_accumulation_steps": accumulation})
     if not cfg.adapter and cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
         steps.append({"optimizer": "adamw_8bit"})
-    stage = None
-    if cfg.deepspeed:
-        from dolphin_train.plan.memory import plan_sharding
-
-        stage = plan_sharding(cfg, gpus).deepspeed_stage
+    stage = plan_sharding(cfg, gpus).deepspeed_stage if cfg.deepspeed else None
     zero3, offload = DEEPSPEED_DIR / "zero3_bf16.json", DEEPSPEED_DIR / "zero3_bf16_cpuoffload_all.json"
     if gpus > 1 and not cfg.fsdp and (stage is None or stage < 3) and zero3.exists():
         steps.append({"deepspeed": str(zero3)})
@@ -152,7 +160,7 @@ def _changed(cfg: Config, changes: dict[str, Any]) -> Config:
     return Config.model_validate({**cfg.model_dump(by_alias=True), **changes})
 
 
-def _estimate_with(cfg: Config, changes: dict[str, Any], facts: ModelFacts, gpus: int, device: str):
+def _estimate_with(cfg: Config, changes: dict[str, Any], facts: ModelFacts, runtime: RuntimeSettings):
     """The estimate with `changes` applied, or None when the schema rejects the combination."""
     from pydantic import ValidationError
 
@@ -161,20 +169,20 @@ def _estimate_with(cfg: Config, changes: dict[str, Any], facts: ModelFacts, gpus
     except ValidationError as exc:
         log.debug("plan: skipping %s: %s", changes, exc)
         return None
-    return plan_memory(changed, facts, gpus, device)
+    return plan_memory(changed, facts, runtime)
 
 
-def find_fix(cfg: Config, facts: ModelFacts, gpus: int, gpu_memory: int, device: str) -> Fix | None:
+def find_fix(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, gpu_memory: int) -> Fix | None:
     """The first single change that fits; else the shortest run of changes, in order, that does."""
-    candidates = _candidate_changes(cfg, gpus)
+    candidates = _candidate_changes(cfg, runtime.world_size)
     for changes in candidates:
-        estimate = _estimate_with(cfg, changes, facts, gpus, device)
+        estimate = _estimate_with(cfg, changes, facts, runtime)
         if estimate is not None and estimate.total <= gpu_memory:
             return Fix(changes, estimate)
     combined: dict[str, Any] = {}
     for changes in candidates:
         combined.update(changes)
-        estimate = _estimate_with(cfg, combined, facts, gpus, device)
+        estimate = _estimate_with(cfg, combined, facts, runtime)
         if estimate is not None and estimate.total <= gpu_memory:
             return Fix(dict(combined), estimate)
     return None
@@ -205,10 +213,10 @@ def render(plan: Plan) -> list[Any]:
     shape = f"{plan.model.config.model_type}, {p.layers} layers, hidden {p.hidden_size}, vocabulary {p.vocab_size:,}"
     overview.add_row("model", f"{shape} (shapes: {plan.model.source}; {plan.model.tokenizer_note})")
     overview.add_row("parameters", f"{p.total:,} total, {p.trainable:,} trainable ({p.trainable / p.total:.2%})")
-    tokens = cfg.micro_batch_size * cfg.sequence_len
-    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * plan.gpus
-    overview.add_row("batch", f"{cfg.micro_batch_size} x {cfg.sequence_len} tokens per GPU, {effective} rows "
-                     f"({effective * cfg.sequence_len:,} tokens) per optimizer step")  # fmt: skip
+    batch = batch_shape(cfg, plan.gpus)
+    tokens = batch.tokens_per_micro_batch
+    overview.add_row("batch", f"{batch.micro_batch_size} x {batch.sequence_len} tokens per GPU, {batch.rows_per_step} "
+                     f"rows ({batch.tokens_per_step:,} tokens) per optimizer step")  # fmt: skip
     if data.known:
         label = "" if data.exact else "~"
         overview.add_row("data", f"{label}{data.conversations:,} conversations, {label}{data.tokens:,} tokens, "
@@ -218,10 +226,10 @@ def render(plan: Plan) -> list[Any]:
     else:
         overview.add_row("data / steps", data.source)
     if cfg.adapter:
-        full = " + input/output embeddings in full (new tokens)" if plan.model.new_tokens else ""
+        full = " + input/output embeddings in full (new tokens)" if plan.model.new_token_ids else ""
         bits = ", 4-bit base" if cfg.load_in_4bit else ", 8-bit base" if cfg.load_in_8bit else ""
         overview.add_row("adapter", f"{cfg.adapter} r={cfg.lora_r}{bits}{full}")
-    overview.add_row("precision", f"{m.precision.name}" + (", chunked cross-entropy" if m.chunked_loss else ""))
+    overview.add_row("precision", m.precision + (", chunked cross-entropy" if m.chunked_loss else ""))
     overview.add_row("sharding", m.sharding.name)
 
     table = Table(title=f"Memory per {'GPU' if plan.device == 'cuda' else 'process'} at the peak ({m.peak_moment})")
@@ -277,11 +285,11 @@ def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
     elif cfg.load_in_8bit:
         kind = "8-bit linear layers"
     elif cfg.adapter:
-        kind = f"frozen {m.precision.name} base + adapter"
+        kind = f"frozen {m.precision} base + adapter"
     elif m.sharding.deepspeed_stage is not None:
-        kind = f"{m.precision.name} (DeepSpeed keeps the float32 master copy with the optimizer)"
+        kind = f"{m.precision} (DeepSpeed keeps the float32 master copy with the optimizer)"
     else:
-        kind = "float32 master weights (mixed precision autocasts)" if m.precision.name != "fp32" else "float32"
+        kind = "float32 master weights (mixed precision autocasts)" if m.precision != "fp32" else "float32"
     return kind + _split(m.sharding.weights)
 
 

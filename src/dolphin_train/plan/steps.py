@@ -56,23 +56,23 @@ def plan_data(cfg: Config, tokenizer: Any | None, gpus: int) -> DataPlan:
 
 
 def _schedule(cfg: Config, rows: int, gpus: int) -> tuple[int, int]:
-    from dolphin_train.train.schedule import plan_schedule
+    from dolphin_train.train.schedule import compute_schedule
 
-    schedule = plan_schedule(cfg, rows, gpus, has_eval=False)
+    schedule = compute_schedule(cfg, rows, gpus, has_eval=False)
     return schedule.steps_per_epoch, schedule.total_steps
 
 
 def _from_cache(cfg: Config, tokenizer: Any, sources: list[Any], gpus: int) -> DataPlan | None:
     import numpy as np
 
+    from dolphin_train.data.packing import build_training_rows
     from dolphin_train.data.prepare import data_fingerprint, load_prepared, prepared_entry
-    from dolphin_train.train.run import build_rows
 
     entry = prepared_entry(cfg, data_fingerprint(cfg, tokenizer, sources))
     if not (entry / "report.json").exists():
         return None
     prepared = load_prepared(entry)
-    rows = len(build_rows(cfg, prepared).train)  # the rows training will see, packed the same way
+    rows = len(build_training_rows(cfg, prepared).train)  # the rows training will see, packed the same way
     per_epoch, total = _schedule(cfg, rows, gpus)
     tokens = int(np.asarray(prepared.train["length"]).sum())
     return DataPlan(True, len(prepared.train), tokens, rows, per_epoch, total, f"exact: prepared data in {entry}")
@@ -137,6 +137,8 @@ def _bytes_per_kept_token(cfg: Config, tokenizer: Any | None, sample: list[str])
 
 
 def _estimated(cfg: Config, tokenizer: Any | None, sources: list[Any], gpus: int) -> DataPlan:
+    from dolphin_train.data.sources import guessed_rows
+
     total_bytes = conversations = 0
     samples: list[str] = []
     for source in sources:
@@ -150,7 +152,7 @@ def _estimated(cfg: Config, tokenizer: Any | None, sources: list[Any], gpus: int
                 )
                 samples += sample
             else:
-                conversations += size // 2000  # ~2 kB per conversation in columnar files
+                conversations += guessed_rows(size)
     if total_bytes == 0:
         return _unknown("unknown: the data files are empty")
     per_token, kept_share = _bytes_per_kept_token(cfg, tokenizer, samples)

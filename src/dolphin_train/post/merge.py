@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    base: str
+    adapter: str
+    dtype: str  # one of DTYPES
+    quantization: Any  # the adapter's 4-bit base settings (QLoRA), else None
+    trust_remote_code: bool
+
+
+def merge_settings(cfg: Config, dtype: str | None = None) -> MergeSettings:
+    """What a config's run trained: its base, its adapter (output_dir), the dtype it computed in (unless
+    `dtype` is given) and, for QLoRA, the 4-bit settings its base was loaded with."""
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.adapters import quantization_config
+
+    runtime = resolve_runtime(cfg)
+    return MergeSettings(
+        base=cfg.base_model,
+        adapter=cfg.output_dir,
+        dtype=dtype or ("bfloat16" if runtime.bf16 else "float32"),
+        quantization=quantization_config(cfg, runtime) if cfg.load_in_4bit else None,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def _tokenizer_for(adapter: Path, base: str) -> Any:

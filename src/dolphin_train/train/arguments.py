@@ -1,16 +1,18 @@
-"""Config + runtime + schedule → transformers.TrainingArguments (the only place this mapping lives)."""
+"""Config + runtime + schedule → transformers.TrainingArguments (the only place this mapping lives).
+
+A pure mapping: the process environment it relies on (trackers, DeepSpeed on CPUs) is set up by the
+recipe first (`train/environment.py`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
-from dolphin_train.errors import DolphinError, EnvironmentProblem
+from dolphin_train.errors import DolphinError
+from dolphin_train.train.environment import deepspeed_on_cpu
 from dolphin_train.train.schedule import TrainingSchedule
 
 
@@ -26,44 +28,26 @@ def deepspeed_config(cfg: Config) -> str | dict[str, Any] | None:
     return str(path)
 
 
-def fsdp_config(cfg: Config) -> dict[str, Any] | None:
-    """FSDP2 by default (per-parameter sharding, the PyTorch-recommended version); the user's keys win."""
+def fsdp_settings(cfg: Config) -> dict[str, Any] | None:
+    """FSDP2 by default (per-parameter sharding, the PyTorch-recommended version); the user's keys win,
+    with axolotl's `fsdp_` prefixes removed. `plan` reads the sharding from the same settings."""
     if not cfg.fsdp:
         return None
     settings = {k.removeprefix("fsdp_"): v for k, v in (cfg.fsdp_config or {}).items()}
     return {"version": 2, **settings}
 
 
-def wandb_environment(cfg: Config) -> dict[str, str]:
-    """wandb reads its settings from the environment; map the config's wandb_* keys onto it."""
-    pairs = {
-        "WANDB_PROJECT": cfg.wandb_project,
-        "WANDB_ENTITY": cfg.wandb_entity,
-        "WANDB_NAME": cfg.wandb_name,
-        "WANDB_RUN_ID": cfg.wandb_run_id,
-        "WANDB_MODE": cfg.wandb_mode,
-        "WANDB_WATCH": cfg.wandb_watch,
-        "WANDB_LOG_MODEL": cfg.wandb_log_model,
-    }
-    env = {k: v for k, v in pairs.items() if v is not None}
-    if cfg.wandb_project and "WANDB_DIR" not in os.environ:
-        env["WANDB_DIR"] = cfg.output_dir  # runs (offline ones too) live next to the model they trained
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    if cfg.wandb_run_id:
-        env["WANDB_RESUME"] = "allow"
-    return env
+def fsdp_options(cfg: Config) -> list[str]:
+    """`fsdp: [full_shard, auto_wrap]` or `fsdp: "full_shard auto_wrap"` as a list of options."""
+    if not cfg.fsdp:
+        return []
+    return list(cfg.fsdp) if isinstance(cfg.fsdp, list) else str(cfg.fsdp).split()
 
 
-def tensorboard_installed() -> bool:
-    """transformers' TensorBoard callback writes through torch.utils.tensorboard (the `tensorboard` package)
-    or, failing that, tensorboardX."""
-    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
-
-
-def check_trackers(cfg: Config) -> None:
-    """Fail before any data is prepared, rather than when the Trainer is built."""
-    if cfg.use_tensorboard and not tensorboard_installed():
-        raise EnvironmentProblem("use_tensorboard: true, but TensorBoard is not installed: pip install tensorboard")
+def trainer_autocasts(cfg: Config, runtime: RuntimeSettings) -> bool:
+    """The Trainer autocasts matrix products to bf16/fp16 in mixed precision, except under DeepSpeed, which
+    converts the model itself."""
+    return runtime.precision != "fp32" and not cfg.deepspeed
 
 
 def report_to(cfg: Config) -> list[str] | str:
@@ -72,35 +56,11 @@ def report_to(cfg: Config) -> list[str] | str:
     return trackers or "none"
 
 
-def deepspeed_environment(runtime: RuntimeSettings) -> dict[str, str]:
-    """accelerate imports DeepSpeed whenever it is installed, and DeepSpeed then warns on every CPU-only
-    machine that it could not detect an accelerator. Naming the accelerator we chose says the same, quietly."""
-    if runtime.device == "cpu" and "DS_ACCELERATOR" not in os.environ:
-        return {"DS_ACCELERATOR": "cpu"}
-    return {}
-
-
 def use_liger(cfg: Config, runtime: RuntimeSettings) -> bool:
     """Liger's kernels where `liger_kernel` allows them and liger-kernel is installed on CUDA (applied by
     transformers' `use_liger_kernel`); its fused linear cross-entropy never materialises the full logits
     either. The `liger_*` keys (axolotl's LigerPlugin settings) pick the kernels."""
-    return cfg.liger_kernel and runtime.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-
-
-def configure_deepspeed_on_cpu() -> dict[str, Any]:
-    """DeepSpeed over CPU processes (gloo). TrainingArguments would build accelerate's state without a
-    backend on a machine with no GPU, so that accelerate counts one process while DeepSpeed counts all of
-    them. We build the state ourselves, the way TrainingArguments does for DeepSpeed (the same
-    environment flag) but with the gloo backend, and ask TrainingArguments to use it (a supported
-    `accelerator_config` option)."""
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    return {"use_configured_state": True}
+    return cfg.liger_kernel and runtime.liger
 
 
 def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
@@ -118,8 +78,6 @@ def _checkpointing_argument(arguments_class: Any) -> str:
 def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule) -> Any:
     from transformers import TrainingArguments
 
-    os.environ.update(wandb_environment(cfg))
-    os.environ.update(deepspeed_environment(runtime))
     has_eval = schedule.eval_steps is not None or cfg.val_set_size > 0
     optional = {
         k: v
@@ -132,13 +90,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         }.items()
         if v is not None
     }
-    if cfg.deepspeed and runtime.device == "cpu":
-        if runtime.world_size == 1:
-            raise EnvironmentProblem(
-                "deepspeed on the CPU runs over several processes: launch with `--num-processes 2` (or torchrun "
-                "--nproc_per_node 2), or remove `deepspeed` for a single process"
-            )
-        optional["accelerator_config"] = configure_deepspeed_on_cpu()
+    if deepspeed_on_cpu(cfg, runtime):
+        optional["accelerator_config"] = {"use_configured_state": True}  # built by the recipe's environment set-up
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.gradient_checkpointing
     if cfg.liger_kernel_config and use_liger(cfg, runtime):
@@ -147,9 +100,9 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         optional[f"{checkpointing}_kwargs"] = cfg.gradient_checkpointing_kwargs
     return TrainingArguments(
         output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_train_batch_size=schedule.batch.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size_for_eval,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=schedule.batch.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         max_steps=schedule.total_steps,
         learning_rate=cfg.learning_rate,
@@ -180,7 +133,7 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         run_name=cfg.wandb_name,
         deepspeed=deepspeed_config(cfg),
         fsdp=cfg.fsdp or "",
-        fsdp_config=fsdp_config(cfg),
+        fsdp_config=fsdp_settings(cfg),
         # Our rows carry only what the model needs; the column check would drop position_ids.
         remove_unused_columns=False,
         # The loss is the mean over every trainable token of the global batch, on any number of processes.

@@ -13,6 +13,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dolphin_train.config.schema import Config
+from dolphin_train.errors import DolphinError
+
 log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -28,6 +31,11 @@ def checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
+
+
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     out = Path(output_dir)
     if not out.is_dir():
@@ -41,6 +49,30 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
             return path
         log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
     return None
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names: a directory, or the latest complete one in `output_dir`
+    for `true` (which requires one) and `auto` or `auto_resume_from_checkpoints` (which start fresh without
+    one)."""
+    value = cfg.resume_from_checkpoint
+    if value is None and cfg.auto_resume_from_checkpoints:
+        value = "auto"  # axolotl's spelling of the same thing
+    if value is None:
+        return None
+    if value is True or value in ("auto", "true"):
+        last = latest_complete_checkpoint(cfg.output_dir)
+        if last is None and value == "auto":
+            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
+        elif last is None:
+            raise DolphinError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no complete checkpoint")
+        return str(last) if last else None
+    path = Path(str(value))
+    if not path.is_dir():
+        raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
+    if not checkpoint_is_complete(path):
+        raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
+    return str(path)
 
 
 class StopOnSignal(TrainerCallback):
@@ -80,6 +112,8 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._any_process_received():
             self.received = self.received or signal.SIGTERM
+            # Said by every process (a warning passes the other ranks' log filter): they stop together.
+            log.warning("Stopping at step %d: saving a checkpoint", state.global_step)
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -1,5 +1,6 @@
-"""The training schedule, derived from the config and the prepared data before the run starts, so the
-summary, the scheduler and the progress bar agree on the number of steps."""
+"""The shape of a batch and the training schedule, derived from the config (and the training rows) before
+the run starts, so the run overview, the scheduler, the progress bar and `dolphin-train plan` agree on the
+batch and the number of steps."""
 
 from __future__ import annotations
 
@@ -10,9 +11,43 @@ from dolphin_train.config.schema import Config
 
 
 @dataclass(frozen=True)
-class TrainingSchedule:
-    rows: int  # training rows (packed rows when packing)
+class BatchShape:
+    micro_batch_size: int  # rows per process per forward pass
+    gradient_accumulation_steps: int
     world_size: int
+    sequence_len: int
+    padded_to_sequence_len: bool
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        """Token positions of one forward pass on one process (at most): what activation memory scales with."""
+        return self.micro_batch_size * self.sequence_len
+
+    @property
+    def rows_per_step(self) -> int:
+        """The effective batch: rows per optimizer step, over every process and accumulation step."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token positions per optimizer step: exactly this many tokens when rows are padded to
+        sequence_len, at most this many otherwise."""
+        return self.rows_per_step * self.sequence_len
+
+    def describe(self) -> str:
+        bound = "" if self.padded_to_sequence_len else "up to "
+        return f"{self.rows_per_step} rows x {self.sequence_len} = {bound}{self.tokens_per_step:,} tokens"
+
+
+def batch_shape(cfg: Config, world_size: int) -> BatchShape:
+    return BatchShape(cfg.micro_batch_size, cfg.gradient_accumulation_steps, world_size, cfg.sequence_len,
+                      cfg.pad_to_sequence_len)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    batch: BatchShape
+    rows: int  # training rows (packed rows when packing)
     micro_batches_per_epoch: int  # per process
     steps_per_epoch: int
     total_steps: int
@@ -24,14 +59,19 @@ class TrainingSchedule:
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
 
+    @property
+    def world_size(self) -> int:
+        return self.batch.world_size
 
-def plan_schedule(cfg: Config, rows: int, world_size: int, has_eval: bool) -> TrainingSchedule:
-    micro_batches = math.ceil(rows / (cfg.micro_batch_size * world_size))
-    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
+
+def compute_schedule(cfg: Config, rows: int, world_size: int, has_eval: bool) -> TrainingSchedule:
+    batch = batch_shape(cfg, world_size)
+    micro_batches = math.ceil(rows / (batch.micro_batch_size * world_size))
+    steps_per_epoch = max(1, math.ceil(micro_batches / batch.gradient_accumulation_steps))
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
     eval_steps = None
     if has_eval:
         eval_steps = cfg.eval_steps or (max(1, steps_per_epoch // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     save_steps = cfg.save_steps or (max(1, steps_per_epoch // cfg.saves_per_epoch) if cfg.saves_per_epoch else None)
-    return TrainingSchedule(rows, world_size, micro_batches, steps_per_epoch, total, warmup, eval_steps, save_steps)
+    return TrainingSchedule(batch, rows, micro_batches, steps_per_epoch, total, warmup, eval_steps, save_steps)

@@ -1,5 +1,6 @@
 """Throughput in the training logs: trained tokens per second over each logging interval and, on CUDA,
-model FLOPs utilisation (MFU), on the console and in wandb alike."""
+model FLOPs utilisation (MFU), on the console and in wandb alike. The Trainer adds these figures to each
+training log itself (`DolphinTrainer.log`), before any callback reads the log."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from typing import Any
 
 from transformers import TrainerCallback
+
+from dolphin_train.model.adapters import parameter_count
 
 # Dense bf16 peak of common training GPUs, in FLOP/s (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -34,15 +37,17 @@ def flops_per_token(model: Any, sequence_len: int) -> float:
         if p is embedding and not tied:
             continue
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += parameter_count(p)
         else:
-            frozen += p.numel()
+            frozen += parameter_count(p)
     config = model.config
     attention = 12 * config.num_hidden_layers * config.hidden_size * sequence_len
     return 6 * trainable + 4 * frozen + attention
 
 
-class ThroughputCallback(TrainerCallback):
+class ThroughputMeter(TrainerCallback):
+    """Measures each logging interval. A callback only to learn when training starts (or resumes)."""
+
     def __init__(self, flops_per_token: float | None = None, peak: float | None = None, world_size: int = 1):
         self.flops_per_token = flops_per_token
         self.peak = peak
@@ -53,14 +58,14 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs is None or "loss" not in logs:
-            return
+    def figures(self, state: Any) -> dict[str, float]:
+        """tokens_per_second (and mfu) since the previous training log."""
         now, tokens = time.perf_counter(), state.num_input_tokens_seen  # tokens: all processes, no padding
         seconds, new_tokens = now - self._time, tokens - self._tokens
         self._time, self._tokens = now, tokens
         if seconds <= 0 or new_tokens <= 0:
-            return
-        logs["tokens_per_second"] = round(new_tokens / seconds)
+            return {}
+        found: dict[str, float] = {"tokens_per_second": round(new_tokens / seconds)}
         if self.flops_per_token and self.peak:
-            logs["mfu"] = round(new_tokens * self.flops_per_token / seconds / (self.peak * self.world_size), 4)
+            found["mfu"] = round(new_tokens * self.flops_per_token / seconds / (self.peak * self.world_size), 4)
+        return found

@@ -17,6 +17,7 @@ from transformers import Trainer
 
 from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
+from dolphin_train.train.throughput import ThroughputMeter
 
 
 def trained_targets(labels: torch.Tensor) -> int:
@@ -43,16 +44,30 @@ class LossTally:
 
 
 class DolphinTrainer(Trainer):
-    """transformers.Trainer with two of the methods its documentation invites subclasses to override:
-    `compute_loss` and `evaluation_loop`."""
+    """transformers.Trainer with three of the methods its documentation invites subclasses to override:
+    `compute_loss`, `evaluation_loop` and `log` (which adds the throughput figures to each training log)."""
 
     _eval_tally: LossTally | None = None
 
-    def __init__(self, *args: Any, chunked_head: ChunkedLossHead | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        chunked_head: ChunkedLossHead | None = None,
+        throughput: ThroughputMeter | None = None,
+        **kwargs: Any,
+    ) -> None:
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
         self.chunked_head = chunked_head
+        self.throughput = throughput
+        if throughput is not None:
+            self.add_callback(throughput)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.throughput is not None and "loss" in logs:
+            logs = {**logs, **self.throughput.figures(self.state)}
+        super().log(logs, start_time)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None

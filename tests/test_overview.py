@@ -1,4 +1,4 @@
-"""The plan printed before training: data sizes, batch in rows and tokens, schedule, hardware."""
+"""The run overview printed before training: data sizes, batch in rows and tokens, schedule, hardware."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from rich.console import Console
 
 from conftest import tiny_config
 from dolphin_train.config.load import validate_mapping
-from dolphin_train.train.run import set_up_run
-from dolphin_train.train.summary import plan_table
+from dolphin_train.recipe import set_up_run
+from dolphin_train.train.overview import run_overview
 
 
-def test_plan_lists_data_sizes_and_batch_tokens_without_packing(tmp_path: Path) -> None:
+def test_overview_lists_data_sizes_and_batch_tokens_without_packing(tmp_path: Path) -> None:
     raw = tiny_config(tmp_path, val_set_size=40, micro_batch_size=2, gradient_accumulation_steps=2)
     cfg = validate_mapping(raw)
     run = set_up_run(cfg)
     console = Console(width=200, file=io.StringIO())
-    console.print(plan_table(cfg, run.runtime, run.schedule, run.rows, run.trainer.model, prepared=run.prepared))
+    console.print(run_overview(cfg, run.runtime, run.schedule, run.rows, run.trainer.model, prepared=run.prepared))
     text = console.file.getvalue()
     # data/tiny_chat.jsonl: 400 rows, 8 longer than 512 tokens dropped, 40 held out.
     report = run.prepared.report
@@ -31,12 +31,12 @@ def test_plan_lists_data_sizes_and_batch_tokens_without_packing(tmp_path: Path) 
     assert "4 rows x 512 = up to 2,048 tokens" in text  # micro batch 2 x accumulation 2
 
 
-def test_plan_without_eval_data_says_none(tmp_path: Path) -> None:
+def test_overview_without_eval_data_says_none(tmp_path: Path) -> None:
     raw = tiny_config(tmp_path, sample_packing=True, pad_to_sequence_len=True, micro_batch_size=4)
     cfg = validate_mapping(raw)
     run = set_up_run(cfg)
     console = Console(width=200, file=io.StringIO())
-    console.print(plan_table(cfg, run.runtime, run.schedule, run.rows, run.trainer.model, prepared=run.prepared))
+    console.print(run_overview(cfg, run.runtime, run.schedule, run.rows, run.trainer.model, prepared=run.prepared))
     text = console.file.getvalue()
     assert "392 conversations" in text
     assert "eval data" in text and "none" in text

@@ -1,4 +1,5 @@
-"""What is about to happen, shown before a long run starts."""
+"""The run overview: what is about to happen (model, data, packing, batch, steps, precision, devices),
+shown before a long run starts."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.prepare import PreparedData
+from dolphin_train.model.adapters import parameter_count
 from dolphin_train.train.schedule import TrainingSchedule
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 
@@ -30,15 +32,7 @@ def data_rows(prepared: PreparedData) -> list[tuple[str, str]]:
     ]
 
 
-def effective_batch(cfg: Config, schedule: TrainingSchedule) -> str:
-    """Rows per optimizer step, and the tokens they hold: exactly rows x sequence_len when padded to it,
-    at most that otherwise."""
-    rows = cfg.micro_batch_size * cfg.gradient_accumulation_steps * schedule.world_size
-    bound = "" if cfg.pad_to_sequence_len else "up to "
-    return f"{rows} rows x {cfg.sequence_len} = {bound}{rows * cfg.sequence_len:,} tokens"
-
-
-def plan_table(
+def run_overview(
     cfg: Config,
     runtime: RuntimeSettings,
     schedule: TrainingSchedule,
@@ -50,21 +44,20 @@ def plan_table(
     from rich.table import Table
 
     total, trainable = _count_parameters(model)
-    precision = "bf16" if runtime.bf16 else "fp16" if runtime.fp16 else "fp32"
-    t = Table(title="Training plan", show_header=False)
+    t = Table(title="Run overview", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("model", f"{cfg.base_model} ({type(model).__name__})")
     t.add_row("parameters (trainable)", f"{total:,} ({trainable:,})")
     for what, value in data_rows(prepared) if prepared is not None else []:
         t.add_row(what, value)
-    if rows.train_plan is not None:
-        plan = rows.train_plan
-        t.add_row("packing", f"{len(plan.bins):,} rows of {plan.capacity} tokens, {plan.efficiency:.1%} full")
+    if rows.train_layout is not None:
+        layout = rows.train_layout
+        t.add_row("packing", f"{len(layout.bins):,} rows of {layout.capacity} tokens, {layout.efficiency:.1%} full")
     else:
         padding = "to sequence_len" if cfg.pad_to_sequence_len else "per batch"
         t.add_row("packing", f"off: {schedule.rows:,} rows, padded {padding}")
-    t.add_row("effective batch", effective_batch(cfg, schedule))
+    t.add_row("effective batch", schedule.batch.describe())
     t.add_row(
         "steps", f"{schedule.total_steps:,} ({schedule.steps_per_epoch:,} per epoch, {schedule.epochs:.2f} epochs)"
     )
@@ -73,7 +66,7 @@ def plan_table(
         "eval every", f"{schedule.eval_steps} steps" if schedule.eval_steps else ("epoch" if rows.eval else "never")
     )
     t.add_row("checkpoint every", f"{schedule.save_steps} steps" if schedule.save_steps else "epoch")
-    t.add_row("precision", precision + (" + tf32" if runtime.tf32 else ""))
+    t.add_row("precision", runtime.precision + (" + tf32" if runtime.tf32 else ""))
     t.add_row("attention", f"{runtime.attn_implementation} ({runtime.attention_note})")
     t.add_row("device / processes", f"{runtime.device} / {runtime.launcher}")
     sharding = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else f"FSDP {cfg.fsdp}" if cfg.fsdp else "off"

@@ -1,127 +1,84 @@
-"""The training run: every stage of the flow, in order, then transformers.Trainer does the loop."""
+"""The recipe: one training run, start to finish (runtime → tokenizer → prepared data → rows → schedule →
+memory check → model and Trainer → train → save), and the shared opening of the data commands.
+
+It is the one module that uses every stage, `plan` included (the memory check before the model loads);
+the CLI only parses and dispatches to it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dolphin_train.config.resolve import RuntimeSettings, is_main_process, resolve_runtime, resolved_settings
+from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
-from dolphin_train.data.packing import PackedRows, PackingPlan, PaddedToEvenShards, SingleRows, plan_packing
-from dolphin_train.data.prepare import PreparedData, prepare_data
-from dolphin_train.errors import DolphinError
+from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
+from dolphin_train.data.prepare import PreparedData, prepare_on_main_process_first
+from dolphin_train.data.sources import resolve_source
+from dolphin_train.errors import DataError, DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
-from dolphin_train.train.arguments import check_trackers, use_liger
+from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
+from dolphin_train.terminal import bars_wanted, hide_transformers_bars
+from dolphin_train.train.arguments import use_liger
 from dolphin_train.train.control import (
     LossWatchdog,
     StopOnNonFiniteLoss,
     StopOnSignal,
-    checkpoint_is_complete,
-    latest_complete_checkpoint,
+    checkpoint_step,
+    resolve_resume,
 )
-from dolphin_train.train.records import (
+from dolphin_train.train.environment import set_up_process_environment
+from dolphin_train.train.outputs import (
     RecordConfigInTrackers,
     memory_before_model_mb,
     run_identity,
     save_config_snapshot,
+    save_final_model,
     write_run_summary,
 )
-from dolphin_train.train.schedule import TrainingSchedule, plan_schedule
+from dolphin_train.train.schedule import TrainingSchedule, compute_schedule
 
 log = logging.getLogger(__name__)
 
-PREPARE_TIMEOUT_S = 3 * 3600
+
+# ---- the data commands (`preprocess`, `inspect`) ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainingRows:
-    """The rows the Trainer iterates, and how they were packed (None when not packed)."""
-
-    train: Any
-    eval: Any | None
-    train_plan: PackingPlan | None
-    eval_plan: PackingPlan | None
+def open_prepared_data(cfg: Config) -> tuple[LoadedTokenizer, PreparedData]:
+    """The tokenizer and the prepared data (from the cache or prepared now, rank 0 first under torchrun)."""
+    tok = load_tokenizer(cfg)
+    with leaving_the_process_group_at_the_end():
+        prepared = prepare_on_main_process_first(cfg, tok.tokenizer, resolve_runtime(cfg).device)
+    return tok, prepared
 
 
-def build_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
-    def rows(dataset: Any, packed: bool, seed: int) -> tuple[Any, PackingPlan | None]:
-        if dataset is None:
-            return None, None
-        if not packed:
-            return SingleRows(dataset), None
-        plan = plan_packing(_lengths(dataset), cfg.sequence_len, seed, progress=is_main_process())
-        return PackedRows(dataset, plan), plan
-
-    train, train_plan = rows(prepared.train, cfg.sample_packing, cfg.seed)
-    eval_rows, eval_plan = rows(prepared.eval, cfg.eval_packing, cfg.seed + 1)
-    return TrainingRows(train, eval_rows, train_plan, eval_plan)
-
-
-def _lengths(dataset: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(dataset["length"], dtype=np.int64)
+def paths_missing_here(cfg: Config) -> list[str]:
+    """Files the config names that are absent here: fine for `validate` on a laptop, fatal for `train`."""
+    missing = []
+    for ds in cfg.datasets:
+        try:
+            resolve_source(ds)  # local files, directories and globs; a hub id is taken as such
+        except DataError as exc:
+            missing.append(str(exc))
+    if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).exists():
+        missing.append(f"deepspeed config not found here: {cfg.deepspeed}")
+    return missing
 
 
-def prepare_on_main_process_first(cfg: Config, tok: LoadedTokenizer, runtime: RuntimeSettings) -> PreparedData:
-    """Rank 0 prepares and caches; the other ranks wait at a barrier, then load the same cache entry.
-
-    The process group is set up here with PyTorch's defaults for the device (NCCL on GPUs, gloo on CPUs)
-    rather than through accelerate's state, which must only be created later, by TrainingArguments,
-    once DeepSpeed is configured; accelerate and DeepSpeed both reuse an initialised group."""
-    import torch.distributed as dist
-
-    if runtime.world_size == 1:
-        return prepare_data(cfg, tok.tokenizer)
-    if not dist.is_initialized():
-        if runtime.device == "cuda":  # NCCL collectives run on the current device: one GPU per rank
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # Generous: the other ranks wait at the barrier for as long as rank 0 tokenizes (the SLURM script
-        # runs `preprocess` first to keep that out of the distributed job).
-        dist.init_process_group(
-            backend="nccl" if runtime.device == "cuda" else "gloo", timeout=timedelta(seconds=PREPARE_TIMEOUT_S)
-        )
-    if dist.get_rank() == 0:
-        prepared = prepare_data(cfg, tok.tokenizer)
-        dist.barrier()
-        return prepared
-    dist.barrier()
-    return prepare_data(cfg, tok.tokenizer)
-
-
-def resolve_resume(cfg: Config) -> str | None:
-    value = cfg.resume_from_checkpoint
-    if value is None and cfg.auto_resume_from_checkpoints:
-        value = "auto"
-    if value is None:
-        return None
-    if value is True or value in ("auto", "true"):
-        last = latest_complete_checkpoint(cfg.output_dir)
-        if last is None and value == "auto":
-            log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
-        elif last is None:
-            raise DolphinError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no complete checkpoint")
-        return str(last) if last else None
-    path = Path(str(value))
-    if not path.is_dir():
-        raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
-    if not checkpoint_is_complete(path):
-        raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
-    return str(path)
+# ---- training ---------------------------------------------------------------------------------------
 
 
 def make_trainer(
-    cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: TrainingRows, schedule: TrainingSchedule
+    cfg: Config,
+    runtime: RuntimeSettings,
+    tok: LoadedTokenizer,
+    rows: TrainingRows,
+    schedule: TrainingSchedule,
+    resuming: bool = False,
 ) -> Any:
     from dolphin_train.model.load import load_model
     from dolphin_train.train.arguments import build_training_arguments
@@ -131,7 +88,8 @@ def make_trainer(
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
     # its weights are partitioned as they load.
     args = build_training_arguments(cfg, runtime, schedule)
-    model = load_model(cfg, runtime, tok)
+    model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
+    hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
     if eval_rows is not None and runtime.world_size > 1:
@@ -146,22 +104,21 @@ def make_trainer(
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
         chunked_head=_chunked_loss_head(cfg, runtime, model),
+        throughput=_throughput_meter(cfg, runtime, model),
     )
-    # First in line, so the progress bar, the console printer and the trackers see the throughput it adds
-    # to each log.
-    trainer.callback_handler.callbacks.insert(0, _throughput_callback(cfg, runtime, model))
-    _use_our_progress_bar(trainer)
+    _use_our_console(trainer)
     return trainer
 
 
-def _use_our_progress_bar(trainer: Any) -> None:
-    """Swap transformers' bar for ours (loss and tokens/s on the bar), through the Trainer's callback API."""
-    from transformers import ProgressCallback
+def _use_our_console(trainer: Any) -> None:
+    """Swap transformers' bar (and its dict-printing log) for ours, through the Trainer's callback API."""
+    from transformers import PrinterCallback, ProgressCallback
 
-    from dolphin_train.train.progress import TrainingProgress
+    from dolphin_train.train.console import TrainingConsole
 
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(TrainingProgress())
+    trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    trainer.add_callback(TrainingConsole(bar=bars_wanted()))
 
 
 def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
@@ -181,25 +138,15 @@ def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any
     return head
 
 
-def _throughput_callback(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
-    from dolphin_train.train.throughput import ThroughputCallback, flops_per_token, peak_flops
+def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
+    from dolphin_train.train.throughput import ThroughputMeter, flops_per_token, peak_flops
 
     if runtime.device != "cuda" or not runtime.bf16:
-        return ThroughputCallback()
+        return ThroughputMeter()
     import torch
 
     peak = peak_flops(torch.cuda.get_device_name())
-    return ThroughputCallback(flops_per_token(model, cfg.sequence_len), peak, runtime.world_size)
-
-
-def save_final_model(trainer: Any, output_dir: str) -> None:
-    """safetensors weights, config, generation config and tokenizer (with its chat template), ready for
-    transformers, vLLM and GGUF converters; the KV cache is re-enabled for inference."""
-    from dolphin_train.train.loss import restore_head
-
-    restore_head(trainer.model)
-    trainer.model.config.use_cache = True
-    trainer.save_model(output_dir)
+    return ThroughputMeter(flops_per_token(model, cfg.sequence_len), peak, runtime.world_size)
 
 
 def _finish_tracking(cfg: Config) -> None:
@@ -225,8 +172,8 @@ def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
     memory = torch.cuda.get_device_properties(0).total_memory
     try:
         facts = model_facts(cfg, tok)
-        estimate = plan_memory(cfg, facts, runtime.world_size, "cuda")
-        fix = find_fix(cfg, facts, runtime.world_size, memory, "cuda") if estimate.total > memory else None
+        estimate = plan_memory(cfg, facts, runtime)
+        fix = find_fix(cfg, facts, runtime, memory) if estimate.total > memory else None
     except Exception as exc:  # the plan is advice: it never stops a run
         log.debug("No memory estimate: %s", exc)
         return None
@@ -240,6 +187,12 @@ def warn_if_memory_short(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
     return estimate.allocated / 2**20
 
 
+def _evaluated_at(state: Any, step: int) -> bool:
+    """Whether the Trainer's own schedule already evaluated at this step (it does at the last one when
+    `eval_steps` divides it): the final evaluation is not run twice."""
+    return any("eval_loss" in e and e.get("step") == step for e in state.log_history)
+
+
 @dataclass
 class Run:
     """Everything assembled for one training run, before the loop starts."""
@@ -251,23 +204,28 @@ class Run:
     rows: TrainingRows
     schedule: TrainingSchedule
     trainer: Any
+    resume_from: str | None = None  # the checkpoint this run continues from
     memory_before_model_mb: float = 0.0
     planned_peak_mb: float | None = None  # the plan's peak allocated memory per GPU (GPU runs only)
 
 
 def set_up_run(cfg: Config) -> Run:
     """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
-    check_trackers(cfg)
     runtime = resolve_runtime(cfg)
+    set_up_process_environment(cfg, runtime)
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
     tok = load_tokenizer(cfg)
-    prepared = prepare_on_main_process_first(cfg, tok, runtime)
-    rows = build_rows(cfg, prepared)
-    schedule = plan_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
+    rows = build_training_rows(cfg, prepared)
+    schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
+    resume = resolve_resume(cfg)
+    if resume:
+        step = checkpoint_step(resume)
+        log.info("Resuming from %s: %d of %d steps done", resume, step, schedule.total_steps)
     before_model = memory_before_model_mb()
-    trainer = make_trainer(cfg, runtime, tok, rows, schedule)
-    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, before_model, planned)
+    trainer = make_trainer(cfg, runtime, tok, rows, schedule, resuming=resume is not None)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned)
 
 
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
@@ -279,46 +237,19 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
         return _train_and_save(cfg, show)
 
 
-@contextmanager
-def leaving_the_process_group_at_the_end() -> Iterator[None]:
-    """For every command that may join a process group (training, and preparing data under torchrun)."""
-    finished = False
-    try:
-        yield
-        finished = True
-    finally:
-        leave_process_group(finished)
-
-
-def leave_process_group(finished: bool) -> None:
-    """Each process leaves the process group explicitly before it exits. Without this, gloo's worker
-    threads can still hold tensors while the interpreter shuts down, and the process dies with SIGABRT
-    ("terminate called without an active exception") after a run that succeeded. The barrier keeps a
-    fast rank from leaving while another is still in a collective; after a failure there is none, since
-    the other ranks may never reach it."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
 def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
-    from dolphin_train.train.summary import plan_table
+    from dolphin_train.train.overview import run_overview
 
     run = set_up_run(cfg)
     trainer = run.trainer
     is_main = trainer.is_world_process_zero()
     if show and is_main:
         show(run.prepared.report.table())
-        show(plan_table(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
+        show(run_overview(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
     identity, settings = run_identity(cfg, run.prepared), resolved_settings(cfg, run.runtime)
     if is_main:
         save_config_snapshot(cfg.output_dir, settings, identity)
     trainer.add_callback(RecordConfigInTrackers(settings, identity))
-    resume = resolve_resume(cfg)
     stop_signal, non_finite = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(stop_signal)
     if cfg.stop_on_nan_loss:
@@ -327,7 +258,7 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     if watchdog:
         trainer.add_callback(watchdog)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=run.resume_from)
     elapsed = time.monotonic() - started
     if non_finite.bad_step is not None:
         raise DolphinError(
@@ -346,7 +277,7 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
         if is_main:
             Path(cfg.output_dir, "run_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    if run.rows.eval is not None:
+    if run.rows.eval is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
     _finish_tracking(cfg)

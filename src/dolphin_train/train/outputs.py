@@ -1,5 +1,5 @@
-"""What a run leaves behind to say what it was: the config it ran with (next to the model, and in wandb)
-and, at the end, a summary of what happened (`run_summary.json`)."""
+"""What a run writes beside its model: the final model itself, the config it ran with (and the same in
+wandb), and at the end a summary of what happened (`run_summary.json`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.prepare import PreparedData
 
 CONFIG_SNAPSHOT = "dolphin_train_config.yml"
+
+
+def save_final_model(trainer: Any, output_dir: str) -> None:
+    """safetensors weights, config, generation config and tokenizer (with its chat template), ready for
+    transformers, vLLM and GGUF converters; the KV cache is re-enabled for inference."""
+    from dolphin_train.train.loss import restore_head
+
+    restore_head(trainer.model)
+    trainer.model.config.use_cache = True
+    trainer.save_model(output_dir)
 
 
 def config_hash(cfg: Config) -> str:
