@@ -32,7 +32,7 @@ from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 log = logging.getLogger(__name__)
 
 # Bump when the prepared format or the masking rule changes, so old caches are not reused.
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2  # 2: Jinja chat templates write BOS themselves
 MAX_LISTED_PROBLEMS = 20
 SAMPLE_FOR_FAST_CHECK = 300
 
@@ -135,7 +135,8 @@ def template_for(cfg: Config, tokenizer: Any) -> Template:
     end_tokens = cfg.eot_tokens or (end_tokens_for(name, tokenizer.eos_token) if uses_named else None)
     for token in end_tokens or []:
         if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
-            raise DataError(f"eot_tokens: {token!r} is not a single token of this tokenizer; add it under `tokens:`")
+            what = "eot_tokens" if cfg.eot_tokens else f"{name}'s end-of-turn token"
+            raise DataError(f"{what}: {token!r} is not a single token of this tokenizer; add it under `tokens:`")
     return TokenizerTemplate(tokenizer, end_tokens)
 
 

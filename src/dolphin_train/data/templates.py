@@ -79,9 +79,8 @@ class TokenizerTemplate:
     is then checked against the template's own rendering of the real conversation; where they differ (a
     template that rewrites a content, like Qwen 3's reasoning blocks or Llama's JSON-quoted tool results),
     each turn is located instead by rendering the conversation with that one content replaced, and taking
-    what differs. The end-of-turn token
-    is the first of `end_tokens` that the template writes right after a turn's content (by default any token
-    added to the vocabulary, e.g. `<|eot_id|>` for Llama-3-Instruct).
+    what differs. The end-of-turn token is the first of `end_tokens` that the template writes right after a
+    turn's content (by default any token added to the vocabulary, e.g. `<|eot_id|>` for Llama-3-Instruct).
     """
 
     writes_bos = True
@@ -140,9 +139,10 @@ class TokenizerTemplate:
             left = at > 0 and skeleton[at - 1] == pad  # kept: the template does not trim this side
             after = at + len(mark)
             right = skeleton.startswith(pad, after)
-            if pos > at - left:
+            head_end = at - 1 if left else at
+            if pos > head_end:
                 return None
-            head = skeleton[pos : at - left]
+            head = skeleton[pos:head_end]
             text = contents[i]
             text = text if left else text.lstrip()
             text = text if right else text.rstrip()
