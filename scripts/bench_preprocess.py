@@ -10,6 +10,11 @@ peak memory is its own:
   - per-turn: read the JSONL, tokenize each turn's header, content and end marker separately with the
     same tokenizer, concatenate, mask; every row kept in a Python list.
 It prints conversations/s, tokens/s and peak RSS for each, and the ratio, as a Markdown table.
+
+    python scripts/bench_preprocess.py --n 10000 100000 --compare-template llama3
+
+compares instead the same pipeline with a named chat template (rendered through Jinja, with the rendering
+checked against the template's own) and with ChatML (rendered by our own code).
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def run_ours(data: Path, work: Path, num_proc: int | None) -> dict:
+def run_ours(data: Path, work: Path, num_proc: int | None, template: str = "chatml") -> dict:
     from dolphin_train.config.load import validate_mapping
     from dolphin_train.data.prepare import prepare_data
     from dolphin_train.model.tokenizer import load_tokenizer
@@ -104,6 +109,7 @@ def run_ours(data: Path, work: Path, num_proc: int | None) -> dict:
         "sequence_len": 4096,
         "dataset_prepared_path": str(work / "prepared"),
         "dataset_num_proc": num_proc,
+        "chat_template": template,
     }
     cfg = validate_mapping({k: v for k, v in raw.items() if v is not None})
     tokenizer = load_tokenizer(cfg).tokenizer
@@ -148,15 +154,20 @@ def run_per_turn(data: Path) -> dict:
 
 def worker(args: argparse.Namespace) -> None:
     data, work = Path(args.data), Path(args.work)
-    result = run_ours(data, work, args.num_proc) if args.worker == "ours" else run_per_turn(data)
+    if args.worker == "ours":
+        result = run_ours(data, work, args.num_proc, args.template or "chatml")
+    else:
+        result = run_per_turn(data)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
-def measure(kind: str, data: Path, work: Path, num_proc: int | None) -> dict:
+def measure(kind: str, data: Path, work: Path, num_proc: int | None, template: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--work", str(work)]
     if num_proc:
         cmd += ["--num-proc", str(num_proc)]
+    if template:
+        cmd += ["--template", template]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -169,6 +180,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "per-turn"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--template", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compare-template", metavar="NAME",
+        help="instead of the per-turn baseline: dolphin-train with chat_template NAME against itself with chatml",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -179,9 +195,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "corpus.jsonl"
             write_corpus(data, n)
-            ours = measure("ours", data, Path(tmp), args.num_proc)
-            base = measure("per-turn", data, Path(tmp), None)
-            for name, r in (("dolphin-train", ours), ("per-turn", base)):
+            ours = measure("ours", data, Path(tmp) / "a", args.num_proc)
+            if args.compare_template:
+                other = measure("ours", data, Path(tmp) / "b", args.num_proc, args.compare_template)
+                runs, base = (("dolphin-train, chatml", ours), (f"dolphin-train, {args.compare_template}", other)), ours
+            else:
+                base = measure("per-turn", data, Path(tmp), None)
+                runs = (("dolphin-train", ours), ("per-turn", base))
+            for name, r in runs:
                 ratio = base["seconds"] / r["seconds"]
                 cells = [f"{n:,}", name, f"{r['seconds']:.1f}", f"{n / r['seconds']:,.0f}",
                          f"{r['tokens'] / r['seconds']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{ratio:.1f}x"]  # fmt: skip

@@ -66,7 +66,7 @@ def test_tokenizer_default_template_exact_ids(llama3_dir: str) -> None:
     tok = _llama3(llama3_dir, chat_template="tokenizer_default")
     tok.chat_template = LLAMA3_INSTRUCT
     template = TokenizerTemplate(tok)
-    assert template.trims and "<|eot_id|>" in template.end_tokens
+    assert "<|eot_id|>" in template.end_tokens
     row = {"messages": [{"role": "user", "content": "  Hi "}, {"role": "assistant", "content": "Hello!"}]}
     [(ids, labels)] = _encode_rows(tok, [row], DatasetConfig(path="-", type="chat_template"), template)
     sh, eh, eot, two_nl = 128006, 128007, 128009, 271

@@ -57,7 +57,8 @@ def test_openai_messages_format(tmp_path: Path) -> None:
         }
     ] * 3
     data = write_jsonl(tmp_path / "m.jsonl", rows)
-    cfg = validate_mapping(tiny_config(tmp_path, data, datasets=[{"path": str(data), "type": "chat_template"}]))
+    datasets = [{"path": str(data), "type": "chat_template"}]
+    cfg = validate_mapping(tiny_config(tmp_path, data, datasets=datasets, chat_template="chatml"))
     prepared = prepare_data(cfg, load_tokenizer(cfg).tokenizer)
     assert prepared.report.kept == 3 and prepared.report.trainable_tokens > 0
 

@@ -24,7 +24,13 @@ from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.arguments import use_liger
-from dolphin_train.train.control import StopOnNonFiniteLoss, StopOnSignal, checkpoint_step, resolve_resume
+from dolphin_train.train.control import (
+    LossWatchdog,
+    StopOnNonFiniteLoss,
+    StopOnSignal,
+    checkpoint_step,
+    resolve_resume,
+)
 from dolphin_train.train.environment import set_up_process_environment
 from dolphin_train.train.outputs import (
     RecordConfigInTrackers,
@@ -87,7 +93,9 @@ def make_trainer(
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
     if eval_rows is not None and runtime.world_size > 1:
-        eval_rows = PaddedToEvenShards(eval_rows, runtime.world_size * cfg.micro_batch_size, tok.tokenizer.pad_token_id)
+        eval_rows = PaddedToEvenShards(
+            eval_rows, runtime.world_size * cfg.micro_batch_size_for_eval, tok.tokenizer.pad_token_id
+        )
     trainer = DolphinTrainer(
         model=model,
         args=args,
@@ -119,7 +127,8 @@ def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any
 
     if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
         return None
-    if cfg.chunked_cross_entropy is None and use_liger(runtime):
+    liger_fuses_loss = use_liger(cfg, runtime) and cfg.liger_fused_linear_cross_entropy is not False
+    if cfg.chunked_loss_choice is None and liger_fuses_loss:
         return None  # Liger's fused kernel already avoids the full logits
     head = install_chunked_head(model)
     if head is None:
@@ -248,6 +257,9 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     trainer.add_callback(stop_signal)
     if cfg.stop_on_nan_loss:
         trainer.add_callback(non_finite)
+    watchdog = LossWatchdog(*cfg.loss_watchdog) if cfg.loss_watchdog else None
+    if watchdog:
+        trainer.add_callback(watchdog)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=run.resume_from)
     elapsed = time.monotonic() - started
@@ -255,6 +267,12 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
         raise DolphinError(
             f"the training loss became NaN or infinite at step {non_finite.bad_step}; stopped. Lower the "
             "learning rate, check the data with `dolphin-train inspect`, or resume from an earlier checkpoint"
+        )
+    if watchdog and watchdog.bad_step is not None:
+        raise DolphinError(
+            f"the training loss stayed above loss_watchdog_threshold ({watchdog.threshold}) for {watchdog.patience} "
+            f"logged steps, up to step {watchdog.bad_step} (loss {watchdog.last_loss:.4g}); stopped. Lower the "
+            "learning rate, or resume from an earlier checkpoint"
         )
     if stop_signal.received is not None:
         step = trainer.state.global_step

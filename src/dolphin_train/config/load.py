@@ -92,12 +92,18 @@ def _coerce_yaml11_float(value: Any) -> Any:
     return value
 
 
-def _drop_nulls(value: Any) -> Any:
-    """axolotl configs write `key:` (null) to mean "not set": treat it as absent so the default applies."""
+def _drop_nulls(value: Any, model: type[BaseModel] | None = Config) -> Any:
+    """axolotl configs write `key:` (null) to mean "not set": a known key that is null is treated as absent,
+    so the default applies. An unknown key stays, null or not, and fails as unknown: never silently accepted."""
     if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        known = documented_fields(model) if model is not None else {}  # free-form mappings: every key "known"
+        return {
+            k: _drop_nulls(v, _NESTED_MODELS.get(k) if model is Config else None)
+            for k, v in value.items()
+            if v is not None or (model is not None and k not in known)
+        }
     if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
+        return [_drop_nulls(v, model) for v in value]
     return value
 
 
@@ -152,7 +158,9 @@ def _unsupported_settings(cfg: Config) -> list[str]:
     for name, info in Config.model_fields.items():
         extra = info.json_schema_extra or {}
         if extra.get("unsupported") and getattr(cfg, name) != info.default:
-            problems.append(f"{info.alias or name}: {getattr(cfg, name)!r} is not supported yet")
+            alternative = extra.get("alternative")
+            status = f"is not supported; instead: {alternative}" if alternative else "is not supported yet"
+            problems.append(f"{info.alias or name}: {getattr(cfg, name)!r} {status}")
     return problems
 
 

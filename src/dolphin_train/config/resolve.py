@@ -43,8 +43,11 @@ def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
     """Pick the attention backend. Packed rows stay exact with every choice: flash-attn and transformers'
     SDPA path both derive sequence boundaries from the restarting position ids."""
     if cfg.attn_implementation:
-        return cfg.attn_implementation, "set by attn_implementation"
-    if cfg.flash_attention:
+        return cfg.attention_backend, "set by attn_implementation"
+    flash = cfg.flash_attention or cfg.attention == "flash"  # axolotl's `attention: flash`: the best flash path
+    if cfg.attention and not flash:
+        return cfg.attention_backend, "set by attention"
+    if flash:
         if machine.flash_attn:
             return "flash_attention_2", "flash_attention: true and flash-attn is installed"
         if machine.varlen_attention:

@@ -10,6 +10,8 @@ key"), but setting it to anything other than its default fails with "not support
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +25,8 @@ OPTIMIZERS = (
     "adamw_torch_fused",
     "adamw_8bit",
     "adamw_bnb_8bit",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
     "paged_adamw_8bit",
     "paged_adamw_32bit",
     "adafactor",
@@ -51,12 +55,65 @@ LR_SCHEDULERS = (
 )
 
 
-def key(default: Any = None, doc: str = "", section: str = "training", unsupported: bool = False, **kw: Any):
-    """A documented config key. `section` groups it in the reference; `unsupported` marks planned keys."""
-    extra = {"section": section}
+def key(
+    default: Any = None,
+    doc: str = "",
+    section: str = "training",
+    unsupported: bool = False,
+    alternative: str | None = None,
+    **kw: Any,
+):
+    """A documented config key. `section` groups it in the reference; `unsupported` marks keys that only take
+    their default: planned ones, or, with `alternative` (what to use instead), axolotl keys we do not carry."""
+    extra: dict[str, Any] = {"section": section}
     if unsupported:
         extra["unsupported"] = True
+    if alternative:
+        extra["alternative"] = alternative
     return Field(default, description=doc, json_schema_extra=extra, **kw)
+
+
+# `chat_template` values: ChatML, the tokenizer's own template, and the named formats of named_templates.py
+# (listed here so that validating a config needs no import of the data stage; a test checks they agree).
+TEMPLATE_NAMES = (
+    "chatml",
+    "llama3",
+    "llama3_2",
+    "llama4",
+    "gemma",
+    "gemma3",
+    "gemma3n",
+    "phi_3",
+    "phi_35",
+    "qwen_25",
+    "qwen3",
+    "deepseek_v2",
+    "mistral_v1",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "cohere",
+    "falcon_h1",
+)
+TOKENIZER_DEFAULT = "tokenizer_default"
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
+
+# axolotl's plugins that map onto what dolphin-train does itself.
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
+
+# `attention:` (axolotl's short names) and short forms of `attn_implementation` -> transformers' names.
+ATTENTION_NAMES = {"flash": "flash_attention_2", "sdp": "sdpa", "sdpa": "sdpa", "eager": "eager",
+                   "flex": "flex_attention"}  # fmt: skip
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "dolphin_varlen")
+
+# Parameter-name patterns of `unfrozen_parameters`, as axolotl reads them: a dot is a literal dot (unless
+# followed by `+`), and the pattern matches from the start of the name.
+_UNFROZEN_RANGE = re.compile(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$")
+
+
+def unfrozen_pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\.(?!\+)", "\\.", pattern))
 
 
 class _Strict(BaseModel):
@@ -72,12 +129,14 @@ class DatasetConfig(_Strict):
         "Hugging Face hub dataset id (loaded with `datasets.load_dataset`).",
         "data",
     )
-    type: Literal["sharegpt", "chat_template", "alpaca", "completion"] = key(
+    type: Literal["sharegpt", "chat_template", "alpaca", "alpaca:chat", "alpaca:phi", "completion"] = key(
         "sharegpt",
         "Row format. `sharegpt`: a `conversations` list of `{from, value}` turns. `chat_template`: a `messages` "
         "list of `{role, content}` turns (OpenAI style). `alpaca`: `instruction`, optional `input`, `output`, "
-        "optional `system`, trained as a one-turn conversation. `completion`: raw text in `field`, every token "
-        "trained.",
+        "optional `system`, trained as a one-turn conversation in the run's `chat_template`; `alpaca:chat` and "
+        "`alpaca:phi` (axolotl's spellings that also pick a fixed text prompt) read the same rows the same way: "
+        "the chat template formats them, so the model is trained in the format it is served with. `completion`: "
+        "raw text in `field`, every token trained.",
         "data",
     )
     conversation: Literal["chatml"] = key(
@@ -102,6 +161,12 @@ class DatasetConfig(_Strict):
         "`role`/`content` for chat_template).",
         "data",
     )
+    message_field_role: str | None = key(
+        None, "Deprecated axolotl spelling of `message_property_mappings: {role: ...}`.", "data"
+    )
+    message_field_content: str | None = key(
+        None, "Deprecated axolotl spelling of `message_property_mappings: {content: ...}`.", "data"
+    )
     roles: dict[str, list[str]] | None = key(
         None,
         "Role names in the data for each role (`system`, `user`, `assistant`, `tool`), e.g. "
@@ -119,6 +184,23 @@ class DatasetConfig(_Strict):
         "data",
     )
     drop_system_message: bool = key(False, "Remove system turns from this dataset's conversations.", "data")
+
+    @model_validator(mode="after")
+    def _one_spelling_per_field(self) -> DatasetConfig:
+        mapped = self.message_property_mappings or {}
+        for name, old in (("role", self.message_field_role), ("content", self.message_field_content)):
+            if old is not None and mapped.get(name, old) != old:
+                raise ValueError(
+                    f"message_field_{name}: {old!r} and message_property_mappings.{name}: {mapped[name]!r} "
+                    "disagree; keep message_property_mappings"
+                )
+        return self
+
+    @property
+    def property_mappings(self) -> dict[str, str]:
+        """Keys of each turn, merging the deprecated `message_field_*` spellings."""
+        old = {"role": self.message_field_role, "content": self.message_field_content}
+        return {**{k: v for k, v in old.items() if v is not None}, **(self.message_property_mappings or {})}
 
 
 class SpecialTokens(_Strict):
@@ -198,13 +280,17 @@ class Config(_Strict):
     lora_r: int = key(8, "LoRA rank.", "model", ge=1)
     lora_alpha: int = key(16, "LoRA scaling numerator (the update is scaled by alpha / r).", "model", ge=1)
     lora_dropout: float = key(0.0, "Dropout on the LoRA input.", "model", ge=0, lt=1)
-    lora_target_modules: list[str] | None = key(
-        None, "Module names LoRA adapts (e.g. `[q_proj, v_proj]`); default every linear layer.", "model"
+    lora_target_modules: list[str] | str | None = key(
+        None,
+        "Module names LoRA adapts (e.g. `[q_proj, v_proj]`), or one regular expression over full module names "
+        "(as peft reads a string, e.g. `model.layers.[0-9]+.self_attn.(q|v)_proj`); default every linear layer.",
+        "model",
     )
     lora_target_linear: bool | None = key(
         None,
-        "Adapt every linear layer except the output head (the default when no modules are named); `false` "
-        "requires `lora_target_modules`.",
+        "Adapt every linear layer except the output head (the default when no modules are named; with "
+        "`lora_target_modules` too, as in axolotl, the union: every linear layer); `false` requires "
+        "`lora_target_modules`.",
         "model",
     )
     lora_modules_to_save: list[str] | None = key(
@@ -232,18 +318,155 @@ class Config(_Strict):
     xformers_attention: bool = key(False, "xformers attention.", "model", unsupported=True)
     attn_implementation: str | None = key(
         None,
-        "Force a transformers attention implementation (`sdpa`, `eager`, `flash_attention_2`...).",
+        "Force a transformers attention implementation: "
+        + ", ".join(f"`{a}`" for a in ATTN_IMPLEMENTATIONS)
+        + " (axolotl's short forms `flash`, `sdp`, `flex` are read as those), or a kernel from the hub "
+        "(`org/name`).",
         "model",
     )
+    attention: Literal["flash", "sdpa", "sdp", "eager", "flex"] | None = key(
+        None,
+        "axolotl's short name for the attention backend: `flash` is `flash_attention: true` (flash-attn, else "
+        "PyTorch's varlen flash attention, on CUDA), the others set `attn_implementation` (`sdpa`, `eager`, "
+        "`flex_attention`).",
+        "model",
+    )
+    liger_kernel: bool = key(
+        True,
+        "Use Liger's Triton kernels on a CUDA machine where `liger-kernel` is installed (its fused linear "
+        "cross-entropy, plus the kernels the `liger_*` keys pick); `false`: never.",
+        "model",
+    )
+    plugins: list[str] | None = key(
+        None,
+        "axolotl plugins. dolphin-train has no plugin system; these two map onto its own paths: "
+        f"`{LIGER_PLUGIN}` (`liger_kernel` and the `liger_*` keys) and `{CCE_PLUGIN}` (the chunked loss, see "
+        "`cut_cross_entropy`). Any other plugin is refused.",
+        "model",
+    )
+    liger_rope: bool | None = key(None, "Liger's rotary-embedding kernel (with `liger_kernel`, on CUDA).", "model")
+    liger_rms_norm: bool | None = key(None, "Liger's RMSNorm kernel (with `liger_kernel`, on CUDA).", "model")
+    liger_layer_norm: bool | None = key(None, "Liger's LayerNorm kernel (with `liger_kernel`, on CUDA).", "model")
+    liger_glu_activation: bool | None = key(
+        None, "Liger's SwiGLU/GeGLU MLP kernel (with `liger_kernel`, on CUDA).", "model"
+    )
+    liger_cross_entropy: bool | None = key(
+        None, "Liger's cross-entropy kernel (with `liger_kernel`, on CUDA).", "model"
+    )
+    liger_fused_linear_cross_entropy: bool | None = key(
+        None,
+        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there).",
+        "model",
+    )
+    resize_token_embeddings_to_32x: bool = key(
+        False,
+        "When tokens are added, round the embedding matrix up to a multiple of 32 rows (faster matrix shapes on "
+        "GPUs); the extra rows belong to no token.",
+        "model",
+    )
+    unfrozen_parameters: list[str] | None = key(
+        None,
+        "Train only the parameters whose names match one of these patterns (axolotl's reading: a pattern matches "
+        "from the start of the name, `.` is a literal dot, e.g. `^lm_head.weight$`, `model.layers.2[0-9]+`); "
+        "every other parameter is frozen, with an adapter too (its weights in non-matching modules). Counted in "
+        "the plan's trainable parameters.",
+        "model",
+    )
+    bfloat16: bool = key(
+        False,
+        "Keep the weights themselves in bfloat16 (no float32 master copy for full fine-tuning: half the weight "
+        "memory, at some cost in precision for small updates); `bf16` still decides the compute precision.",
+        "model",
+    )
+    float16: bool = key(
+        False,
+        "float16 weights without mixed precision.",
+        "model",
+        unsupported=True,
+        alternative="fp16: true (mixed precision with a loss scaler) or bfloat16: true",
+    )
+    is_llama_derived_model: bool | None = key(
+        None,
+        "axolotl metadata, accepted: the architecture is read from the model's config.json; a value that "
+        "contradicts it is reported as a warning when the model config loads.",
+        "model",
+    )
+    is_mistral_derived_model: bool | None = key(None, "As `is_llama_derived_model`, for Mistral.", "model")
+    is_qwen_derived_model: bool | None = key(None, "As `is_llama_derived_model`, for Qwen.", "model")
+    is_falcon_derived_model: bool | None = key(None, "As `is_llama_derived_model`, for Falcon.", "model")
+    gptq: bool = key(
+        False, "GPTQ-quantised base weights.", "model", unsupported=True,
+        alternative="load_in_4bit: true with adapter: qlora (bitsandbytes NF4)",
+    )  # fmt: skip
+    gptq_groupsize: int | None = key(
+        None, "GPTQ group size.", "model", unsupported=True, alternative="load_in_4bit: true with adapter: qlora"
+    )
+    gptq_model_v1: bool | None = key(
+        None, "GPTQ v1 checkpoint.", "model", unsupported=True, alternative="load_in_4bit: true with adapter: qlora"
+    )
+    flash_attn_cross_entropy: bool = key(
+        False, "flash-attn's fused cross-entropy (axolotl's old path).", "model", unsupported=True,
+        alternative="chunked_cross_entropy: true, or liger_kernel on CUDA",
+    )  # fmt: skip
+    flash_attn_rms_norm: bool = key(
+        False, "flash-attn's fused RMSNorm (axolotl's old path).", "model", unsupported=True,
+        alternative="liger_rms_norm: true (Liger on CUDA)",
+    )  # fmt: skip
+    flash_attn_fuse_qkv: bool = key(
+        False, "Fused QKV projection (axolotl's old flash-attn path).", "model", unsupported=True,
+        alternative="flash_attention: true (the fusion is not carried)",
+    )  # fmt: skip
+    flash_attn_fuse_mlp: bool = key(
+        False, "Fused MLP (axolotl's old flash-attn path).", "model", unsupported=True,
+        alternative="liger_glu_activation: true (Liger on CUDA)",
+    )  # fmt: skip
+    flash_optimum: bool = key(
+        False, "BetterTransformer attention through optimum.", "model", unsupported=True,
+        alternative="flash_attention: true or attn_implementation: sdpa",
+    )  # fmt: skip
+    lora_mlp_kernel: bool = key(
+        False, "axolotl's fused LoRA MLP kernel.", "model", unsupported=True,
+        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
+    )  # fmt: skip
+    lora_qkv_kernel: bool = key(
+        False, "axolotl's fused LoRA QKV kernel.", "model", unsupported=True,
+        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
+    )  # fmt: skip
+    lora_o_kernel: bool = key(
+        False, "axolotl's fused LoRA output-projection kernel.", "model", unsupported=True,
+        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
+    )  # fmt: skip
+    torchdistx_path: str | None = key(
+        None, "torchdistx deferred initialisation.", "model", unsupported=True,
+        alternative="nothing: DeepSpeed ZeRO-3 and FSDP shard the weights as they load",
+    )  # fmt: skip
 
     # ---- data ----------------------------------------------------------------------------------
     datasets: list[DatasetConfig] = key(..., "Training data, mixed together.", "data", min_length=1)
-    chat_template: Literal["chatml", "tokenizer_default"] = key(
-        "chatml",
-        "Template that turns conversations into tokens, saved with the tokenizer. `chatml`, or "
-        "`tokenizer_default`: the tokenizer's own Jinja template (e.g. Llama-3-Instruct's), same masking rules.",
+    chat_template: str | None = key(
+        None,
+        "Template that turns conversations into tokens, saved with the tokenizer: `chatml`; a model family's "
+        "published format: " + ", ".join(f"`{n}`" for n in TEMPLATE_NAMES[1:]) + "; `tokenizer_default`: the "
+        "tokenizer's own Jinja template; or `tokenizer_default_fallback_NAME`: the tokenizer's, else NAME. Same "
+        "masking rule for all. Default, as in axolotl: `tokenizer_default` when a dataset has `type: "
+        "chat_template`, else `chatml`.",
         "data",
     )
+    eot_tokens: list[str] | None = key(
+        None,
+        "End-of-turn tokens trained after each trained turn, where the template writes one right after the "
+        "content (default: the named template's own, e.g. `<|eot_id|>`, `<end_of_turn>`; for "
+        "`tokenizer_default`, any added token). Each must be a single token.",
+        "data",
+    )
+    push_dataset_to_hub: str | None = key(
+        None, "Upload the prepared data to the hub.", "data", unsupported=True,
+        alternative="the prepared data is a local cache (dataset_prepared_path)",
+    )  # fmt: skip
+    max_packed_sequence_len: int | None = key(
+        None, "axolotl's old packing length.", "data", unsupported=True,
+        alternative="sample_packing: true with sequence_len",
+    )  # fmt: skip
     default_system_message: str | None = key(None, "System message added to conversations that have none.", "data")
     skip_invalid_rows: bool = key(
         False,
@@ -312,7 +535,11 @@ class Config(_Strict):
     )
     fp16: bool | None = key(None, "float16 mixed precision (only when bf16 is off).")
     tf32: bool | Literal["auto"] = key(False, "Allow TF32 matmuls on Ampere or newer GPUs; `auto`: when available.")
-    gradient_checkpointing: bool = key(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool | Literal["offload"] = key(
+        False,
+        "Recompute activations in the backward pass to save memory. (`offload`, axolotl's activation offloading, "
+        "is not supported yet.)",
+    )
     chunked_cross_entropy: bool | None = key(
         None,
         "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
@@ -336,14 +563,63 @@ class Config(_Strict):
         True, "Stop, naming the step, when the training loss or gradient norm becomes NaN or infinite."
     )
     early_stopping_patience: int | None = key(None, "Stop when eval loss stops improving.", unsupported=True)
+    loss_watchdog_threshold: float | None = key(
+        None,
+        "Stop, naming the step, when the logged training loss stays above this value for "
+        "`loss_watchdog_patience` logs in a row (learning has broken down; about twice the starting loss is a "
+        "good value).",
+        gt=0,
+    )
+    loss_watchdog_patience: int | None = key(
+        None, "Logged steps in a row above `loss_watchdog_threshold` before stopping (default 3).", ge=1
+    )
+    auto_resume_from_checkpoints: bool = key(
+        False,
+        "When `resume_from_checkpoint` is not set: resume from the latest complete checkpoint in `output_dir` "
+        "if there is one (as `resume_from_checkpoint: auto`).",
+    )
+    cut_cross_entropy: bool | None = key(
+        None,
+        "axolotl's CutCrossEntropy switch (on when its plugin is listed): asks for `chunked_cross_entropy`, "
+        "which likewise never materialises the logits.",
+    )
 
     # ---- evaluation and checkpoints ------------------------------------------------------------
     logging_steps: int = key(1, "Log loss and learning rate every N optimizer steps.", "logging", ge=1)
-    evals_per_epoch: int | None = key(None, "Evaluations per epoch (needs `val_set_size`).", "logging", ge=1)
+    evals_per_epoch: int | None = key(
+        None, "Evaluations per epoch (needs `val_set_size`); 0, as unset: one at each epoch's end.", "logging", ge=0
+    )
     eval_steps: int | None = key(None, "Evaluate every N steps (instead of `evals_per_epoch`).", "logging", ge=1)
     saves_per_epoch: int | None = key(None, "Checkpoints per epoch.", "logging", ge=1)
     save_steps: int | None = key(None, "Checkpoint every N steps (instead of `saves_per_epoch`).", "logging", ge=1)
     save_total_limit: int | None = key(None, "Keep at most this many checkpoints.", "logging", ge=1)
+    eval_batch_size: int | None = key(
+        None, "Rows per device per evaluation forward pass (default: `micro_batch_size`).", "logging", ge=1
+    )
+    eval_table_size: int | None = key(
+        None,
+        "axolotl's table of sample predictions logged at evaluation: only empty or 0 (no table) is accepted.",
+        "logging",
+        ge=0,
+    )
+    eval_max_new_tokens: int | None = key(
+        None,
+        "Tokens generated per sample prediction; accepted while no prediction table is asked for (it has no "
+        "other use).",
+        "logging",
+        ge=1,
+    )
+    eval_table_max_new_tokens: int | None = key(
+        None, "As `eval_max_new_tokens` (axolotl's older name).", "logging", ge=1
+    )
+    do_causal_lm_eval: bool = key(
+        False, "Generation metrics (BLEU, ROUGE...) at evaluation.", "logging", unsupported=True,
+        alternative="the evaluation loss (val_set_size with evals_per_epoch or eval_steps)",
+    )  # fmt: skip
+    eval_causal_lm_metrics: list[str] | None = key(
+        None, "Metrics of `do_causal_lm_eval`.", "logging", unsupported=True,
+        alternative="the evaluation loss (val_set_size with evals_per_epoch or eval_steps)",
+    )  # fmt: skip
     wandb_project: str | None = key(None, "Weights & Biases project; logging to wandb is on when set.", "logging")
     wandb_entity: str | None = key(None, "Weights & Biases entity (team or user).", "logging")
     wandb_name: str | None = key(None, "Run name shown in wandb.", "logging")
@@ -381,6 +657,12 @@ class Config(_Strict):
         "(`version: 2`) unless set otherwise; layers to wrap default to the model's own.",
         "distributed",
     )
+    ddp_find_unused_parameters: bool | None = key(
+        None,
+        "DDP's search for parameters that get no gradient (needed only when some do, e.g. unused layers); "
+        "default off: it costs a graph traversal per step.",
+        "distributed",
+    )
     local_rank: int | None = key(
         None,
         "Set by the launcher (torchrun, accelerate); leave it empty in the file.",
@@ -400,6 +682,61 @@ class Config(_Strict):
     def _known_scheduler(cls, value: str) -> str:
         if value not in LR_SCHEDULERS:
             raise ValueError(f"unknown scheduler; allowed: {', '.join(LR_SCHEDULERS)}")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        name = value.removeprefix(FALLBACK_PREFIX) if value else value
+        if value is None or value == TOKENIZER_DEFAULT or name in TEMPLATE_NAMES:
+            return value
+        names = ", ".join((*TEMPLATE_NAMES, TOKENIZER_DEFAULT))
+        close = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ValueError(f"unknown chat template{hint}; known: {names}")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        if value is None or value in ATTN_IMPLEMENTATIONS or value in ATTENTION_NAMES or "/" in value:
+            return value
+        if value in ("xformers", "sage"):
+            raise ValueError("not supported; instead: flash_attention: true (flash-attn or PyTorch's varlen kernel)")
+        raise ValueError(f"unknown attention implementation; known: {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+    @field_validator("plugins")
+    @classmethod
+    def _known_plugins(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [p for p in value or [] if p not in KNOWN_PLUGINS]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: not supported. dolphin-train has no plugin system; only {LIGER_PLUGIN} "
+                f"(liger_kernel) and {CCE_PLUGIN} (chunked_cross_entropy) map onto its own paths"
+            )
+        return value
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _no_offload_yet(cls, value: bool | str) -> bool | str:
+        if value == "offload":
+            raise ValueError(
+                "activation offloading is not supported yet: use gradient_checkpointing: true (recomputation)"
+            )
+        return value
+
+    @field_validator("unfrozen_parameters")
+    @classmethod
+    def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            if _UNFROZEN_RANGE.match(pattern):
+                raise ValueError(
+                    f"{pattern!r}: row ranges of a parameter are not supported; name whole parameters "
+                    "(new embedding rows are trained with the rest of the matrix)"
+                )
+            try:
+                unfrozen_pattern(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
         return value
 
     @field_validator("val_set_size")
@@ -435,12 +772,13 @@ class Config(_Strict):
             problems.append("load_in_4bit and load_in_8bit: choose one")
         if self.load_in_4bit and self.adapter == "lora":
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
-        if self.lora_target_modules and self.lora_target_linear:
-            problems.append("lora_target_modules and lora_target_linear: set one, not both")
+        if self.lora_target_linear and self.names_output_head:
+            problems.append("lora_target_linear: true adapts every linear layer but the output head, and lm_head "
+                            "cannot be added to it: list every module in lora_target_modules instead")  # fmt: skip
         if self.adapter and self.lora_target_linear is False and not self.lora_target_modules:
             problems.append("lora_target_linear: false leaves LoRA nothing to adapt: name lora_target_modules "
                             "(e.g. [q_proj, v_proj]) or remove lora_target_linear")  # fmt: skip
-        if self.chunked_cross_entropy and self.adapts_output_head:
+        if self.chunked_loss_choice and self.adapts_output_head:
             problems.append("chunked_cross_entropy: true with lm_head in lora_target_modules: the chunked loss "
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
         if self.fsdp and self.deepspeed:
@@ -449,9 +787,76 @@ class Config(_Strict):
             problems.append("fsdp_config is set but fsdp is not: set fsdp, e.g. [full_shard, auto_wrap]")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16: choose one precision")
+        if self.bfloat16 and self.fp16:
+            problems.append("bfloat16 weights with fp16 mixed precision: use bf16")
+        forced = ATTENTION_NAMES.get(self.attn_implementation or "", self.attn_implementation)
+        if self.attention and self.attn_implementation and ATTENTION_NAMES[self.attention] != forced:
+            problems.append("attention and attn_implementation disagree: set one")
+        asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
+        if self.liger_kernel is False and asks_liger:
+            problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
+        if self.cut_cross_entropy and self.chunked_cross_entropy is False:
+            problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        if self.eval_table_size:
+            tokens = self.eval_max_new_tokens or self.eval_table_max_new_tokens
+            problems.append(
+                f"eval_table_size: {self.eval_table_size}: a table of sample predictions"
+                + (f" ({tokens} new tokens each)" if tokens else "")
+                + " is not supported: set 0 or remove it; evaluation reports the loss"
+            )
+        if self.eot_tokens is not None and self.template_name == "chatml" and self.eot_tokens != ["<|im_end|>"]:
+            problems.append("eot_tokens: chatml ends every turn with <|im_end|>; set [<|im_end|>] or remove it")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def template_name(self) -> str:
+        """The chat template, with axolotl's default: the tokenizer's own for `type: chat_template` rows."""
+        if self.chat_template:
+            return self.chat_template
+        return TOKENIZER_DEFAULT if any(d.type == "chat_template" for d in self.datasets) else "chatml"
+
+    @property
+    def attention_backend(self) -> str | None:
+        """`attn_implementation` or `attention`, with axolotl's short names spelled out (`flash` stays the
+        choice of the best flash path, see config/resolve.py)."""
+        name = self.attn_implementation or self.attention
+        return ATTENTION_NAMES.get(name, name) if name else None
+
+    @property
+    def chunked_loss_choice(self) -> bool | None:
+        """`chunked_cross_entropy`, or the CutCrossEntropy plugin's request for the same thing."""
+        if self.chunked_cross_entropy is not None:
+            return self.chunked_cross_entropy
+        if self.cut_cross_entropy or (self.cut_cross_entropy is None and CCE_PLUGIN in (self.plugins or [])):
+            return True
+        return None
+
+    @property
+    def liger_kernel_config(self) -> dict[str, bool]:
+        """The Liger kernels the `liger_*` keys pick, named as transformers' `liger_kernel_config` takes them."""
+        chosen = {
+            "rope": self.liger_rope,
+            "rms_norm": self.liger_rms_norm,
+            "layer_norm": self.liger_layer_norm,
+            "swiglu": self.liger_glu_activation,
+            "geglu": self.liger_glu_activation,
+            "cross_entropy": self.liger_cross_entropy,
+            "fused_linear_cross_entropy": self.liger_fused_linear_cross_entropy,
+        }
+        return {k: v for k, v in chosen.items() if v is not None}
+
+    @property
+    def loss_watchdog(self) -> tuple[float, int] | None:
+        """(threshold, patience) of the loss watchdog, or None when it is off."""
+        if self.loss_watchdog_threshold is None:
+            return None
+        return self.loss_watchdog_threshold, self.loss_watchdog_patience or 3
+
+    @property
+    def micro_batch_size_for_eval(self) -> int:
+        return self.eval_batch_size or self.micro_batch_size
 
     @property
     def eval_packing(self) -> bool:
@@ -459,14 +864,26 @@ class Config(_Strict):
 
     @property
     def lora_targets(self) -> list[str] | str:
-        """The modules LoRA adapts: those named, else every linear layer but the head (peft's `all-linear`)."""
-        return self.lora_target_modules or "all-linear"
+        """The modules LoRA adapts: those named (a list, or peft's regular expression), else every linear
+        layer but the head (peft's `all-linear`); as in axolotl, `lora_target_linear: true` adds every linear
+        layer to those named, so their union is all of them."""
+        if self.lora_target_linear or not self.lora_target_modules:
+            return "all-linear"
+        return self.lora_target_modules
 
     @property
     def adapts_output_head(self) -> bool:
         """LoRA on the output head (named in `lora_target_modules`; peft's all-linear leaves it out): its
         logits go through the adapter, which the chunked loss does not reproduce."""
-        return bool(self.adapter) and "lm_head" in (self.lora_target_modules or [])
+        return bool(self.adapter) and self.names_output_head
+
+    @property
+    def names_output_head(self) -> bool:
+        """`lm_head` among `lora_target_modules` (or matched by its regular expression)."""
+        targets = self.lora_target_modules
+        if isinstance(targets, str):
+            return re.fullmatch(targets, "lm_head") is not None
+        return "lm_head" in (targets or [])
 
 
 def documented_fields(model: type[BaseModel]) -> dict[str, Any]:

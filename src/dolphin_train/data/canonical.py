@@ -50,8 +50,8 @@ def _problem_row(where: str, exc: RowProblem) -> dict[str, Any]:
     return {**_EMPTY, "status": ROW_INVALID, "where": where, "reason": exc.reason, "problem": str(exc)}
 
 
-def _good_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "status": ROW_OK, "where": "", "reason": "", "problem": ""}
+def _good_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    return {**row, "status": ROW_OK, "where": where, "reason": "", "problem": ""}
 
 
 class JsonlBatch:
@@ -76,7 +76,7 @@ def _converted(raw: RawRow, convert: RowConverter) -> dict[str, Any]:
     try:
         if raw.problem:
             raise RowProblem("invalid JSON", raw.problem)
-        return _good_row(convert(raw.value))
+        return _good_row(convert(raw.value), raw.where)
     except RowProblem as exc:
         return _problem_row(raw.where, exc)
 
@@ -92,7 +92,7 @@ def _is_jsonl(path: Path, source: Source) -> bool:
 
 @dataclass
 class CanonicalData:
-    dataset: Any  # canonical rows only (valid ones), columns CANONICAL_COLUMNS
+    dataset: Any  # canonical rows only (valid ones), columns CANONICAL_COLUMNS and `where` (file and line)
     rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path, blank lines excluded
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (where, reason, detail)
 
@@ -140,6 +140,15 @@ def _parts(cfg: Config, source: Source, work_dir: Path, num_proc: int | None) ->
     return parts
 
 
+def _label(source: Source) -> str:
+    """The dataset as the report names it: its path, and what selects within it (the same hub id or directory
+    may be listed twice, with different splits, configurations or files)."""
+    ds = source.config
+    parts = [f"{k}={v}" for k, v in (("name", ds.name), ("split", ds.split), ("data_files", ds.data_files))
+             if v is not None and not (k == "split" and v == "train")]  # fmt: skip
+    return f"{ds.path} ({', '.join(parts)})" if parts else ds.path
+
+
 def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc: int | None) -> CanonicalData:
     import datasets
 
@@ -155,8 +164,9 @@ def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc:
                 invalid = part.select(bad)
                 result.problems += list(zip(invalid["where"], invalid["reason"], invalid["problem"], strict=True))
             kept_parts.append(part.select(np.flatnonzero(status == ROW_OK)))
-        result.rows_read[source.config.path] = read
+        result.rows_read[_label(source)] = result.rows_read.get(_label(source), 0) + read
     if kept_parts:
         merged = datasets.concatenate_datasets(kept_parts)
-        result.dataset = merged.select_columns(list(CANONICAL_COLUMNS))
+        # `where` stays: a row the chat template rejects at tokenization is named by its file and line.
+        result.dataset = merged.select_columns([*CANONICAL_COLUMNS, "where"])
     return result

@@ -8,18 +8,20 @@ stack produces for the same text.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from dolphin_train.data.fast_bpe import FastBPE, byte_offsets, spans_to_bytes
-from dolphin_train.data.formats import COMPLETION
-from dolphin_train.data.templates import IM_END, IM_START, ChatMLTemplate, Template, render_completion
+from dolphin_train.data.formats import COMPLETION, RowProblem
+from dolphin_train.data.templates import IM_END, IM_START, ChatMLTemplate, Rendered, Template, render_completion
 
 IGNORE_INDEX = -100
 
-# Row status after encoding, counted in the preparation report.
-KEPT, TRUNCATED, TOO_LONG, NO_TRAINABLE = 0, 1, 2, 3
+# Row status after encoding, counted in the preparation report. REJECTED: the chat template cannot format the
+# row (Gemma's has no system role, Mistral's needs alternating turns...); its `problem` says why.
+KEPT, TRUNCATED, TOO_LONG, NO_TRAINABLE, REJECTED = 0, 1, 2, 3, 4
 
 
 def trained_token_mask(offsets: np.ndarray, spans: list[tuple[int, int]], text_len: int) -> np.ndarray:
@@ -97,26 +99,58 @@ class ConversationEncoder:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         columns = ("kind", "roles", "contents", "train", "train_end")
         rows = zip(*(batch[c] for c in columns), strict=True)
-        rendered = [self.render(dict(zip(columns, row, strict=True))) for row in rows]
-        texts = [r.text for r in rendered]
+        canonical = [dict(zip(columns, row, strict=True)) for row in rows]
+        rendered: list[Rendered | None] = []
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "trainable": [], "status": []}
+        out["problem"] = []
+        for row in canonical:
+            try:
+                rendered.append(self.render(row))
+                out["problem"].append("")
+            except RowProblem as exc:
+                rendered.append(None)
+                out["problem"].append(str(exc))
+        good = [(row, r) for row, r in zip(canonical, rendered, strict=True) if r is not None]
+        # Plain text starts with BOS where the tokenizer adds one; a Jinja chat template writes its own.
+        bos = [row["kind"] == COMPLETION or not self.template.writes_bos for row, _ in good]
+        encoded = iter(self._encode_texts([r for _, r in good], bos))
+        for r in rendered:
+            if r is None:
+                self._reject(out)
+            else:
+                ids, trained, add_bos = next(encoded)
+                self._encode_one(ids, trained, r.text, add_bos, out)
+        return out
+
+    def _encode_texts(self, rendered: list[Rendered], bos: list[bool]) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
+        """(ids, trained mask, add BOS) per rendered conversation, tokenized as one batch."""
+        texts = [r.text for r in rendered]
+        if not texts:
+            return
         if self.fast is not None:
             # Offsets in UTF-8 bytes, from each token's byte length: no per-token Python objects.
-            for ids, r in zip(self.fast.encode_arrays(texts), rendered, strict=True):
+            for ids, r, b in zip(self.fast.encode_arrays(texts), rendered, bos, strict=True):
                 offsets = byte_offsets(ids, self.fast.token_bytes)
                 spans = spans_to_bytes(r.text, r.trained_spans)
                 size = len(r.text) if r.text.isascii() else len(r.text.encode("utf-8"))
-                self._encode_one(ids, trained_token_mask(offsets, spans, size), r.text, out)
-            return out
+                yield ids, trained_token_mask(offsets, spans, size), b
+            return
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
+        for ids, offsets, r, b in zip(enc["input_ids"], enc["offset_mapping"], rendered, bos, strict=True):
             offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            trained = trained_token_mask(offsets, r.trained_spans, len(r.text))
-            self._encode_one(np.asarray(ids, dtype=np.int64), trained, r.text, out)
-        return out
+            yield np.asarray(ids, dtype=np.int64), trained_token_mask(offsets, r.trained_spans, len(r.text)), b
 
-    def _encode_one(self, ids: np.ndarray, trained: np.ndarray, text: str, out: dict[str, list[Any]]) -> None:
-        if self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
+    @staticmethod
+    def _reject(out: dict[str, list[Any]]) -> None:
+        empty = np.zeros(0, dtype=np.int32)
+        for column, value in (("input_ids", empty), ("labels", empty), ("length", 0), ("trainable", 0)):
+            out[column].append(value)
+        out["status"].append(REJECTED)
+
+    def _encode_one(
+        self, ids: np.ndarray, trained: np.ndarray, text: str, add_bos: bool, out: dict[str, list[Any]]
+    ) -> None:
+        if add_bos and self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
             ids = np.concatenate(([self.bos_id], ids))
             trained = np.concatenate(([False], trained))
         # Position 0 is never a prediction target (the loss shifts labels); masking it explicitly also keeps

@@ -47,7 +47,7 @@ class RowConverter:
         self.train_on_inputs = train_on_inputs
         sharegpt = ds.type == "sharegpt"
         self.field = ds.field_messages or ("conversations" if sharegpt else "messages")
-        mapping = ds.message_property_mappings or {}
+        mapping = ds.property_mappings
         self.role_key = mapping.get("role", "from" if sharegpt else "role")
         self.content_key = mapping.get("content", "value" if sharegpt else "content")
         if ds.roles:
@@ -60,7 +60,7 @@ class RowConverter:
             raise RowProblem("not an object", f"expected an object, got {type(row).__name__}")
         if self.ds.type == "completion":
             return self._completion(row)
-        roles, contents = self._alpaca(row) if self.ds.type == "alpaca" else self._turns(row)
+        roles, contents = self._alpaca(row) if self.ds.type.startswith("alpaca") else self._turns(row)
         if self.ds.drop_system_message:
             kept = [(r, c) for r, c in zip(roles, contents, strict=True) if r != SYSTEM]
             roles, contents = [r for r, _ in kept], [c for _, c in kept]

@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from dolphin_train.config.schema import Config
+from dolphin_train.config.schema import FALLBACK_PREFIX, Config
 from dolphin_train.data.canonical import load_canonical
-from dolphin_train.data.encode import KEPT, NO_TRAINABLE, TOO_LONG, TRUNCATED, ConversationEncoder
+from dolphin_train.data.encode import KEPT, NO_TRAINABLE, REJECTED, TOO_LONG, TRUNCATED, ConversationEncoder
 from dolphin_train.data.fast_bpe import FastBPE
+from dolphin_train.data.formats import RowProblem
+from dolphin_train.data.named_templates import NAMED_TEMPLATES, end_tokens_for
 from dolphin_train.data.report import PreparationReport
 from dolphin_train.data.sources import Source, guessed_rows, resolve_source, sources_fingerprint
-from dolphin_train.data.templates import ChatMLTemplate, Template, TokenizerTemplate
+from dolphin_train.data.templates import CHATML_TEMPLATE, ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
 from dolphin_train.process_group import on_main_process_first
 from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
@@ -30,7 +32,7 @@ from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 log = logging.getLogger(__name__)
 
 # Bump when the prepared format or the masking rule changes, so old caches are not reused.
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2  # 2: Jinja chat templates write BOS themselves
 MAX_LISTED_PROBLEMS = 20
 SAMPLE_FOR_FAST_CHECK = 300
 
@@ -57,7 +59,8 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
     token_keys = {
         "version": PREPARED_FORMAT_VERSION,
         "datasets": [d.model_dump(exclude={"path"}) for d in cfg.datasets],
-        "chat_template": cfg.chat_template,
+        "chat_template": cfg.template_name,
+        "eot_tokens": cfg.eot_tokens,
         "default_system_message": cfg.default_system_message,
         "skip_invalid_rows": cfg.skip_invalid_rows,
         "shuffle_merged_datasets": cfg.shuffle_merged_datasets,
@@ -99,7 +102,14 @@ def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canoni
         log.info("Tokenizing with the Hugging Face tokenizer")
         return None
     sample = canonical.select(range(min(len(canonical), SAMPLE_FOR_FAST_CHECK)))
-    texts = [encoder.render(row).text for row in sample]
+    texts = []
+    for row in sample:
+        try:
+            texts.append(encoder.render(row).text)
+        except RowProblem:  # reported with the others after tokenization
+            continue
+    if not texts:
+        return None
     if not fast.agrees_with(tokenizer, texts):
         log.warning("The fast BPE engine disagrees with the Hugging Face tokenizer on this data: not using it")
         return None
@@ -109,13 +119,25 @@ def _checked_fast_tokenizer(encoder: ConversationEncoder, tokenizer: Any, canoni
     return fast
 
 
-def _template(cfg: Config, tokenizer: Any) -> Template:
-    if cfg.chat_template == "tokenizer_default":
-        try:
-            return TokenizerTemplate(tokenizer)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-    return ChatMLTemplate()
+def template_for(cfg: Config, tokenizer: Any) -> Template:
+    """ChatML, or the Jinja template `load_tokenizer` left on the tokenizer (a named one, or its own)."""
+    name = cfg.template_name.removeprefix(FALLBACK_PREFIX)
+    if cfg.template_name == "chatml" or (name == "chatml" and tokenizer.chat_template in (None, CHATML_TEMPLATE)):
+        return ChatMLTemplate()
+    if not getattr(tokenizer, "chat_template", None):
+        because = "" if cfg.chat_template else " (the default for `type: chat_template` rows, as in axolotl)"
+        raise DataError(
+            f"chat_template: {cfg.template_name}{because}, but the tokenizer has no chat template: set "
+            "chat_template to chatml or to a model family's format (e.g. llama3)"
+        )
+    named = NAMED_TEMPLATES.get(name)
+    uses_named = named is not None and tokenizer.chat_template == named.jinja
+    end_tokens = cfg.eot_tokens or (end_tokens_for(name, tokenizer.eos_token) if uses_named else None)
+    for token in end_tokens or []:
+        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+            what = "eot_tokens" if cfg.eot_tokens else f"{name}'s end-of-turn token"
+            raise DataError(f"{what}: {token!r} is not a single token of this tokenizer; add it under `tokens:`")
+    return TokenizerTemplate(tokenizer, end_tokens)
 
 
 def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:
@@ -140,7 +162,7 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         cfg.sequence_len,
         cfg.train_on_inputs,
         truncate=cfg.excess_length_strategy == "truncate",
-        template=_template(cfg, tokenizer),
+        template=template_for(cfg, tokenizer),
     )
     started = time.perf_counter()
     encoder.fast = _checked_fast_tokenizer(encoder, tokenizer, canonical)
@@ -161,13 +183,14 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         )
     log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
     status = np.asarray(tokenized["status"])
-    counts = np.bincount(status, minlength=4)
+    _template_rejections(cfg, canonical, tokenized, status, report)
+    counts = np.bincount(status, minlength=5)
     report.kept = int(counts[KEPT] + counts[TRUNCATED])
     report.truncated = int(counts[TRUNCATED])
     report.dropped_too_long = int(counts[TOO_LONG])
     report.dropped_no_trainable = int(counts[NO_TRAINABLE])
     keep = np.flatnonzero((status == KEPT) | (status == TRUNCATED))
-    kept = tokenized.select(keep).remove_columns(["status"])
+    kept = tokenized.select(keep).remove_columns(["status", "problem"])
     if len(kept) == 0:
         raise DataError(
             f"no row is left to train on: {report.dropped_too_long} longer than sequence_len "
@@ -178,6 +201,26 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     report.trainable_tokens = int(np.asarray(kept["trainable"]).sum())
     report.longest = int(lengths.max())
     return kept, report
+
+
+def _template_rejections(cfg: Config, canonical: Any, tokenized: Any, status: Any, report: PreparationReport) -> None:
+    """Rows the chat template cannot format (a system turn for Gemma, turns that do not alternate for
+    Mistral...): an error naming them, or with `skip_invalid_rows`, dropped and counted."""
+    rejected = np.flatnonzero(status == REJECTED)
+    if not len(rejected):
+        return
+    if cfg.skip_invalid_rows:
+        reason = "rejected by the chat template"
+        report.skipped_invalid[reason] = report.skipped_invalid.get(reason, 0) + len(rejected)
+        return
+    shown = rejected[:MAX_LISTED_PROBLEMS]
+    where, problem = canonical.select(shown)["where"], tokenized.select(shown)["problem"]
+    listed = "\n".join(f"  - {w}: {p}" for w, p in zip(where, problem, strict=True))
+    more = f"\n  ... and {len(rejected) - len(shown)} more" if len(rejected) > len(shown) else ""
+    raise DataError(
+        f"{len(rejected)} row(s) the chat template ({cfg.template_name}) cannot format (skip_invalid_rows: true "
+        f"drops them, counted):\n{listed}{more}"
+    )
 
 
 def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:

@@ -3,6 +3,13 @@
 JSON Lines and CSV are read by our own line readers (so a broken line is reported by its number,
 instead of failing the whole file inside a library); Parquet and Arrow files and hub datasets go
 through `datasets`, and their rows are named by index.
+
+Hub datasets offline (`HF_HUB_OFFLINE=1`): `datasets` 5.2 then only finds a hub id in its own cache of
+prepared datasets (`$HF_HOME/datasets/org___name/...`, written by an earlier online `load_dataset`), not in
+the hub's file cache. So offline, a hub id whose files are in the hub cache (`$HF_HUB_CACHE/datasets--org--
+name/snapshots/<rev>/`, as `hf download --repo-type dataset org/name` or any earlier download leaves them)
+is loaded from that snapshot directory: its README's configs (`name`), `data_files`, and split slices such as
+`train[:20%]` work as they do online.
 """
 
 from __future__ import annotations
@@ -42,11 +49,14 @@ class Source:
     config: DatasetConfig
     files: tuple[Path, ...] = ()
     hub: bool = False
+    snapshot: Path | None = None  # offline: the hub dataset's files in the hub cache (the path names the revision)
 
     def fingerprint(self, digest: Any) -> None:
-        """Local files: their contents. Hub datasets: their id, configuration and split."""
+        """Local files: their contents. Hub datasets: their id, configuration and split (and the cached revision
+        when loaded offline from the hub cache)."""
         if self.hub:
             digest.update(json.dumps(self.config.model_dump(), sort_keys=True).encode())
+            digest.update(str(self.snapshot or "").encode())
             return
         for path in self.files:
             digest.update(str(path.name).encode())
@@ -87,7 +97,7 @@ def resolve_source(ds: DatasetConfig) -> Source:
     elif local.is_file():
         files = [local]
     elif _looks_like_hub_id(path):
-        return Source(ds, hub=True)
+        return Source(ds, hub=True, snapshot=_offline_snapshot(path))
     else:
         raise DataError(
             f"dataset not found: {path} (relative paths are resolved from the current directory, {Path.cwd()})"
@@ -101,6 +111,19 @@ def resolve_source(ds: DatasetConfig) -> Source:
     return Source(ds, files=tuple(files))
 
 
+def _offline_snapshot(repo_id: str) -> Path | None:
+    """Offline, the hub cache's copy of this dataset repository (latest cached revision of `main`), if any."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def sources_fingerprint(sources: list[Source]) -> str:
     digest = hashlib.sha256()
     for source in sources:
@@ -110,7 +133,7 @@ def sources_fingerprint(sources: list[Source]) -> str:
 
 def iter_source_rows(source: Source) -> Iterator[RawRow]:
     if source.hub:
-        yield from _iter_hub(source.config)
+        yield from _iter_hub(source.config, source.snapshot)
         return
     for path in source.files:
         kind = source.config.ds_type or FILE_TYPES[path.suffix]
@@ -179,12 +202,13 @@ def _iter_with_datasets(path: Path, kind: str) -> Iterator[RawRow]:
         yield RawRow(f"{path}[{index}]", value)
 
 
-def _iter_hub(ds: DatasetConfig) -> Iterator[RawRow]:
+def _iter_hub(ds: DatasetConfig, snapshot: Path | None) -> Iterator[RawRow]:
     import datasets
 
     try:
-        table = datasets.load_dataset(ds.path, name=ds.name, split=ds.split, data_files=ds.data_files)
+        table = datasets.load_dataset(str(snapshot or ds.path), name=ds.name, split=ds.split, data_files=ds.data_files)
     except Exception as exc:
-        raise DataError(f"cannot load the hub dataset {ds.path!r}: {exc}") from None
+        where = f" (offline, from the hub cache: {snapshot})" if snapshot else ""
+        raise DataError(f"cannot load the hub dataset {ds.path!r}{where}: {exc}") from None
     for index, value in enumerate(table):
         yield RawRow(f"{ds.path}[{ds.split}][{index}]", value)

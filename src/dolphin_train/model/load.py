@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from dolphin_train.config.resolve import VARLEN, RuntimeSettings
-from dolphin_train.config.schema import Config
+from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
 from dolphin_train.model.attention import register_varlen_attention
@@ -26,6 +26,8 @@ def load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
     float32 master copy, so the model loads in the compute dtype there; so do frozen adapter bases."""
     import torch
 
+    if cfg.bfloat16:  # asked for: bfloat16 weights, no float32 master copy
+        return torch.bfloat16
     if cfg.adapter or cfg.deepspeed:
         return compute_dtype(runtime)
     return torch.float32
@@ -57,7 +59,57 @@ def load_model_config(cfg: Config) -> Any:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DolphinError(f"cannot load the model config from {source!r}: {exc}") from None
+    check_declared_family(cfg, config)
     return apply_config_overrides(config, cfg)
+
+
+# axolotl's `is_*_derived_model` flags, and the model types each one names.
+DECLARED_FAMILIES = {
+    "is_llama_derived_model": ("llama",),
+    "is_mistral_derived_model": ("mistral", "mixtral"),
+    "is_qwen_derived_model": ("qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
+    "is_falcon_derived_model": ("falcon", "falcon_h1", "falcon_mamba"),
+}
+
+
+def check_declared_family(cfg: Config, config: Any) -> list[str]:
+    """The flags are metadata here (the architecture comes from config.json): one that contradicts the model
+    is reported, since a config copied from another model's example may carry other wrong settings too."""
+    model_type = getattr(config, "model_type", "")
+    wrong = [
+        f"{flag}: {declared} but the model type is {model_type!r}"
+        for flag, types in DECLARED_FAMILIES.items()
+        if (declared := getattr(cfg, flag)) is not None and declared != (model_type in types)
+    ]
+    for message in wrong:
+        log.warning("%s (the flag has no effect: the architecture is read from config.json)", message)
+    return wrong
+
+
+def embedding_rows(rows: int, vocabulary: int, to_32x: bool) -> int:
+    """Rows of the embedding matrix once the tokenizer's `vocabulary` tokens fit: unchanged when they already
+    do, else grown to the vocabulary (rounded up to a multiple of 32 with `resize_token_embeddings_to_32x`)."""
+    if vocabulary <= rows:
+        return rows
+    return -(-vocabulary // 32) * 32 if to_32x else vocabulary
+
+
+def freeze_except(cfg: Config, model: Any) -> None:
+    """`unfrozen_parameters`: only parameters whose names match a pattern stay trainable (names as in the base
+    model; an adapter's parameters keep theirs, e.g. `...q_proj.lora_A.default.weight`)."""
+    if not cfg.unfrozen_parameters:
+        return
+    patterns = [unfrozen_pattern(p) for p in cfg.unfrozen_parameters]
+    kept = 0
+    for name, param in model.named_parameters():
+        base_name = name.removeprefix("base_model.model.")
+        if param.requires_grad and not any(p.match(base_name) for p in patterns):
+            param.requires_grad_(False)
+        kept += param.numel() if param.requires_grad else 0
+    if kept == 0:
+        raise DolphinError(f"unfrozen_parameters: {cfg.unfrozen_parameters} match no trainable parameter")
+    if cfg.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
 
 def init_new_embeddings(model: Any, new_token_ids: list[int]) -> None:
@@ -119,8 +171,10 @@ def load_model(
         except OSError as exc:
             raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
     tokenizer = tok.tokenizer
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if embedding_rows(rows, len(tokenizer), cfg.resize_token_embeddings_to_32x) != rows:
+        multiple = 32 if cfg.resize_token_embeddings_to_32x else None
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False, pad_to_multiple_of=multiple)
     init_new_embeddings(model, tok.new_token_ids)
     sync_special_token_ids(model, tokenizer)
     model.config.use_cache = False  # `save_final_model` turns it back on for inference
@@ -128,6 +182,7 @@ def load_model(
         # LoRA's A matrices start random: `seed` decides them, whatever ran before in this process.
         torch.manual_seed(cfg.seed)
         model = apply_adapter(cfg, model, tok.new_token_ids)
+    freeze_except(cfg, model)
     return model
 
 

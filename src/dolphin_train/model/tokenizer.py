@@ -1,4 +1,4 @@
-"""Load the tokenizer, add the config's tokens, and attach the ChatML chat template."""
+"""Load the tokenizer, add the config's tokens, and attach the chat template (ChatML or a named one)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from dolphin_train.config.schema import Config
+from dolphin_train.config.schema import FALLBACK_PREFIX, TOKENIZER_DEFAULT, Config
+from dolphin_train.data.named_templates import NAMED_TEMPLATES
 from dolphin_train.data.templates import CHATML_TEMPLATE, IM_END, IM_START
 from dolphin_train.errors import DolphinError
 
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 class LoadedTokenizer:
     tokenizer: Any
     new_token_ids: list[int]  # ids added to the vocabulary: their embedding rows start at the mean
+    template: str = "chatml"  # the chat template the data is formatted with (a name, or tokenizer_default)
 
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -50,9 +52,27 @@ def _load_base(cfg: Config) -> Any:
     return tokenizer
 
 
+def chosen_template(cfg: Config, tokenizer: Any) -> str:
+    """The template this run formats with: `tokenizer_default_fallback_NAME` is the tokenizer's own template
+    when it has one, else NAME (as in axolotl)."""
+    name = cfg.template_name
+    if name.startswith(FALLBACK_PREFIX):
+        return TOKENIZER_DEFAULT if getattr(tokenizer, "chat_template", None) else name.removeprefix(FALLBACK_PREFIX)
+    return name
+
+
+def template_markers(name: str) -> tuple[str, ...]:
+    """Tokens the template writes that must be single tokens of the vocabulary."""
+    if name == "chatml":
+        return (IM_START, IM_END)
+    return NAMED_TEMPLATES[name].markers if name in NAMED_TEMPLATES else ()
+
+
 def load_tokenizer(cfg: Config) -> LoadedTokenizer:
-    """The base tokenizer plus `special_tokens` and `tokens`. ChatML's two markers are added when the
-    config forgot them, with a log line: without them as single tokens the model cannot learn to stop."""
+    """The base tokenizer plus `special_tokens` and `tokens`. The template's markers (ChatML's
+    `<|im_start|>`/`<|im_end|>`, Gemma's `<start_of_turn>`...) are added when the tokenizer lacks them, with a
+    log line: split into several tokens they would not mark turns reliably, and an end-of-turn token the
+    model cannot produce as one token would never teach it to stop."""
     from tokenizers import AddedToken
 
     tokenizer = _load_base(cfg)
@@ -61,12 +81,13 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
     if special:
         tokenizer.add_special_tokens(special)
     wanted = list(cfg.tokens)
-    if cfg.chat_template == "chatml":
-        missing = [t for t in (IM_START, IM_END) if t not in wanted and t not in tokenizer.get_vocab()]
-        if missing:
-            log.info("Adding ChatML tokens %s to the tokenizer (chat_template: chatml)", ", ".join(missing))
-            wanted += missing
-    new = [t for t in wanted if t not in tokenizer.get_vocab()]
+    template = chosen_template(cfg, tokenizer)
+    vocab = tokenizer.get_vocab()  # built afresh at each call: once here
+    missing = [t for t in template_markers(template) if t not in wanted and t not in vocab]
+    if missing:
+        log.info("Adding tokens %s to the tokenizer (chat_template: %s)", ", ".join(missing), template)
+        wanted += missing
+    new = [t for t in wanted if t not in vocab]
     if new:
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new])
     if tokenizer.pad_token is None:
@@ -76,6 +97,8 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
         )
     # Cleanup rewrites " ." as "." when decoding: wrong for byte-level BPE, and it would corrupt chat output.
     tokenizer.clean_up_tokenization_spaces = False
-    if cfg.chat_template == "chatml":
+    if template == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
-    return LoadedTokenizer(tokenizer, list(range(before, len(tokenizer))))
+    elif template in NAMED_TEMPLATES:
+        tokenizer.chat_template = NAMED_TEMPLATES[template].jinja
+    return LoadedTokenizer(tokenizer, list(range(before, len(tokenizer))), template)

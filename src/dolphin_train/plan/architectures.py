@@ -1,5 +1,6 @@
-"""Model shapes for planning, without downloading weights: the config's local model config when there is
-one, else a table of well-known architectures shipped with the package."""
+"""Model shapes for planning, without downloading anything: the model's config.json when it is on this machine
+(a local directory, or a hub id in the Hugging Face cache), else a table of well-known architectures shipped
+with the package."""
 
 from __future__ import annotations
 
@@ -62,16 +63,34 @@ def known_architecture(model_id: str) -> dict[str, Any] | None:
     return KNOWN_ARCHITECTURES.get(_key(model_id))
 
 
-def rows_after_added_tokens(config: Any, added: int) -> int:
-    """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand."""
-    tokens = KNOWN_TOKENIZER_SIZES.get(config.model_type, int(config.vocab_size))
-    return max(int(config.vocab_size), tokens + added)
+def rows_after_added_tokens(config: Any, added: int, to_32x: bool = False) -> int:
+    """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand (a grown matrix
+    rounded up to a multiple of 32 with `resize_token_embeddings_to_32x`, as `model/load.py` grows it)."""
+    from dolphin_train.model.load import embedding_rows
+
+    rows = int(config.vocab_size)
+    return embedding_rows(rows, KNOWN_TOKENIZER_SIZES.get(config.model_type, rows) + added, to_32x)
+
+
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """A file of a hub model repository as the Hugging Face cache holds it (latest cached `main`), or None.
+    Never goes to the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(repo_id).exists() or repo_id.count("/") != 1:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # not a valid repository id
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def model_config_for_plan(cfg: Config) -> tuple[Any, str]:
     """(transformers config, where it came from). A local directory (`base_model_config`, else
-    `base_model`) wins over the table, so a plan for a local checkpoint is exact; either way the config's
-    `model_config` overrides apply as training applies them."""
+    `base_model`), or a hub id whose config.json is in the Hugging Face cache, wins over the table, so a plan
+    for a real checkpoint is exact; either way the config's `model_config` overrides apply as training
+    applies them."""
     from transformers import AutoConfig
 
     from dolphin_train.model.load import apply_config_overrides, load_model_config
@@ -79,6 +98,10 @@ def model_config_for_plan(cfg: Config) -> tuple[Any, str]:
     source = cfg.base_model_config or cfg.base_model
     if (Path(source) / "config.json").exists():
         return load_model_config(cfg), f"{source}/config.json"
+    cached = cached_hub_file(source, "config.json")
+    if cached is not None:
+        config = AutoConfig.from_pretrained(str(cached.parent), trust_remote_code=cfg.trust_remote_code)
+        return apply_config_overrides(config, cfg), f"{source} (config.json in the Hugging Face cache)"
     known = known_architecture(cfg.base_model)
     if known is not None:
         values = dict(known)

@@ -45,6 +45,8 @@ PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STATE_MULTIPLE = {"adamw_torch": 2, "adamw_torch_fused": 2, "paged_adamw_32bit": 2, "adagrad": 1, "rmsprop": 1,
                   "lion_32bit": 1, "sgd": 0}  # fmt: skip
 STATE_BYTES = {"adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "lion_8bit": 1}
+# torchao's low-bit AdamW: bytes per value of each of its two states.
+TORCHAO_STATE_BYTES = {"adamw_torch_4bit": 0.5, "adamw_torch_8bit": 1.0}
 # The foreach (multi-tensor) Adam of PyTorch, used on CUDA, builds one full-size temporary per step.
 FOREACH_OPTIMIZERS = {"adamw_torch"}
 
@@ -138,6 +140,12 @@ def _state_bytes(cfg: Config, param: Any, param_bytes: int, sharding: Sharding, 
         # DeepSpeed steps the optimizer on its float32 master copy: states are sized from float32.
         param_bytes = param.numel() * 4
     name = cfg.optimizer
+    if name in TORCHAO_STATE_BYTES:  # two low-bit states, a float32 scale per 128 values; float32 under 4096 values
+        return (
+            int(param.numel() * 2 * (TORCHAO_STATE_BYTES[name] + 4 / 128))
+            if param.numel() >= 4096
+            else param.numel() * 8
+        )
     if name == "adafactor":
         return (sum(param.shape[-2:]) if param.dim() >= 2 else param.numel()) * 4
     if name in STATE_BYTES:

@@ -81,9 +81,12 @@ class Plan:
 
 
 def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
-    """The tokenizer when it is on this machine (a directory); hub ids are not fetched for a plan."""
+    """The tokenizer when it is on this machine (a directory, or a hub id in the Hugging Face cache); hub ids
+    are not fetched for a plan."""
+    from dolphin_train.plan.architectures import cached_hub_file
+
     source = cfg.tokenizer_config or cfg.base_model
-    if not Path(source).is_dir():
+    if not Path(source).is_dir() and cached_hub_file(source, "tokenizer_config.json") is None:
         return None, [], f"tokenizer {source!r} not on this machine: `tokens` counted as new"
     from dolphin_train.model.tokenizer import load_tokenizer
 
@@ -100,10 +103,12 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
         tokenizer, new_ids, note = loaded.tokenizer, loaded.new_token_ids, "the run's tokenizer"
     else:
         tokenizer, new_ids, note = _local_tokenizer(cfg)
+    from dolphin_train.model.load import embedding_rows
+
     if tokenizer is not None:
-        rows = max(int(config.vocab_size), len(tokenizer))
+        rows = embedding_rows(int(config.vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
     else:
-        rows = rows_after_added_tokens(config, len(cfg.tokens))
+        rows = rows_after_added_tokens(config, len(cfg.tokens), cfg.resize_token_embeddings_to_32x)
         new_ids = list(range(rows - len(cfg.tokens), rows))
     return ModelFacts(config, source, rows, list(new_ids), tokenizer, note)
 

@@ -56,10 +56,11 @@ def report_to(cfg: Config) -> list[str] | str:
     return trackers or "none"
 
 
-def use_liger(runtime: RuntimeSettings) -> bool:
-    """Liger's fused linear cross-entropy where it is installed on CUDA (applied by transformers'
-    `use_liger_kernel`); it never materialises the full logits either."""
-    return runtime.liger
+def use_liger(cfg: Config, runtime: RuntimeSettings) -> bool:
+    """Liger's kernels where `liger_kernel` allows them and liger-kernel is installed on CUDA (applied by
+    transformers' `use_liger_kernel`); its fused linear cross-entropy never materialises the full logits
+    either. The `liger_*` keys (axolotl's LigerPlugin settings) pick the kernels."""
+    return cfg.liger_kernel and runtime.liger
 
 
 def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
@@ -93,12 +94,14 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         optional["accelerator_config"] = {"use_configured_state": True}  # built by the recipe's environment set-up
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.gradient_checkpointing
+    if cfg.liger_kernel_config and use_liger(cfg, runtime):
+        optional["liger_kernel_config"] = cfg.liger_kernel_config
     if cfg.gradient_checkpointing_kwargs is not None:
         optional[f"{checkpointing}_kwargs"] = cfg.gradient_checkpointing_kwargs
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=schedule.batch.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size_for_eval,
         gradient_accumulation_steps=schedule.batch.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         max_steps=schedule.total_steps,
@@ -113,8 +116,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         tf32=runtime.tf32 if runtime.device == "cuda" else None,
         dataloader_pin_memory=runtime.device == "cuda",
         use_cpu=cpu_without_deepspeed(cfg, runtime),
-        # Full fine-tuning uses every parameter; the search for unused ones costs a graph traversal per step.
-        ddp_find_unused_parameters=False,
+        # Off unless asked: the search for unused parameters costs a graph traversal per step.
+        ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters),
         logging_steps=cfg.logging_steps,
         # transformers hides its progress bar when its logging is quieter than warnings, as ours is by
         # default; the bar (train/progress.py) is how a run shows where it is.
@@ -140,6 +143,6 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         prediction_loss_only=True,
         # Log the loss as it is: the default filter replaces NaN/inf by an average and hides divergence.
         logging_nan_inf_filter=False,
-        use_liger_kernel=use_liger(runtime),
+        use_liger_kernel=use_liger(cfg, runtime),
         **optional,
     )

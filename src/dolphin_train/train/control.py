@@ -53,8 +53,11 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 def resolve_resume(cfg: Config) -> str | None:
     """The checkpoint `resume_from_checkpoint` names: a directory, or the latest complete one in `output_dir`
-    for `true` (which requires one) and `auto` (which starts fresh without one)."""
+    for `true` (which requires one) and `auto` or `auto_resume_from_checkpoints` (which start fresh without
+    one)."""
     value = cfg.resume_from_checkpoint
+    if value is None and cfg.auto_resume_from_checkpoints:
+        value = "auto"  # axolotl's spelling of the same thing
     if value is None:
         return None
     if value is True or value in ("auto", "true"):
@@ -126,5 +129,27 @@ class StopOnNonFiniteLoss(TrainerCallback):
         values = [(logs or {}).get(k) for k in ("loss", "grad_norm")]
         if any(v is not None and not math.isfinite(float(v)) for v in values):
             self.bad_step = state.global_step
+            control.should_training_stop = True
+        return control
+
+
+class LossWatchdog(TrainerCallback):
+    """`loss_watchdog_threshold`: a logged training loss above the threshold for `patience` logs in a row means
+    learning has broken down (a diverging run rarely recovers); stop and name the step, like a NaN loss does."""
+
+    def __init__(self, threshold: float, patience: int) -> None:
+        self.threshold = threshold
+        self.patience = patience
+        self.high_in_a_row = 0
+        self.bad_step: int | None = None
+        self.last_loss: float | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return control
+        self.high_in_a_row = self.high_in_a_row + 1 if float(loss) > self.threshold else 0
+        if self.high_in_a_row >= self.patience:
+            self.bad_step, self.last_loss = state.global_step, float(loss)
             control.should_training_stop = True
         return control

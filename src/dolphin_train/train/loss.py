@@ -33,9 +33,10 @@ CHUNKED_LOSS_MIN_VOCAB = 65536  # the default turns the chunked loss on from thi
 
 
 def use_chunked_cross_entropy(cfg: Config, vocab_size: int) -> bool:
-    """The config's choice, else on for large vocabularies (training and `plan` both decide here)."""
-    if cfg.chunked_cross_entropy is not None:
-        return cfg.chunked_cross_entropy
+    """The config's choice (`chunked_cross_entropy`, or axolotl's CutCrossEntropy asking for it), else on for
+    large vocabularies (training and `plan` both decide here)."""
+    if cfg.chunked_loss_choice is not None:
+        return cfg.chunked_loss_choice
     return vocab_size >= CHUNKED_LOSS_MIN_VOCAB and not cfg.adapts_output_head
 
 
