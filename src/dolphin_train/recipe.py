@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ def make_trainer(
         processing_class=tok.tokenizer,
         chunked_head=_chunked_loss_head(cfg, runtime, model),
         throughput=_throughput_meter(cfg, runtime, model),
+        optimizer_in_backward=_parameter_optimizer(cfg),
     )
     _use_our_console(trainer)
     return trainer
@@ -119,6 +121,20 @@ def _use_our_console(trainer: Any) -> None:
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     trainer.add_callback(TrainingConsole(bar=bars_wanted()))
+
+
+def _parameter_optimizer(cfg: Config) -> Any:
+    """Each parameter's own optimizer, for `optimizer_in_backward`; None for the Trainer's usual one."""
+    if not cfg.optimizer_in_backward:
+        return None
+    from dolphin_train.train.in_backward import STOCHASTIC_ROUNDING, parameter_optimizer
+
+    if cfg.bfloat16 and not STOCHASTIC_ROUNDING[cfg.optimizer]:
+        log.warning("bfloat16 weights with %s round each update to the nearest bf16 value: updates smaller "
+                    "than the weight's precision are lost; adamw_torch_8bit rounds stochastically",
+                    cfg.optimizer)  # fmt: skip
+    betas = (cfg.adam_beta1 or 0.9, cfg.adam_beta2 or 0.999)
+    return parameter_optimizer(cfg.optimizer, cfg.learning_rate, betas, cfg.adam_epsilon or 1e-8)
 
 
 def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
@@ -147,7 +163,8 @@ def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
         return ThroughputMeter()
     import torch
 
-    checkpointed = len(decoder_layers(model)) if cfg.gradient_checkpointing else 0
+    layers = len(decoder_layers(model))
+    checkpointed = -(-layers // cfg.gradient_checkpointing_layers) if cfg.checkpointing else 0
     peak = peak_flops(torch.cuda.get_device_name())
     return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size)
 
@@ -212,6 +229,29 @@ class Run:
     planned_peak_mb: float | None = None  # the plan's peak allocated memory per GPU (GPU runs only)
 
 
+def memory_budget(runtime: RuntimeSettings) -> int:
+    """Bytes a process may use: the GPU's memory, or on the CPU the machine's memory shared by its processes."""
+    from dolphin_train.config.machine import Machine
+
+    found = Machine.detect()
+    if runtime.device == "cuda" and found.memory:
+        return found.memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(1, runtime.world_size)
+
+
+def decide_auto_settings(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Config:
+    """`micro_batch_size`, `gradient_checkpointing` and `activation_offloading: auto`, decided by the plan for
+    this device (every process decides alike); the run then goes on with the decided config."""
+    if not cfg.has_auto_memory_settings:
+        return cfg
+    from dolphin_train.plan.report import model_facts, resolve_auto_settings
+
+    choice, _ = resolve_auto_settings(cfg, model_facts(cfg, tok), runtime, memory_budget(runtime))
+    for reason in choice.reasons:
+        (log.info if choice.fits else log.warning)(reason)
+    return choice.cfg
+
+
 def set_up_run(cfg: Config) -> Run:
     """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
     runtime = resolve_runtime(cfg)
@@ -220,6 +260,7 @@ def set_up_run(cfg: Config) -> Run:
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
     rows = build_training_rows(cfg, prepared)
+    cfg = decide_auto_settings(cfg, runtime, tok)
     schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     resume = resolve_resume(cfg)
@@ -244,6 +285,7 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     from dolphin_train.train.overview import run_overview
 
     run = set_up_run(cfg)
+    cfg = run.cfg  # with any `auto` memory settings decided
     trainer = run.trainer
     is_main = trainer.is_world_process_zero()
     if show and is_main:

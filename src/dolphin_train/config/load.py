@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,24 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+# pydantic names the member of a union that failed inside the location (`micro_batch_size.constrained-int`):
+# not a key, so left out of what the user reads.
+_UNION_MEMBERS = re.compile(r"^(function-|literal\[|constrained-|int$|float$|bool$|str$|list\[|dict\[|json-or-python)")
+
+
+def _merged_union_errors(problems: list[str]) -> list[str]:
+    """A value that matches no member of a union (`micro_batch_size: 0` for `int >= 1 | "auto"`) gives one
+    error per member: one line per key instead, its reasons joined with "or"."""
+    merged: dict[str, list[str]] = {}
+    for problem in problems:
+        head, sep, reason = problem.partition(" is not allowed: ")
+        merged.setdefault(head if sep else problem, []).append(reason)
+    return [f"{head} is not allowed: {' or '.join(dict.fromkeys(r for r in reasons))}" if reasons[0] else head
+            for head, reasons in merged.items()]  # fmt: skip
+
+
 def _describe_error(err: Mapping[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBERS.match(p)))
     where = _format_loc(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -170,7 +187,7 @@ def validate_mapping(data: Mapping[str, Any], source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(cleaned)
     except ValidationError as exc:
-        problems = [_describe_error(e) for e in exc.errors()]
+        problems = _merged_union_errors([_describe_error(e) for e in exc.errors()])
         raise ConfigError(problems, source=source) from None
     problems = _unsupported_settings(cfg)
     if problems:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Optimizers whose update can run per parameter during the backward pass (`optimizer_in_backward`).
+IN_BACKWARD_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+                          "adamw_torch")  # fmt: skip
 
 SECTIONS = ("model", "data", "training", "distributed", "logging")
 
@@ -261,6 +265,14 @@ class Config(_Strict):
         [],
         "Extra tokens added to the vocabulary (for example `<|im_start|>`, `<|im_end|>`); embeddings are "
         "resized and new rows start at the mean of the existing ones.",
+        "model",
+    )
+    added_tokens_overrides: dict[int, str] | None = key(
+        None,
+        "Give existing tokens new strings instead of growing the vocabulary, e.g. `{128002: \"<|im_start|>\", "
+        "128003: \"<|im_end|>\"}` on Llama-3, whose 248 `<|reserved_special_token_N|>` are untrained: nothing is "
+        "resized, and their rows start at the mean of the others, as new rows do. `tokens` and the ChatML "
+        "markers then find them in the vocabulary.",
         "model",
     )
     load_in_8bit: bool = key(
@@ -515,7 +527,18 @@ class Config(_Strict):
 
     # ---- training ------------------------------------------------------------------------------
     output_dir: str = key("./outputs", "Where checkpoints and the final model are written.")
-    micro_batch_size: int = key(1, "Rows per device per forward pass.", ge=1)
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = key(
+        1,
+        "Rows per device per forward pass. `auto`: the largest that fits the GPU found at launch (`plan "
+        "--gpus N --gpu-memory X` and the run overview say which), with `batch_size` kept as the effective batch.",
+    )
+    batch_size: int | None = key(
+        None,
+        "Rows per optimizer step per device (axolotl's key): with `micro_batch_size: auto`, accumulation makes "
+        "up the rest, so the effective batch stays as set; otherwise it must equal micro_batch_size x "
+        "gradient_accumulation_steps.",
+        ge=1,
+    )
     gradient_accumulation_steps: int = key(1, "Micro-batches accumulated per optimizer step.", ge=1)
     num_epochs: float = key(1.0, "Passes over the training data.", gt=0)
     max_steps: int | None = key(None, "Stop after this many optimizer steps (overrides `num_epochs`).", ge=1)
@@ -535,10 +558,31 @@ class Config(_Strict):
     )
     fp16: bool | None = key(None, "float16 mixed precision (only when bf16 is off).")
     tf32: bool | Literal["auto"] = key(False, "Allow TF32 matmuls on Ampere or newer GPUs; `auto`: when available.")
-    gradient_checkpointing: bool | Literal["offload"] = key(
+    gradient_checkpointing: bool | Literal["offload", "auto"] = key(
         False,
-        "Recompute activations in the backward pass to save memory. (`offload`, axolotl's activation offloading, "
-        "is not supported yet.)",
+        "Recompute activations in the backward pass to save memory, keeping only each checkpointed layer's "
+        "input. `offload` (axolotl's spelling): checkpointing with `activation_offloading`. `auto`: the "
+        "cheapest setting that fits the GPU (none, every 4th or every 2nd layer, all layers, then offloading), "
+        "chosen by the plan at launch.",
+    )
+    gradient_checkpointing_layers: int = key(
+        1,
+        "Checkpoint every N-th decoder layer (1: all of them; 2: half, so half the recomputation for about "
+        "half the saving). Selective checkpointing for when all layers' activations almost fit.",
+        ge=1,
+    )
+    activation_offloading: bool | Literal["auto"] = key(
+        False,
+        "Keep the checkpointed layers' inputs in (pinned) CPU memory and bring each back for its backward "
+        "pass: activation memory on the GPU stays at about one layer's, whatever the sequence length. Needs "
+        "`gradient_checkpointing`. `auto`: when the plan finds it needed to fit.",
+    )
+    optimizer_in_backward: bool = key(
+        False,
+        "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "
+        "gradient at once: full gradients are never held (for full fine-tuning on one GPU, with `bfloat16: "
+        "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
+        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
     )
     chunked_cross_entropy: bool | None = key(
         None,
@@ -715,15 +759,6 @@ class Config(_Strict):
             )
         return value
 
-    @field_validator("gradient_checkpointing")
-    @classmethod
-    def _no_offload_yet(cls, value: bool | str) -> bool | str:
-        if value == "offload":
-            raise ValueError(
-                "activation offloading is not supported yet: use gradient_checkpointing: true (recomputation)"
-            )
-        return value
-
     @field_validator("unfrozen_parameters")
     @classmethod
     def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
@@ -755,7 +790,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        problems = []
+        problems = self._memory_mode_problems()
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append("warmup_steps and warmup_ratio: set one, not both")
         if self.evals_per_epoch is not None and self.eval_steps is not None:
@@ -857,6 +892,45 @@ class Config(_Strict):
     @property
     def micro_batch_size_for_eval(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    def _memory_mode_problems(self) -> list[str]:
+        problems = []
+        if self.activation_offloading is True and not self.gradient_checkpointing:
+            problems.append("activation_offloading: true keeps the checkpointed layers' inputs in CPU memory: set "
+                            "gradient_checkpointing: true (or auto)")  # fmt: skip
+        fixed_micro = self.micro_batch_size != "auto"
+        if self.batch_size is not None and fixed_micro and self.batch_size != self.micro_batch_size * (
+            self.gradient_accumulation_steps
+        ):
+            problems.append(f"batch_size: {self.batch_size} is not micro_batch_size x gradient_accumulation_steps "
+                            f"({self.micro_batch_size} x {self.gradient_accumulation_steps}): set one of them, or "
+                            "micro_batch_size: auto")  # fmt: skip
+        if self.optimizer_in_backward:
+            why = "optimizer_in_backward updates each parameter as soon as its gradient exists"
+            if self.gradient_accumulation_steps > 1 or (self.batch_size is not None and not fixed_micro):
+                problems.append(f"{why}, so gradients cannot accumulate: set gradient_accumulation_steps: 1 and no "
+                                "batch_size (raise micro_batch_size instead)")  # fmt: skip
+            if self.max_grad_norm:
+                problems.append(f"{why}, before the global gradient norm is known: set max_grad_norm: 0")
+            if self.deepspeed or self.fsdp:
+                problems.append(f"{why}: it is a single-GPU mode; remove deepspeed/fsdp")
+            if self.optimizer not in IN_BACKWARD_OPTIMIZERS:
+                problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
+                                f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip
+        return problems
+
+    @property
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing on (`auto` resolved first: see plan/auto.py)."""
+        return self.gradient_checkpointing in (True, "offload")
+
+    @property
+    def offloads_activations(self) -> bool:
+        return self.activation_offloading is True or self.gradient_checkpointing == "offload"
+
+    @property
+    def has_auto_memory_settings(self) -> bool:
+        return "auto" in (self.micro_batch_size, self.gradient_checkpointing, self.activation_offloading)
 
     @property
     def eval_packing(self) -> bool:

@@ -151,7 +151,7 @@ def prepare_base_for_adapter(cfg: Config, model: Any) -> Any:
     dtype throughout, as torchtune and unsloth keep it; LoRA's own weights are float32 (peft's default)."""
     for param in model.parameters():
         param.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if cfg.checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     return model
 

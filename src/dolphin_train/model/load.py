@@ -108,7 +108,7 @@ def freeze_except(cfg: Config, model: Any) -> None:
         kept += param.numel() if param.requires_grad else 0
     if kept == 0:
         raise DolphinError(f"unfrozen_parameters: {cfg.unfrozen_parameters} match no trainable parameter")
-    if cfg.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
+    if cfg.checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
 

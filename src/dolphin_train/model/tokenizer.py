@@ -24,6 +24,18 @@ class LoadedTokenizer:
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+def token_ids_said(loaded: LoadedTokenizer, cfg: Config) -> str:
+    """Which ids the template's markers and the config's tokens got, for `plan` and `validate`:
+    `<|im_start|> 128002 (renamed), <|im_end|> 128003 (renamed)`."""
+    overrides = cfg.added_tokens_overrides or {}
+    said = []
+    for text in dict.fromkeys([*template_markers(loaded.template), *cfg.tokens]):
+        token_id = loaded.tokenizer.convert_tokens_to_ids(text)
+        how = "renamed" if token_id in overrides else "new" if token_id in loaded.new_token_ids else "existing"
+        said.append(f"{text} {token_id} ({how})")
+    return ", ".join(said)
+
+
 def _tokenizer_class(cfg: Config) -> Any:
     import transformers
 
@@ -77,6 +89,9 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
 
     tokenizer = _load_base(cfg)
     before = len(tokenizer)
+    overridden: list[int] = []
+    if cfg.added_tokens_overrides:
+        tokenizer, overridden = _with_overrides(tokenizer, cfg.added_tokens_overrides, cfg.trust_remote_code)
     special = {name: value for name in SPECIAL_TOKEN_NAMES if (value := getattr(cfg.special_tokens, name))}
     if special:
         tokenizer.add_special_tokens(special)
@@ -101,4 +116,47 @@ def load_tokenizer(cfg: Config) -> LoadedTokenizer:
         tokenizer.chat_template = CHATML_TEMPLATE
     elif template in NAMED_TEMPLATES:
         tokenizer.chat_template = NAMED_TEMPLATES[template].jinja
-    return LoadedTokenizer(tokenizer, list(range(before, len(tokenizer))), template)
+    return LoadedTokenizer(tokenizer, [*overridden, *range(before, len(tokenizer))], template)
+
+
+def _with_overrides(tokenizer: Any, overrides: dict[int, str], trust_remote_code: bool) -> tuple[Any, list[int]]:
+    """The tokenizer with existing tokens renamed (`added_tokens_overrides`): Llama-3's reserved special
+    tokens become the ChatML markers, say, so nothing is resized. Done through a saved copy whose token
+    strings are rewritten, then loaded again (transformers has no call that renames a token)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    current = {i: tokenizer.convert_ids_to_tokens(i) for i in overrides if 0 <= i < len(tokenizer)}
+    problems = [f"{i}: no such token id (the vocabulary has {len(tokenizer):,})" for i in overrides if i not in current]
+    vocab = tokenizer.get_vocab()
+    problems += [f"{i}: {text!r} is already token {vocab[text]}" for i, text in overrides.items()
+                 if text in vocab and vocab[text] != i]  # fmt: skip
+    if problems:
+        raise DolphinError("added_tokens_overrides: " + "; ".join(problems))
+    with tempfile.TemporaryDirectory(prefix="dolphin-tokenizer-") as work:
+        tokenizer.save_pretrained(work)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            path = Path(work, name)
+            if path.exists():
+                path.write_text(json.dumps(_renamed(json.loads(path.read_text()), overrides)))
+        renamed = AutoTokenizer.from_pretrained(work, trust_remote_code=trust_remote_code)
+    for i, text in overrides.items():
+        if renamed.convert_tokens_to_ids(text) != i:
+            raise DolphinError(f"added_tokens_overrides: {i}: {current[i]!r} is not an added token of this "
+                               "tokenizer, so it cannot be renamed; choose one of its reserved tokens")  # fmt: skip
+        log.info("Token %d %r now reads %r (added_tokens_overrides)", i, current[i], text)
+    return renamed, sorted(overrides)
+
+
+def _renamed(state: Any, overrides: dict[int, str]) -> Any:
+    """tokenizer.json's `added_tokens` list, or tokenizer_config.json's `added_tokens_decoder` map, renamed."""
+    for entry in state.get("added_tokens", []):
+        if entry.get("id") in overrides:
+            entry["content"] = overrides[entry["id"]]
+    for key, entry in state.get("added_tokens_decoder", {}).items():
+        if int(key) in overrides:
+            entry["content"] = overrides[int(key)]
+    return state

@@ -123,6 +123,7 @@ class ParameterInventory:
     autocast_copy_bytes: int  # 16-bit copies of float32 weights that autocast keeps for the backward pass
     autocast_copy_largest_layer: int
     head_copy_bytes: int
+    embeddings_trained: str = ""  # with an adapter: "rows" (of added tokens), "in full", "rows and in full" or ""
 
 
 def _stored_bytes(param: Any) -> int:
@@ -149,15 +150,17 @@ def _state_bytes(cfg: Config, param: Any, param_bytes: int, sharding: Sharding, 
     if name == "adafactor":
         return (sum(param.shape[-2:]) if param.dim() >= 2 else param.numel()) * 4
     if name in STATE_BYTES:
-        return param.numel() * STATE_BYTES[name] * (4 if _bnb_keeps_32bit_states(param, sharding, is_embedding) else 1)
+        wide = _bnb_keeps_32bit_states(param, sharding, is_embedding and not cfg.optimizer_in_backward)
+        return param.numel() * STATE_BYTES[name] * (4 if wide else 1)
     return param_bytes * STATE_MULTIPLE.get(name, 2)
 
 
 def _bnb_keeps_32bit_states(param: Any, sharding: Sharding, is_embedding: bool) -> bool:
     """bitsandbytes' 8-bit optimizers keep 32-bit states for small tensors (under 4096 values), and the
-    Trainer asks for 32-bit states on every nn.Embedding weight. Both are decided per tensor the optimizer
-    sees, so neither applies under DeepSpeed, whose optimizer steps large flattened float32 partitions.
-    Without the embedding rule the Llama-3-8B QLoRA estimate with added tokens was 9% low on an H100."""
+    Trainer asks for 32-bit states on every nn.Embedding weight (not the per-parameter optimizers of
+    `optimizer_in_backward`, which we build). Both are decided per tensor the optimizer sees, so neither
+    applies under DeepSpeed, whose optimizer steps large flattened float32 partitions. Without the embedding
+    rule the Llama-3-8B QLoRA estimate with added tokens was 9% low on an H100."""
     if sharding.deepspeed_stage is not None:
         return False
     return param.numel() < 4096 or is_embedding
@@ -189,6 +192,8 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision_bytes: int,
             head_copy += copy if id(param) in head_ids else 0
             layer_copy += copy if id(param) in layer_ids else 0
     embeddings = model.get_input_embeddings().weight
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows, full = any("trainable_tokens_delta" in n for n in trained), any("modules_to_save" in n for n in trained)
     return ParameterInventory(
         total=total,
         trainable=trainable,
@@ -205,6 +210,7 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision_bytes: int,
         autocast_copy_bytes=copies,
         autocast_copy_largest_layer=layer_copy,
         head_copy_bytes=head_copy,
+        embeddings_trained=" and ".join(w for w, on in (("rows", rows), ("in full", full)) if on),
     )
 
 
@@ -238,10 +244,34 @@ class MemoryEstimate:
         return self.allocated + self.overhead
 
 
-def estimate_memory(
-    cfg: Config, runtime: RuntimeSettings, model_config: Any, *, vocab_rows: int, new_token_ids: list[int]
-) -> MemoryEstimate:
-    """Per-device memory of `cfg` on the machine `runtime` describes (`resolve_runtime`, real or planned)."""
+@dataclass(frozen=True)
+class MemoryModel:
+    """The parameters and the activations of one row of a config's model, measured once: the estimate for
+    any micro-batch size, checkpointing or offloading of the same model and optimizer is then arithmetic
+    (what `micro_batch_size: auto` and `gradient_checkpointing: auto` search over)."""
+
+    runtime: RuntimeSettings
+    params: ParameterInventory
+    trace_per_row: ActivationTrace
+    sharding: Sharding
+    autocast: bool
+
+    def estimate(self, cfg: Config) -> MemoryEstimate:
+        """`cfg` differs from the measured one only in batch, checkpointing and offloading settings."""
+        trace = self.trace_per_row.scaled(int(cfg.micro_batch_size))
+        return _combine(cfg, self.runtime, self.params, trace, self.sharding, self.autocast)
+
+
+def measure_model(
+    cfg: Config,
+    runtime: RuntimeSettings,
+    model_config: Any,
+    *,
+    vocab_rows: int,
+    new_token_ids: list[int],
+    rows: int = 1,
+) -> tuple[MemoryModel, ActivationTrace]:
+    """Build the meta-device model and trace `rows` rows of `sequence_len` tokens (the MemoryModel keeps one)."""
     sharding = plan_sharding(cfg, runtime.world_size)
     autocast = trainer_autocasts(cfg, runtime)
     precision_bytes = PRECISION_BYTES[runtime.precision]
@@ -251,8 +281,19 @@ def estimate_memory(
     make_computable_on_meta(model, compute)
     if getattr(model, "is_activation_checkpointing", False):  # k-bit preparation may have turned it on
         model.activation_checkpointing_disable()  # the trace measures both ways itself
-    trace = trace_activations(model, cfg.micro_batch_size, cfg.sequence_len, compute if autocast else None)
-    return _combine(cfg, runtime, params, trace, sharding, autocast)
+    trace = trace_activations(model, rows, cfg.sequence_len, compute if autocast else None)
+    per_row = trace if rows == 1 else trace_activations(model, 1, cfg.sequence_len, compute if autocast else None)
+    return MemoryModel(runtime, params, per_row, sharding, autocast), trace
+
+
+def estimate_memory(
+    cfg: Config, runtime: RuntimeSettings, model_config: Any, *, vocab_rows: int, new_token_ids: list[int]
+) -> MemoryEstimate:
+    """Per-device memory of `cfg` on the machine `runtime` describes (`resolve_runtime`, real or planned)."""
+    rows = cfg.micro_batch_size if isinstance(cfg.micro_batch_size, int) else 1
+    measured, trace = measure_model(cfg, runtime, model_config, vocab_rows=vocab_rows, new_token_ids=new_token_ids,
+                                    rows=rows)  # fmt: skip
+    return _combine(cfg, runtime, measured.params, trace, measured.sharding, measured.autocast)
 
 
 # ---- one function per part of the memory, each per device --------------------------------------------
@@ -278,7 +319,9 @@ class _Gradients:
     step_partition: int  # DeepSpeed: float32 gradients of one optimizer sub-group during the step
 
 
-def gradients_part(params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Gradients:
+def gradients_part(cfg: Config, params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Gradients:
+    if cfg.optimizer_in_backward:  # each gradient is freed once its parameter is updated: one at a time
+        return _Gradients(params.largest_trainable_bytes, 0)
     if sharding.deepspeed_stage is None:
         return _Gradients(params.trainable_bytes // sharding.gradients, 0)
     # DeepSpeed reduces 16-bit gradients into a float32 partition at the step, one optimizer sub-group
@@ -301,20 +344,31 @@ def optimizer_part(params: ParameterInventory, sharding: Sharding) -> int:
 
 @dataclass(frozen=True)
 class _Activations:
-    kept: int  # what the forward pass keeps for the backward pass, with this config's checkpointing
+    kept: int  # what the forward pass keeps on the device for the backward pass, with this config's settings
     without_checkpointing: int
     with_checkpointing: int
     recomputed: int  # checkpointing: the one layer recomputed at a time in the backward pass
     head_copy: int  # autocast's 16-bit copy of a float32 output head
+    offloaded: int  # checkpointed layers' inputs kept in CPU memory instead (activation offloading)
 
 
 def activations_part(cfg: Config, params: ParameterInventory, trace: ActivationTrace, autocast: bool) -> _Activations:
+    """What a micro-batch's forward pass keeps, with checkpointing of every N-th layer (0: none) and the
+    checkpointed layers' inputs on the device or offloaded to CPU memory."""
+    every = cfg.gradient_checkpointing_layers if cfg.checkpointing else 0
+    checkpointed = trace.checkpointed(every)
     copies = params.autocast_copy_bytes - params.head_copy_bytes if autocast else 0
-    without, with_ckpt = trace.saved(False) + copies, trace.saved(True)
-    ckpt = cfg.gradient_checkpointing
-    recomputed = trace.largest_layer + (params.autocast_copy_largest_layer if autocast else 0) if ckpt else 0
+    # autocast's 16-bit weight copies stay for the layers that are not recomputed
+    kept_copies = copies * checkpointed.count(False) // max(1, len(checkpointed))
+    offload = cfg.offloads_activations and every > 0
+    kept = trace.saved(every, offload) + kept_copies
+    offloaded = sum(i for i, c in zip(trace.inputs, checkpointed, strict=True) if c) if offload else 0
+    recomputed = 0
+    if every:  # one layer recomputed at a time, with its input brought back from CPU memory when offloaded
+        recomputed = trace.largest_layer + (params.autocast_copy_largest_layer if autocast else 0)
+        recomputed += max(trace.inputs, default=0) if offload else 0
     head_copy = params.head_copy_bytes if autocast else 0
-    return _Activations(with_ckpt if ckpt else without, without, with_ckpt, recomputed, head_copy)
+    return _Activations(kept, trace.saved(0) + copies, trace.saved(1), recomputed, head_copy, offloaded)
 
 
 def logits_part(tokens: int, vocab: int, hidden: int, precision_bytes: int, chunked: bool) -> tuple[int, int]:
@@ -341,7 +395,11 @@ class _Working:
 def working_memory_part(cfg: Config, params: ParameterInventory, sharding: Sharding, device: str,
                         gpus: int) -> _Working:  # fmt: skip
     zero = sharding.deepspeed_stage
-    if cfg.optimizer in FOREACH_OPTIMIZERS and device == "cuda" and zero is None:
+    if cfg.optimizer_in_backward and device == "cuda":
+        step = 0  # one parameter at a time, in fused kernels (torchao compiles its update; bitsandbytes' is one)
+    elif cfg.optimizer_in_backward:
+        step = params.largest_trainable_params * 4 * 5  # eager on the CPU: float32 copies of one parameter
+    elif cfg.optimizer in FOREACH_OPTIMIZERS and device == "cuda" and zero is None:
         step = params.state_bytes // 2 // sharding.optimizer  # one state-sized temporary
     elif cfg.optimizer in STATE_BYTES and device == "cpu":
         # bitsandbytes' CPU path updates a tensor's 8-bit states through float32 temporaries (~5 copies).
@@ -370,11 +428,11 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     precision_bytes = PRECISION_BYTES[runtime.precision]
     gpus = runtime.world_size
     weights = weights_part(params, sharding, precision_bytes)
-    grads = gradients_part(params, sharding, precision_bytes)
+    grads = gradients_part(cfg, params, sharding, precision_bytes)
     optimizer = optimizer_part(params, sharding)
     acts = activations_part(cfg, params, trace, autocast)
     chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
-    tokens = cfg.micro_batch_size * cfg.sequence_len
+    tokens = int(cfg.micro_batch_size) * cfg.sequence_len
     logits_fwd, logits_bwd = logits_part(tokens, params.vocab_size, params.hidden_size, precision_bytes, chunked)
     work = working_memory_part(cfg, params, sharding, runtime.device, gpus)
     accumulating = cfg.gradient_accumulation_steps > 1
@@ -393,6 +451,9 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     transient = moments[moment] - part_grads - part_acts - part_logits
     allocated = weights.stored + optimizer + moments[moment]
     notes = []
+    if acts.offloaded:
+        notes.append(f"activation offloading: {acts.offloaded / GiB:.1f} GiB of checkpointed layer inputs in pinned "
+                     "CPU memory")  # fmt: skip
     if sharding.offload_optimizer:
         notes.append("optimizer states and float32 master weights live in CPU memory (offload)")
     if cfg.optimizer.startswith("paged_"):

@@ -12,7 +12,8 @@ from dolphin_train.config.machine import Machine
 from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import ConfigError
-from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory, plan_sharding
+from dolphin_train.plan.auto import AutoChoice, resolve_for_runtime
+from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory, measure_model, plan_sharding
 from dolphin_train.plan.steps import DataPlan, plan_data
 from dolphin_train.train.schedule import batch_shape
 
@@ -45,6 +46,7 @@ class ModelFacts:
     new_token_ids: list[int]  # ids of the tokens the run adds (their rows are trained)
     tokenizer: Any | None
     tokenizer_note: str
+    token_ids: str = ""  # which ids the template's markers and the config's tokens got (tokenizer at hand)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Plan:
     data: DataPlan
     memory: MemoryEstimate
     fix: Fix | None
+    auto: tuple[str, ...] = ()  # what `auto` memory settings became, and why
 
     @property
     def fits(self) -> bool:
@@ -80,37 +83,40 @@ class Plan:
         return self.fits and self.memory.total > (1 - HEADROOM_WARNING) * self.gpu_memory
 
 
-def _local_tokenizer(cfg: Config) -> tuple[Any | None, list[int], str]:
-    """The tokenizer when it is on this machine (a directory, or a hub id in the Hugging Face cache); hub ids
-    are not fetched for a plan."""
+def _local_tokenizer(cfg: Config) -> tuple[Any | None, str]:
+    """(the LoadedTokenizer, a note) when the tokenizer is on this machine (a directory, or a hub id in the
+    Hugging Face cache); hub ids are not fetched for a plan."""
     from dolphin_train.plan.architectures import cached_hub_file
 
     source = cfg.tokenizer_config or cfg.base_model
     if not Path(source).is_dir() and cached_hub_file(source, "tokenizer_config.json") is None:
-        return None, [], f"tokenizer {source!r} not on this machine: `tokens` counted as new"
+        return None, f"tokenizer {source!r} not on this machine: `tokens` counted as new"
     from dolphin_train.model.tokenizer import load_tokenizer
 
-    loaded = load_tokenizer(cfg)
-    return loaded.tokenizer, loaded.new_token_ids, f"tokenizer {source}"
+    return load_tokenizer(cfg), f"tokenizer {source}"
 
 
 def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     """Shapes and vocabulary; `loaded` is the run's LoadedTokenizer when training calls this."""
+    from dolphin_train.model.load import embedding_rows
+    from dolphin_train.model.tokenizer import token_ids_said
     from dolphin_train.plan.architectures import model_config_for_plan, rows_after_added_tokens
 
     config, source = model_config_for_plan(cfg)
-    if loaded is not None:
-        tokenizer, new_ids, note = loaded.tokenizer, loaded.new_token_ids, "the run's tokenizer"
-    else:
-        tokenizer, new_ids, note = _local_tokenizer(cfg)
-    from dolphin_train.model.load import embedding_rows
+    note = "the run's tokenizer"
+    if loaded is None:
+        loaded, note = _local_tokenizer(cfg)
+    tokenizer, new_ids = (loaded.tokenizer, loaded.new_token_ids) if loaded is not None else (None, [])
+    said = token_ids_said(loaded, cfg) if loaded is not None else ""
 
     if tokenizer is not None:
         rows = embedding_rows(int(config.vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
-    else:
-        rows = rows_after_added_tokens(config, len(cfg.tokens), cfg.resize_token_embeddings_to_32x)
-        new_ids = list(range(rows - len(cfg.tokens), rows))
-    return ModelFacts(config, source, rows, list(new_ids), tokenizer, note)
+    else:  # tokens renamed by added_tokens_overrides take no new row
+        overrides = cfg.added_tokens_overrides or {}
+        added = [t for t in cfg.tokens if t not in overrides.values()]
+        rows = rows_after_added_tokens(config, len(added), cfg.resize_token_embeddings_to_32x)
+        new_ids = [*sorted(overrides), *range(rows - len(added), rows)] if added else sorted(overrides)
+    return ModelFacts(config, source, rows, list(new_ids), tokenizer, note, said)
 
 
 def planned_runtime(cfg: Config, gpus: int, device: str, gpu_memory: int | None = None) -> RuntimeSettings:
@@ -122,21 +128,36 @@ def plan_memory(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings) -> Mem
     return estimate_memory(cfg, runtime, facts.config, vocab_rows=facts.vocab_rows, new_token_ids=facts.new_token_ids)
 
 
+def resolve_auto_settings(
+    cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, budget: int
+) -> tuple[AutoChoice, MemoryEstimate | None]:
+    """`auto` memory settings decided for `budget` bytes per device, as training decides them at launch, and
+    the estimate for the choice (None when the config has no `auto` setting)."""
+    if not cfg.has_auto_memory_settings:
+        return AutoChoice(cfg, (), True), None
+    memory, _ = measure_model(cfg, runtime, facts.config, vocab_rows=facts.vocab_rows,
+                              new_token_ids=facts.new_token_ids)  # fmt: skip
+    choice = resolve_for_runtime(cfg, runtime, memory, budget)
+    return choice, memory.estimate(choice.cfg)
+
+
 def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
     facts = model_facts(cfg)
-    data = plan_data(cfg, facts.tokenizer, gpus)
     runtime = planned_runtime(cfg, gpus, device, gpu_memory)
-    memory = plan_memory(cfg, facts, runtime)
+    auto, chosen = resolve_auto_settings(cfg, facts, runtime, gpu_memory)
+    cfg = auto.cfg
+    data = plan_data(cfg, facts.tokenizer, gpus)
+    memory = chosen or plan_memory(cfg, facts, runtime)
     fix = None
     if memory.total > gpu_memory:
         fix = find_fix(cfg, facts, runtime, gpu_memory)
-    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix)
+    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix, auto.reasons)
 
 
 def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
     """Changes that lower memory, cheapest in speed or quality first."""
     steps: list[dict[str, Any]] = []
-    if not cfg.gradient_checkpointing:
+    if not cfg.checkpointing:
         steps.append({"gradient_checkpointing": True})
     micro, accumulation = cfg.micro_batch_size, cfg.gradient_accumulation_steps
     while micro > 1:  # same effective batch, fewer tokens in flight
@@ -226,9 +247,13 @@ def render(plan: Plan) -> list[Any]:
     else:
         overview.add_row("data / steps", data.source)
     if cfg.adapter:
-        full = " + input/output embeddings in full (new tokens)" if plan.model.new_token_ids else ""
+        new = len(plan.model.new_token_ids)
+        said = {"rows": f" + the {new} new tokens' embedding rows", "in full": " + embeddings in full",
+                "rows and in full": f" + the {new} new tokens' input embedding rows, the head in full"}  # fmt: skip
         bits = ", 4-bit base" if cfg.load_in_4bit else ", 8-bit base" if cfg.load_in_8bit else ""
-        overview.add_row("adapter", f"{cfg.adapter} r={cfg.lora_r}{bits}{full}")
+        overview.add_row("adapter", f"{cfg.adapter} r={cfg.lora_r}{bits}{said.get(m.params.embeddings_trained, '')}")
+    if plan.model.token_ids:
+        overview.add_row("tokens", plan.model.token_ids)
     overview.add_row("precision", m.precision + (", chunked cross-entropy" if m.chunked_loss else ""))
     overview.add_row("sharding", m.sharding.name)
 
@@ -239,7 +264,7 @@ def render(plan: Plan) -> list[Any]:
     opt_note = f"{cfg.optimizer} states" + (
         " + float32 master weights" if m.sharding.deepspeed_stage is not None else ""
     )
-    ckpt = "with" if cfg.gradient_checkpointing else "without"
+    ckpt = "with" if cfg.checkpointing else "without"
     rows = [
         ("weights", m.weights, _weights_note(cfg, m)),
         ("gradients", m.gradients, "held at this moment" + _split(m.sharding.gradients)),
@@ -256,7 +281,8 @@ def render(plan: Plan) -> list[Any]:
     table.add_row(
         "total", _gib(m.total), f"of {_gib(plan.gpu_memory)} GiB" if plan.device == "cuda" else "", style="bold"
     )
-    return [overview, table, verdict(plan)] + [Text(f"note: {n}") for n in m.notes]
+    auto = [Text(line, style="bold") for line in plan.auto]
+    return [*auto, overview, table, verdict(plan)] + [Text(f"note: {n}") for n in m.notes]
 
 
 def _split(ways: int) -> str:
@@ -281,9 +307,11 @@ def _working_note(m: MemoryEstimate) -> str:
 
 def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
     if cfg.load_in_4bit:
-        kind = "4-bit NF4 linear layers, the rest in float32"
+        kind = f"4-bit NF4 linear layers, the rest in {m.precision}"
     elif cfg.load_in_8bit:
-        kind = "8-bit linear layers"
+        kind = f"8-bit linear layers, the rest in {m.precision}"
+    elif cfg.bfloat16:
+        kind = "bf16 weights, no float32 master copy"
     elif cfg.adapter:
         kind = f"frozen {m.precision} base + adapter"
     elif m.sharding.deepspeed_stage is not None:

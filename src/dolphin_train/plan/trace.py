@@ -26,16 +26,34 @@ TRACE_ATTENTION = "dolphin_plan_trace"
 class ActivationTrace:
     """Bytes autograd keeps after the forward pass of one micro-batch (decoder only, no output head)."""
 
-    in_layers: int  # saved inside the decoder layers, all of them
-    largest_layer: int  # saved by the largest single layer (recomputed at once under checkpointing)
+    per_layer: tuple[int, ...]  # saved inside each decoder layer
+    inputs: tuple[int, ...]  # each layer's input hidden states: what checkpointing keeps of a checkpointed layer
     outside_layers: int  # saved by the embeddings, rotary tables, final norm
-    layer_inputs: int  # every layer's input hidden states: what gradient checkpointing keeps
     hidden_bytes: int  # one hidden-state tensor (tokens x hidden size) as the head receives it
 
-    def saved(self, checkpointing: bool) -> int:
-        if checkpointing:
-            return self.outside_layers + self.layer_inputs
-        return self.outside_layers + self.in_layers
+    @property
+    def largest_layer(self) -> int:
+        """Saved by the largest single layer (recomputed at once under checkpointing)."""
+        return max(self.per_layer, default=0)
+
+    def scaled(self, factor: int) -> ActivationTrace:
+        """The same model at `factor` times the rows per micro-batch: every saved tensor has a batch dimension
+        (the rotary tables do not, a few kB over-counted)."""
+        return ActivationTrace(tuple(b * factor for b in self.per_layer), tuple(b * factor for b in self.inputs),
+                               self.outside_layers * factor, self.hidden_bytes * factor)  # fmt: skip
+
+    def checkpointed(self, every_n_layers: int) -> list[bool]:
+        """Which layers transformers checkpoints with `every_n_layers` (0: none): layer i when i % n == 0."""
+        return [every_n_layers > 0 and i % every_n_layers == 0 for i in range(len(self.per_layer))]
+
+    def saved(self, every_n_layers: int, offload: bool = False) -> int:
+        """Kept on the device: a checkpointed layer keeps its input (in CPU memory when offloaded), the others
+        all they save."""
+        kept = self.outside_layers
+        for whole, layer_input, checkpointed in zip(self.per_layer, self.inputs, self.checkpointed(every_n_layers),
+                                                     strict=True):  # fmt: skip
+            kept += (0 if offload else layer_input) if checkpointed else whole
+        return kept
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -155,9 +173,8 @@ def trace_activations(model: Any, batch: int, seq: int, autocast_dtype: torch.dt
         for handle in handles:
             handle.remove()
     return ActivationTrace(
-        in_layers=sum(counter.per_layer.values()),
-        largest_layer=max(counter.per_layer.values(), default=0),
+        per_layer=tuple(counter.per_layer.get(i, 0) for i in range(len(layers))),
+        inputs=tuple(inputs),
         outside_layers=counter.outside,
-        layer_inputs=sum(inputs),
         hidden_bytes=hidden.untyped_storage().nbytes(),
     )

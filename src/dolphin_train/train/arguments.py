@@ -69,6 +69,18 @@ def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
     return runtime.device == "cpu" and not cfg.deepspeed
 
 
+def checkpointing_kwargs(cfg: Config, runtime: RuntimeSettings) -> dict[str, Any]:
+    """transformers' activation-checkpointing options: `torch.utils.checkpoint` arguments, which layers
+    (`every_n_layers`) and where the saved layer inputs live (`offload`: pinned CPU memory, on a GPU; on the
+    CPU they are there already)."""
+    kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
+    if cfg.gradient_checkpointing_layers > 1:
+        kwargs["every_n_layers"] = cfg.gradient_checkpointing_layers
+    if cfg.offloads_activations and runtime.device == "cuda":
+        kwargs["offload"] = True
+    return kwargs
+
+
 def _checkpointing_argument(arguments_class: Any) -> str:
     """transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`."""
     params = inspect.signature(arguments_class.__init__).parameters
@@ -93,11 +105,11 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
     if deepspeed_on_cpu(cfg, runtime):
         optional["accelerator_config"] = {"use_configured_state": True}  # built by the recipe's environment set-up
     checkpointing = _checkpointing_argument(TrainingArguments)
-    optional[checkpointing] = cfg.gradient_checkpointing
+    optional[checkpointing] = cfg.checkpointing
     if cfg.liger_kernel_config and use_liger(cfg, runtime):
         optional["liger_kernel_config"] = cfg.liger_kernel_config
-    if cfg.gradient_checkpointing_kwargs is not None:
-        optional[f"{checkpointing}_kwargs"] = cfg.gradient_checkpointing_kwargs
+    if cfg.checkpointing and (kwargs := checkpointing_kwargs(cfg, runtime)):
+        optional[f"{checkpointing}_kwargs"] = kwargs
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=schedule.batch.micro_batch_size,

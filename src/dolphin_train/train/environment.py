@@ -77,6 +77,12 @@ def set_up_process_environment(cfg: Config, runtime: RuntimeSettings) -> None:
             "deepspeed on the CPU runs over several processes: launch with `--num-processes 2` (or torchrun "
             "--nproc_per_node 2), or remove `deepspeed` for a single process"
         )
+    if cfg.optimizer_in_backward and runtime.world_size > 1:
+        raise EnvironmentProblem(
+            f"optimizer_in_backward is a single-process mode ({runtime.world_size} processes were started): each "
+            "process would update its weights before the gradients are averaged; launch one process, or use "
+            "DeepSpeed ZeRO or FSDP to share the memory across GPUs"
+        )
     os.environ.update(wandb_environment(cfg))
     os.environ.update(deepspeed_environment(runtime))
     if cfg.wandb_project:

@@ -32,6 +32,20 @@ def data_rows(prepared: PreparedData) -> list[tuple[str, str]]:
     ]
 
 
+def memory_settings(cfg: Config) -> str:
+    """Checkpointing, offloading and where the optimizer steps, in words."""
+    every = cfg.gradient_checkpointing_layers
+    if not cfg.checkpointing:
+        said = ["no gradient checkpointing"]
+    else:
+        said = ["gradient checkpointing of " + ("every layer" if every == 1 else f"every {every} layers")]
+    if cfg.offloads_activations:
+        said.append("checkpointed activations in CPU memory")
+    if cfg.optimizer_in_backward:
+        said.append("optimizer step in the backward pass")
+    return ", ".join(said)
+
+
 def run_overview(
     cfg: Config,
     runtime: RuntimeSettings,
@@ -66,7 +80,9 @@ def run_overview(
         "eval every", f"{schedule.eval_steps} steps" if schedule.eval_steps else ("epoch" if rows.eval else "never")
     )
     t.add_row("checkpoint every", f"{schedule.save_steps} steps" if schedule.save_steps else "epoch")
-    t.add_row("precision", runtime.precision + (" + tf32" if runtime.tf32 else ""))
+    t.add_row("precision", runtime.precision + (" + tf32" if runtime.tf32 else "")
+              + (", bf16 weights (no float32 master copy)" if cfg.bfloat16 else ""))  # fmt: skip
+    t.add_row("memory", memory_settings(cfg))
     t.add_row("attention", f"{runtime.attn_implementation} ({runtime.attention_note})")
     t.add_row("device / processes", f"{runtime.device} / {runtime.launcher}")
     sharding = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else f"FSDP {cfg.fsdp}" if cfg.fsdp else "off"

@@ -10,12 +10,14 @@ over the whole evaluation set and all processes: the same number however the set
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import Trainer
 
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.train.in_backward import OptimizerInBackward
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
 from dolphin_train.train.throughput import ThroughputMeter
 
@@ -55,8 +57,10 @@ class DolphinTrainer(Trainer):
         *args: Any,
         chunked_head: ChunkedLossHead | None = None,
         throughput: ThroughputMeter | None = None,
+        optimizer_in_backward: Callable[..., Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        self.optimizer_in_backward = optimizer_in_backward
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
@@ -64,6 +68,18 @@ class DolphinTrainer(Trainer):
         self.throughput = throughput
         if throughput is not None:
             self.add_callback(throughput)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """With `optimizer_in_backward`, the optimizer that steps each parameter during the backward pass
+        (train/in_backward.py); the Trainer's own otherwise."""
+        if self.optimizer_in_backward is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.optimizer is None:
+            decay = set(self.get_decay_parameter_names(self.model))
+            self.optimizer = OptimizerInBackward(self.model.named_parameters(), self.optimizer_in_backward,
+                                                 self.args.learning_rate, self.args.weight_decay, decay,
+                                                 eager=self.args.device.type == "cpu")  # fmt: skip
+        return self.optimizer
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.throughput is not None:
@@ -73,6 +89,8 @@ class DolphinTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.throughput is not None and "loss" in logs:
             logs = {**logs, **self.throughput.figures(self.state)}
+        if self.optimizer_in_backward is not None:
+            logs.pop("grad_norm", None)  # gradients are freed one by one: there is no whole-model norm
         super().log(logs, start_time)
 
     def compute_loss(
