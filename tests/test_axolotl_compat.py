@@ -362,3 +362,17 @@ def test_loss_watchdog_stops_a_run_naming_the_step(tmp_path: Path, capsys: pytes
     assert main([str(write_config(tmp_path / "c.yml", raw))]) == 1
     err = capsys.readouterr().err
     assert "stayed above loss_watchdog_threshold (0.5) for 2 logged steps, up to step 2" in err
+
+
+def test_liger_fused_loss_gives_way_to_the_chunked_loss_when_the_head_has_trained_rows() -> None:
+    """Liger's fused head + loss reads the head's own weight, without the trained rows of added tokens."""
+    from dolphin_train.config.resolve import RuntimeSettings
+    from dolphin_train.train.arguments import liger_fuses_loss, liger_settings
+
+    cfg = validate_mapping({**BASE, "liger_rms_norm": True})
+    gpu = RuntimeSettings("cuda", True, False, True, "sdpa", "", 1, "single process", liger=True)
+    cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process", liger=False)
+    assert liger_settings(cfg, cpu) is None and not liger_fuses_loss(None)
+    assert liger_settings(cfg, gpu) == {"rms_norm": True} and liger_fuses_loss(liger_settings(cfg, gpu))
+    with_rows = liger_settings(cfg, gpu, head_has_token_rows=True)
+    assert with_rows == {"rms_norm": True, "fused_linear_cross_entropy": False} and not liger_fuses_loss(with_rows)

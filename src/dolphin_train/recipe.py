@@ -24,7 +24,6 @@ from dolphin_train.errors import DataError, DolphinError
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
-from dolphin_train.train.arguments import use_liger
 from dolphin_train.train.control import (
     LossWatchdog,
     StopOnNonFiniteLoss,
@@ -81,15 +80,19 @@ def make_trainer(
     schedule: TrainingSchedule,
     resuming: bool = False,
 ) -> Any:
-    from dolphin_train.model.load import load_model
-    from dolphin_train.train.arguments import build_training_arguments
+    from dolphin_train.model.load import compile_layers, load_model
+    from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
     from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
     # its weights are partitioned as they load.
-    args = build_training_arguments(cfg, runtime, schedule)
+    liger = liger_settings(cfg, runtime, head_has_token_rows=bool(cfg.adapter and tok.new_token_ids
+                                                                     and cfg.lora_modules_to_save is None))  # fmt: skip
+    args = build_training_arguments(cfg, runtime, schedule, liger)
     model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
+    if runtime.compile:
+        compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
@@ -104,7 +107,7 @@ def make_trainer(
         eval_dataset=eval_rows,
         data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
         processing_class=tok.tokenizer,
-        chunked_head=_chunked_loss_head(cfg, runtime, model),
+        chunked_head=_chunked_loss_head(cfg, model, liger_fuses_loss(liger)),
         throughput=_throughput_meter(cfg, runtime, model),
         optimizer_in_backward=_parameter_optimizer(cfg),
     )
@@ -137,14 +140,14 @@ def _parameter_optimizer(cfg: Config) -> Any:
     return parameter_optimizer(cfg.optimizer, cfg.learning_rate, betas, cfg.adam_epsilon or 1e-8)
 
 
-def _chunked_loss_head(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
-    """The output head that computes the chunked loss itself (see loss.py), or None for the plain loss."""
+def _chunked_loss_head(cfg: Config, model: Any, liger_loss: bool) -> Any:
+    """The output head that computes the chunked loss itself (see loss.py), or None for the plain loss (or
+    Liger's fused one)."""
     from dolphin_train.train.loss import install_chunked_head, use_chunked_cross_entropy
 
     if not use_chunked_cross_entropy(cfg, model.get_input_embeddings().weight.shape[0]):
         return None
-    liger_fuses_loss = use_liger(cfg, runtime) and cfg.liger_fused_linear_cross_entropy is not False
-    if cfg.chunked_loss_choice is None and liger_fuses_loss:
+    if cfg.chunked_loss_choice is None and liger_loss:
         return None  # Liger's fused kernel already avoids the full logits
     head = install_chunked_head(model)
     if head is None:
@@ -160,13 +163,13 @@ def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
     from dolphin_train.train.throughput import ThroughputMeter, model_flops, peak_flops
 
     if runtime.device != "cuda" or not runtime.bf16:
-        return ThroughputMeter()
+        return ThroughputMeter(compiled=runtime.compile)
     import torch
 
     layers = len(decoder_layers(model))
     checkpointed = -(-layers // cfg.gradient_checkpointing_layers) if cfg.checkpointing else 0
     peak = peak_flops(torch.cuda.get_device_name())
-    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size)
+    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size, compiled=runtime.compile)
 
 
 def _finish_tracking(cfg: Config) -> None:

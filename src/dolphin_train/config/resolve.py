@@ -29,6 +29,7 @@ class RuntimeSettings:
     world_size: int
     launcher: str  # "single process", "distributed (N processes)"
     liger: bool = False  # Liger's fused kernels usable (liger-kernel installed, CUDA)
+    compile: bool = False  # decoder layers compiled with torch.compile (`torch_compile`, `auto` on CUDA)
 
     @property
     def precision(self) -> str:
@@ -82,6 +83,7 @@ def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSetti
         world_size=machine.world_size,
         launcher=launcher,
         liger=machine.liger,
+        compile=cuda if cfg.torch_compile == "auto" else cfg.torch_compile,
     )
 
 
@@ -89,5 +91,5 @@ def resolved_settings(cfg: Config, runtime: RuntimeSettings) -> dict:
     """The config as it runs here: every key with its default filled in and `auto` precision resolved.
     What `validate` prints, what training saves next to the model and hands to wandb."""
     resolved = cfg.model_dump(mode="json", by_alias=True)
-    resolved.update(bf16=runtime.bf16, fp16=runtime.fp16, tf32=runtime.tf32)
+    resolved.update(bf16=runtime.bf16, fp16=runtime.fp16, tf32=runtime.tf32, torch_compile=runtime.compile)
     return resolved

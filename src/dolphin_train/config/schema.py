@@ -577,6 +577,15 @@ class Config(_Strict):
         "pass: activation memory on the GPU stays at about one layer's, whatever the sequence length. Needs "
         "`gradient_checkpointing`. `auto`: when the plan finds it needed to fit.",
     )
+    torch_compile: bool | Literal["auto"] = key(
+        False,
+        "Compile each decoder layer with torch.compile (regional compilation: minutes less to compile than the "
+        "whole model, and it works with checkpointing); the first step's compilation time is reported apart "
+        "from the step time. `auto`: on a CUDA GPU.",
+    )
+    torch_compile_backend: str | None = key(
+        None, "torch.compile backend (default `inductor`; `aot_eager` checks the compiled graph without codegen)."
+    )
     optimizer_in_backward: bool = key(
         False,
         "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "

@@ -186,6 +186,22 @@ def load_model(
     return model
 
 
+def compile_layers(model: Any, cfg: Config, runtime: RuntimeSettings) -> int:
+    """Regional compilation: each decoder layer compiled in place (`nn.Module.compile`), the same graph
+    reused by every layer of the same shape; compiling the whole model would trace the loss and the
+    optimizer-facing wrappers too, and take minutes. Rows padded to `sequence_len` keep one shape; otherwise
+    the lengths are marked dynamic so that a new row length does not recompile. Returns the layers compiled."""
+    from dolphin_train.model.layers import decoder_layers
+
+    fixed_shape = cfg.sample_packing and cfg.pad_to_sequence_len
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=cfg.torch_compile_backend or "inductor", dynamic=not fixed_shape)
+    log.info("torch.compile: %d decoder layers (%s shapes); the first step includes the compilation",
+             len(layers), "fixed" if fixed_shape else "dynamic")  # fmt: skip
+    return len(layers)
+
+
 def sync_special_token_ids(model: Any, tokenizer: Any) -> None:
     """The saved config and generation config name the tokenizer's bos/eos/pad, so `generate`, vLLM and
     GGUF converters stop at `<|im_end|>` without extra flags."""

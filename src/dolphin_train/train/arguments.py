@@ -56,6 +56,22 @@ def report_to(cfg: Config) -> list[str] | str:
     return trackers or "none"
 
 
+def liger_settings(cfg: Config, runtime: RuntimeSettings, head_has_token_rows: bool = False) -> dict[str, bool] | None:
+    """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's fused
+    output head + loss reads the head's own weight, which lacks the trained rows of added tokens
+    (`head_has_token_rows`): the chunked loss, which applies them, takes its place then."""
+    if not use_liger(cfg, runtime):
+        return None
+    settings = dict(cfg.liger_kernel_config)
+    if head_has_token_rows:
+        settings["fused_linear_cross_entropy"] = False
+    return settings
+
+
+def liger_fuses_loss(settings: dict[str, bool] | None) -> bool:
+    return settings is not None and settings.get("fused_linear_cross_entropy", True)
+
+
 def use_liger(cfg: Config, runtime: RuntimeSettings) -> bool:
     """Liger's kernels where `liger_kernel` allows them and liger-kernel is installed on CUDA (applied by
     transformers' `use_liger_kernel`); its fused linear cross-entropy never materialises the full logits
@@ -87,7 +103,10 @@ def _checkpointing_argument(arguments_class: Any) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
 
 
-def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule) -> Any:
+def build_training_arguments(
+    cfg: Config, runtime: RuntimeSettings, schedule: TrainingSchedule, liger: dict[str, bool] | None = None
+) -> Any:
+    """`liger`: the kernels `liger_settings` chose (None: no Liger)."""
     from transformers import TrainingArguments
 
     has_eval = schedule.eval_steps is not None or cfg.val_set_size > 0
@@ -106,8 +125,8 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         optional["accelerator_config"] = {"use_configured_state": True}  # built by the recipe's environment set-up
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.checkpointing
-    if cfg.liger_kernel_config and use_liger(cfg, runtime):
-        optional["liger_kernel_config"] = cfg.liger_kernel_config
+    if liger:
+        optional["liger_kernel_config"] = liger
     if cfg.checkpointing and (kwargs := checkpointing_kwargs(cfg, runtime)):
         optional[f"{checkpointing}_kwargs"] = kwargs
     return TrainingArguments(
@@ -155,6 +174,6 @@ def build_training_arguments(cfg: Config, runtime: RuntimeSettings, schedule: Tr
         prediction_loss_only=True,
         # Log the loss as it is: the default filter replaces NaN/inf by an average and hides divergence.
         logging_nan_inf_filter=False,
-        use_liger_kernel=use_liger(cfg, runtime),
+        use_liger_kernel=liger is not None,
         **optional,
     )

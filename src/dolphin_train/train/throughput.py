@@ -15,6 +15,7 @@ FLOPs are counted from what each batch really holds (README, "Throughput"):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from transformers import TrainerCallback
 from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.model.adapters import parameter_count
 from dolphin_train.model.layers import decoder_layers
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak of common training GPUs, in FLOP/s (vendor figures, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -102,10 +105,15 @@ def conversation_lengths(position_ids: torch.Tensor, labels: torch.Tensor) -> tu
 class ThroughputMeter(TrainerCallback):
     """Measures each logging interval. A callback only to learn when training starts (or resumes)."""
 
-    def __init__(self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1):
+    def __init__(
+        self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False
+    ):
         self.flops = flops
         self.peak = peak
         self.world_size = world_size
+        self.compiled = compiled  # the first step compiles: timed apart, left out of the throughput
+        self.first_step_seconds: float | None = None
+        self._first_step = 0
         self._time = time.perf_counter()
         self._tokens = 0
         self._model_flops = self._hardware_flops = 0.0
@@ -113,6 +121,16 @@ class ThroughputMeter(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
         self._model_flops = self._hardware_flops = 0.0
+        self._first_step = state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.compiled and self.first_step_seconds is None and state.global_step == self._first_step + 1:
+            self.first_step_seconds = time.perf_counter() - self._time
+            if state.is_world_process_zero:
+                log.info("First step, with torch.compile's compilation: %.1f s (left out of tokens/s and MFU)",
+                         self.first_step_seconds)  # fmt: skip
+            self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+            self._model_flops = self._hardware_flops = 0.0
 
     def count_batch(self, inputs: dict[str, Any]) -> None:
         """This process's micro-batch, before it runs (CPU tensors: no device synchronisation)."""
