@@ -1,128 +1,139 @@
-"""GPU benchmark: a Llama-3.2-1B-shaped model (random init, bf16 weights, AdamW) on packed 4096-token
-rows with gradient checkpointing, for each available attention backend, and padded to the longest
-conversation for comparison. Prints trained tokens/s and MFU as a Markdown table.
+"""GPU throughput ladder: each lever's share, measured through dolphin-train's own training path.
 
-    python scripts/bench_gpu.py [--steps 10] [--rows 2]
+    python scripts/bench_gpu.py [--steps 8] [--only 1b-baseline,1b-liger] [--budget 450]
+    python scripts/bench_gpu.py --small     # the same flow with tiny shapes on the CPU (a smoke test)
 
-Conversation lengths follow the data-preparation benchmark corpus (log-normal, most under 1k tokens).
-Run by scripts/gpu_check.sh; needs a CUDA GPU.
+Every rung is a real run of the recipe (`set_up_run`, then `trainer.train()`) on packed 4096-token rows of
+synthetic conversations whose lengths follow the data-preparation benchmark's corpus (the Llama-3
+tokenizer, ChatML), with random weights made on the GPU. For each: trained (non-padding) tokens per second
+and MFU, both from the run's own logs after two warm-up steps (MFU counts the FLOPs each batch really
+computes: README, "Throughput"), hardware FLOPs utilisation where checkpointing recomputes, and peak
+allocated memory. The ladder on the Llama-3.2-1B shape adds one lever at a time; then the Llama-3-8B shape
+in full fine-tuning and in QLoRA, the latter next to the plain transformers + peft path. It prints a
+Markdown table as it goes and stops starting rungs once `--budget` seconds are spent.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import gc
+import json
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from dolphin_train.config.machine import torch_varlen_available
-from dolphin_train.data.packing import best_fit_decreasing
-from dolphin_train.model.attention import register_varlen_attention
-from dolphin_train.train.throughput import flops_per_token, peak_flops
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_preprocess import llama3_dir, write_corpus  # the corpus of the preparation benchmark
+from gpu_memory_check import model_dir  # random checkpoints, shared with the memory check
 
-LLAMA_32_1B = {
-    "vocab_size": 128256,
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "use_cache": False,
-}
+BASE = {"sequence_len": 4096, "sample_packing": True, "pad_to_sequence_len": True, "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1, "learning_rate": 1e-5, "optimizer": "adamw_torch_fused",
+        "max_grad_norm": 1.0, "bf16": True, "flash_attention": True, "logging_steps": 1, "liger_kernel": False,
+        "torch_compile": False, "gradient_checkpointing": True, "save_steps": 100000,
+        "special_tokens": {"eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"},
+        "tokens": ["<|im_start|>", "<|im_end|>"]}  # fmt: skip
+# (name, architecture, settings over BASE, what it shows): one lever added at a time on the 1B shape.
+RUNGS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("1b-baseline", "llama-3.2-1b", {}, "checkpointing every layer, no fused kernels (the earlier reading)"),
+    ("1b-no-ckpt", "llama-3.2-1b", {"gradient_checkpointing": False}, "+ no recomputation (activations fit)"),
+    ("1b-auto-ckpt", "llama-3.2-1b", {"gradient_checkpointing": "auto"}, "+ checkpointing chosen by the plan"),
+    ("1b-liger", "llama-3.2-1b", {"gradient_checkpointing": "auto", "liger_kernel": True,
+                                  "liger_rope": True, "liger_rms_norm": True, "liger_glu_activation": True},
+     "+ Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)"),
+    ("1b-compile", "llama-3.2-1b", {"gradient_checkpointing": "auto", "liger_kernel": True, "liger_rope": True,
+                                    "liger_rms_norm": True, "liger_glu_activation": True, "torch_compile": True},
+     "+ compiled decoder layers"),
+    ("1b-fp8", "llama-3.2-1b", {"gradient_checkpointing": "auto", "liger_kernel": True, "liger_rope": True,
+                                "liger_rms_norm": True, "liger_glu_activation": True, "torch_compile": True,
+                                "fp8": True}, "+ float8 matrix products (rowwise)"),
+    ("1b-padded", "llama-3.2-1b", {"sample_packing": False, "pad_to_sequence_len": False, "micro_batch_size": 4},
+     "baseline settings, one conversation per row padded to the longest (vs 1b-baseline)"),
+    ("8b-full", "meta-llama-3-8b", {"micro_batch_size": 1, "gradient_checkpointing": "auto", "liger_kernel": True,
+                                    "liger_rope": True, "liger_rms_norm": True, "liger_glu_activation": True,
+                                    "torch_compile": True, "bfloat16": True, "optimizer_in_backward": True,
+                                    "optimizer": "adamw_torch_8bit", "max_grad_norm": 0.0},
+     "full fine-tuning, bf16 weights, 8-bit AdamW in the backward pass"),
+    ("8b-qlora", "meta-llama-3-8b", {"micro_batch_size": 1, "adapter": "qlora", "load_in_4bit": True, "lora_r": 16,
+                                     "optimizer": "adamw_8bit", "liger_kernel": True, "liger_rope": True,
+                                     "liger_rms_norm": True, "liger_glu_activation": True},
+     "QLoRA r=16, new tokens' rows only, chunked loss"),
+    ("8b-qlora-plain", "meta-llama-3-8b", {"micro_batch_size": 1, "adapter": "qlora", "load_in_4bit": True,
+                                           "lora_r": 16, "optimizer": "adamw_8bit", "chunked_cross_entropy": False,
+                                           "lora_modules_to_save": ["embed_tokens", "lm_head"]},
+     "the plain transformers + peft path: full logits, embeddings trained in full, no fused kernels"),
+]  # fmt: skip
+def run_rung(root: Path, name: str, shape: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from dolphin_train.config.load import validate_mapping
+    from dolphin_train.recipe import set_up_run
 
-
-def conversation_lengths(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.lognormal(6.3, 0.9, n).astype(int), 16, 4096)
-
-
-def batches(lengths: np.ndarray, rows: int, seq: int, packed: bool, steps: int, vocab: int):
-    """(input_ids, labels, position_ids) batches: packed rows of `seq` tokens, or one conversation per
-    row padded to the longest in its batch (with an attention mask) for the comparison."""
-    rng = np.random.default_rng(1)
-    groups = best_fit_decreasing(lengths, seq) if packed else [[i] for i in rng.permutation(len(lengths))]
-    for step in range(steps):
-        chosen = groups[step * rows : (step + 1) * rows]
-        sizes = [int(sum(lengths[i] for i in g)) for g in chosen]
-        width = seq if packed else max(sizes)
-        ids = torch.randint(3, vocab, (rows, width))
-        pos = torch.zeros(rows, width, dtype=torch.long)
-        labels = ids.clone()
-        mask = torch.zeros(rows, width, dtype=torch.long)
-        for r, g in enumerate(chosen):
-            at = 0
-            for i in g:
-                n = int(lengths[i])
-                pos[r, at : at + n] = torch.arange(n)
-                at += n
-            pos[r, at:] = torch.arange(width - at)
-            labels[r, at:] = -100
-            mask[r, :at] = 1
-        trained = sum(sizes)
-        if packed:
-            yield {"input_ids": ids, "labels": labels, "position_ids": pos}, trained
-        else:
-            yield {"input_ids": ids, "labels": labels, "attention_mask": mask}, trained
-
-
-def run(attn: str, packed: bool, steps: int, rows: int, seq: int) -> tuple[float, float, float]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_32_1B)
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-    model.set_attn_implementation(attn)
-    # transformers 5.2x renamed gradient checkpointing to activation checkpointing.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    lengths = conversation_lengths(4000)
-    torch.cuda.reset_peak_memory_stats()
-    tokens = 0
-    start = None
-    for step, (batch, trained) in enumerate(batches(lengths, rows, seq, packed, steps + 2, config.vocab_size)):
-        if step == 2:  # two warm-up steps
-            torch.cuda.synchronize()
-            start, tokens = time.perf_counter(), 0
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        loss = model(**batch).loss
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        tokens += trained
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tps = tokens / seconds
-    peak = peak_flops(torch.cuda.get_device_name()) or float("nan")
-    mfu = tps * flops_per_token(model, seq) / peak
-    return tps, mfu, torch.cuda.max_memory_allocated() / 2**30
+    quantised = settings.get("load_in_4bit", False)
+    cfg = {**BASE, **settings, "base_model": str(model_dir(root, shape, args.small, with_weights=quantised)),
+           "train_from_scratch": not quantised, "tokenizer_config": llama3_dir(), "max_steps": args.steps + 2,
+           "datasets": [{"path": str(root / "data.jsonl"), "type": "sharegpt"}],
+           "dataset_prepared_path": str(root / "prepared"), "output_dir": str(root / name)}  # fmt: skip
+    if args.small:
+        cfg.update(sequence_len=1024, bf16=torch.cuda.is_available(), torch_compile=False, fp8=False,
+                   liger_kernel=False, flash_attention=torch.cuda.is_available())  # fmt: skip
+        if cfg.get("optimizer") == "adamw_torch_fused" and not torch.cuda.is_available():
+            cfg["optimizer"] = "adamw_torch"
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random weights made on the GPU
+        run = set_up_run(validate_mapping(cfg))
+    run.trainer.train()
+    logs = [e for e in run.trainer.state.log_history if "tokens_per_second" in e][2:]  # after two warm-up steps
+    median = lambda key: sorted(e[key] for e in logs)[len(logs) // 2] if logs and key in logs[0] else float("nan")  # noqa: E731
+    found = {"rung": name, "tokens_per_second": median("tokens_per_second"), "mfu": median("mfu"),
+             "hfu": median("hfu"), "peak_gib": torch.cuda.max_memory_allocated() / 2**30
+             if torch.cuda.is_available() else float("nan"), "seconds": time.perf_counter() - started,
+             "settings": {k: run.cfg.model_dump()[k] for k in ("micro_batch_size", "gradient_checkpointing",
+                                                             "gradient_checkpointing_layers")}}  # fmt: skip
+    del run
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=2, help="rows per step (micro batch)")
-    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per rung (after two warm-up steps)")
+    parser.add_argument("--only", default=None, help="comma-separated rung names")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds: no rung starts after this")
+    parser.add_argument("--small", action="store_true", help="tiny shapes, CPU or GPU: a smoke test of the flow")
+    parser.add_argument("--root", default="/tmp/dolphin-bench-gpu")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    backends = ["sdpa"]
-    if torch_varlen_available():
-        backends.append(register_varlen_attention())
-    if importlib.util.find_spec("flash_attn") is not None:
-        backends.append("flash_attention_2")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-3.2-1B shape, bf16, {args.seq} tokens")
-    print("| rows | attention | trained tokens/s | MFU | peak memory (GiB) |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for attn in backends:
-        tps, mfu, mem = run(attn, True, args.steps, args.rows, args.seq)
-        print(f"| packed | {attn} | {tps:,.0f} | {mfu:.1%} | {mem:.1f} |", flush=True)
-    tps, mfu, mem = run("sdpa", False, args.steps, args.rows, args.seq)
-    print(f"| padded to longest | sdpa | {tps:,.0f} | {mfu:.1%} | {mem:.1f} |", flush=True)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data.jsonl").exists():
+        write_corpus(root / "data.jsonl", 3000 if not args.small else 300)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}, torch {torch.__version__}; packed 4096-token rows of the preparation benchmark's corpus")
+    print("| rung | what | trained tokens/s | MFU | HFU | peak GiB | micro batch, checkpointing |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |", flush=True)
+    started, results = time.perf_counter(), []
+    chosen = set(args.only.split(",")) if args.only else None
+    for name, shape, settings, what in RUNGS:
+        if chosen is not None and name not in chosen:
+            continue
+        if time.perf_counter() - started > args.budget:
+            print(f"| {name} | {what} | not run: the time budget was spent | | | | |", flush=True)
+            continue
+        try:
+            r = run_rung(root, name, shape, settings, args)
+        except Exception as exc:  # a rung that fails (a kernel missing on this image) leaves the others
+            print(f"| {name} | {what} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | | |", flush=True)
+            continue
+        results.append(r)
+        s = r["settings"]
+        print(f"| {name} | {what} | {r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['hfu']:.1%} | "
+              f"{r['peak_gib']:.1f} | {s['micro_batch_size']}, {s['gradient_checkpointing']} "
+              f"(every {s['gradient_checkpointing_layers']}) |", flush=True)  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 # The GPU check, run in one call on a lent GPU machine (the device tool), from the repository root:
 #   bash scripts/gpu_check.sh            (carry .whl, made here by scripts/gpu_wheels.sh)
 # 1. installs what the machine's image lacks from the wheels in .whl/;
-# 2. the GPU tests (attention backends against each conversation alone);
-# 3. the memory plan against real `dolphin-train train` runs (Llama-3.2-1B and Llama-3-8B shapes;
-#    GPU_MEMORY_CASES picks them, see scripts/gpu_memory_check.py);
-# 4. the throughput benchmark (MFU per attention backend, packed vs padded).
-# Each stage has its own time limit and the next one runs whatever happens; logs go to $OUT when set.
+# 2. the GPU tests: attention backends against each conversation alone, the chunked loss under autocast,
+#    activation offloading and Liger against the plain path, float8's loss curve against bf16;
+# 3. the memory plan against real `dolphin-train train` runs, the one-GPU targets each in a process capped
+#    at the target card's memory (GPU_MEMORY_CASES picks them, see scripts/gpu_memory_check.py);
+# 4. the throughput ladder (scripts/bench_gpu.py: each lever's share on the Llama-3.2-1B shape, then 8B).
+# Each stage has its own time limit (7.5 minutes in all by default) and the next one runs whatever happens;
+# logs go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check-out}
@@ -16,11 +18,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     || echo "wheel install failed"
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD/src:$PWD/tests:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/scripts:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
+  WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, transformers, peft, datasets, pyarrow; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)" \
   2>&1 | tee -a "$OUT/env.txt"
+python3 -c "import importlib.util as u; print('liger-kernel', bool(u.find_spec('liger_kernel')), '| torchao', \
+bool(u.find_spec('torchao')), '| flash-attn', bool(u.find_spec('flash_attn')))" 2>&1 | tee -a "$OUT/env.txt"
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -29,10 +34,11 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
-stage tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-stage memory "${GPU_MEMORY_S:-330}" python3 scripts/gpu_memory_check.py --cases "${GPU_MEMORY_CASES:-1b-lora,8b-qlora,8b-qlora-plain}" \
-  --out "$OUT/memory.json" --timeout 200
+stage tests "${GPU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+stage memory "${GPU_MEMORY_S:-180}" python3 scripts/gpu_memory_check.py \
+  --cases "${GPU_MEMORY_CASES:-8b-qlora-8gib,8b-full-1gpu,8b-qlora-16k}" --out "$OUT/memory.json" --timeout 120
 tar czf "$OUT/train_logs.tgz" /tmp/dolphin-memory-check/*/train.log 2>/dev/null
-stage bench "${GPU_BENCH_S:-130}" python3 scripts/bench_gpu.py --steps 5
+stage bench "${GPU_BENCH_S:-170}" python3 scripts/bench_gpu.py --steps 6 --budget "${GPU_BENCH_BUDGET_S:-120}" \
+  --root /tmp/dolphin-memory-check --out "$OUT/bench.json"
 echo "== summary"
 grep -h "^|" "$OUT/memory.log" "$OUT/bench.log" 2>/dev/null

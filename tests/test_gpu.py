@@ -74,3 +74,86 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_loss() -> None:
     plain, chunked, unshifted, grad_error = chunked_against_plain("cuda")
     assert abs(chunked - plain) < LOSS_TOLERANCE < abs(unshifted - plain)
     assert grad_error < 1e-2
+
+
+def _tiny_llama_on_gpu(hidden: int = 256, layers: int = 2, vocab: int = 1000):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    return LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+
+
+def test_activation_offloading_gives_the_same_gradients() -> None:
+    """transformers' offload (checkpointed layer inputs in pinned CPU memory) changes where tensors live,
+    not the computation."""
+    grads = []
+    for offload in (False, True):
+        model = _tiny_llama_on_gpu()
+        model.train()
+        model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+        ids = torch.randint(3, 1000, (2, 512), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-3, rtol=1e-2, msg=name)
+
+
+def test_liger_kernels_keep_packed_rows_exact() -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU on packed rows: the same logits as the plain model, and its fused
+    linear cross-entropy the same loss as the chunked loss."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    from dolphin_train.train.loss import install_chunked_head, restore_head
+
+    model, batch, _ = _model_and_batch()
+    register_varlen_attention()
+    model.set_attn_implementation("dolphin_varlen")
+    labels = batch["input_ids"].clone()
+    with torch.no_grad():
+        plain = model(**batch).logits.float()
+        head = install_chunked_head(model)
+        with head.targets(labels):
+            chunked = model(**batch).logits
+    restore_head(model)
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, model=model)
+    with torch.no_grad():
+        fused_kernels = model(**batch).logits.float()
+    torch.testing.assert_close(fused_kernels, plain, atol=6e-2, rtol=6e-2)
+    apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=True, model=model)
+    model.train()
+    with torch.no_grad():
+        fused_loss = model(**batch, labels=labels).loss
+    assert float(fused_loss) == pytest.approx(float(chunked), abs=2e-2)
+
+
+def test_float8_loss_curve_follows_bf16() -> None:
+    """300 steps of a small model learning a repeating pattern, bf16 against float8 (rowwise): the curves
+    stay within 5% of each other, and both learn."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 matrix products need compute capability 8.9 or newer")
+    from dolphin_train.model.load import convert_to_float8
+
+    curves = []
+    for fp8 in (False, True):
+        model = _tiny_llama_on_gpu(hidden=512, layers=4)
+        if fp8:
+            convert_to_float8(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        losses = []
+        for _ in range(300):
+            start = torch.randint(3, 900, (8, 1), device="cuda", generator=generator)
+            ids = (start + torch.arange(256, device="cuda") % 97) % 1000
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        curves.append(torch.tensor(losses).view(-1, 30).mean(dim=1))
+    bf16, fp8 = curves
+    assert bf16[-1] < 0.5 * bf16[0] and fp8[-1] < 0.5 * fp8[0]
+    assert torch.all((fp8 - bf16).abs() <= 0.05 * bf16), f"bf16 {bf16.tolist()} fp8 {fp8.tolist()}"

@@ -80,7 +80,7 @@ def make_trainer(
     schedule: TrainingSchedule,
     resuming: bool = False,
 ) -> Any:
-    from dolphin_train.model.load import compile_layers, load_model
+    from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
     from dolphin_train.train.trainer import DolphinTrainer
@@ -91,7 +91,9 @@ def make_trainer(
                                                                      and cfg.lora_modules_to_save is None))  # fmt: skip
     args = build_training_arguments(cfg, runtime, schedule, liger)
     model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
-    if runtime.compile:
+    if cfg.fp8:
+        convert_to_float8(model)
+    if runtime.compile:  # after float8: its scaling then compiles into the layers
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None

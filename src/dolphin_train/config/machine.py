@@ -21,6 +21,7 @@ class Machine:
     varlen_attention: bool  # PyTorch's variable-length flash attention kernel usable
     flash_attn: bool  # the flash-attn package usable
     liger: bool  # the liger-kernel package usable
+    fp8: bool = False  # float8 matrix products (compute capability 8.9 or newer: Ada, Hopper)
     world_size: int = 1
     device_name: str = ""
     memory: int | None = None  # bytes per device (None on the CPU)
@@ -37,6 +38,7 @@ class Machine:
             varlen_attention=cuda and torch_varlen_available(),
             flash_attn=cuda and package_installed("flash_attn"),
             liger=cuda and package_installed("liger_kernel"),
+            fp8=cuda and torch.cuda.get_device_capability() >= (8, 9),
             world_size=world_size(),
             device_name=torch.cuda.get_device_name() if cuda else "cpu",
             memory=torch.cuda.get_device_properties(0).total_memory if cuda else None,
@@ -54,6 +56,7 @@ class Machine:
             varlen_attention=cuda,
             flash_attn=cuda and package_installed("flash_attn"),
             liger=cuda and package_installed("liger_kernel"),
+            fp8=cuda,
             world_size=gpus,
             device_name="planned GPU" if cuda else "cpu",
             memory=memory,

@@ -71,6 +71,8 @@ def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSetti
         raise EnvironmentProblem("fp16: true needs a CUDA GPU; use bf16 (or neither) on the CPU")
     if cfg.tf32 is True and not machine.tf32:
         raise EnvironmentProblem("tf32: true needs an Ampere or newer NVIDIA GPU; set tf32: auto or false")
+    if cfg.fp8 and not machine.fp8:
+        raise EnvironmentProblem("fp8: true needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L40S)")
     attn, note = resolve_attention(cfg, machine)
     launcher = "single process" if machine.world_size == 1 else f"distributed ({machine.world_size} processes)"
     return RuntimeSettings(

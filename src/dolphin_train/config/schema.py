@@ -577,6 +577,13 @@ class Config(_Strict):
         "pass: activation memory on the GPU stays at about one layer's, whatever the sequence length. Needs "
         "`gradient_checkpointing`. `auto`: when the plan finds it needed to fit.",
     )
+    fp8: bool = key(
+        False,
+        "Float8 matrix products for the decoder's linear layers (torchao's float8 training, rowwise scaling: "
+        "each row of activations and each column of weights scaled to the float8 range on its own), on GPUs "
+        "with compute capability 8.9 or newer (H100, H200, L40S). Full fine-tuning; the output head stays "
+        "bf16. Faster matrix products for a small loss in precision (the GPU check compares the loss curve).",
+    )
     torch_compile: bool | Literal["auto"] = key(
         False,
         "Compile each decoder layer with torch.compile (regional compilation: minutes less to compile than the "
@@ -914,6 +921,9 @@ class Config(_Strict):
             problems.append(f"batch_size: {self.batch_size} is not micro_batch_size x gradient_accumulation_steps "
                             f"({self.micro_batch_size} x {self.gradient_accumulation_steps}): set one of them, or "
                             "micro_batch_size: auto")  # fmt: skip
+        if self.fp8 and (self.adapter or self.load_in_4bit or self.load_in_8bit):
+            problems.append("fp8: true converts the trained linear layers to float8 training: full fine-tuning only "
+                            "(remove adapter, or fp8)")  # fmt: skip
         if self.optimizer_in_backward:
             why = "optimizer_in_backward updates each parameter as soon as its gradient exists"
             if self.gradient_accumulation_steps > 1 or (self.batch_size is not None and not fixed_micro):

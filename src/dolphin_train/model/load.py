@@ -186,6 +186,29 @@ def load_model(
     return model
 
 
+def convert_to_float8(model: Any, emulate: bool = False) -> int:
+    """torchao's float8 training on the decoder's linear layers (rowwise scaling); the output head and layers
+    whose sizes are not multiples of 16 (the float8 kernels' tile) stay in bf16. `emulate`: float8 numerics
+    without float8 hardware (the CPU tests). Returns the layers converted."""
+    import dataclasses
+
+    import torch
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    head = model.get_output_embeddings()
+    converted = []
+
+    def eligible(module: torch.nn.Module, name: str) -> bool:
+        ok = module is not head and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        converted.extend([name] if ok else [])
+        return ok
+
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=emulate)
+    convert_to_float8_training(model, config=config, module_filter_fn=eligible)
+    log.info("fp8: %d linear layers compute in float8 (rowwise scaling)", len(converted))
+    return len(converted)
+
+
 def compile_layers(model: Any, cfg: Config, runtime: RuntimeSettings) -> int:
     """Regional compilation: each decoder layer compiled in place (`nn.Module.compile`), the same graph
     reused by every layer of the same shape; compiling the whole model would trace the loss and the

@@ -352,15 +352,17 @@ class _Activations:
     offloaded: int  # checkpointed layers' inputs kept in CPU memory instead (activation offloading)
 
 
-def activations_part(cfg: Config, params: ParameterInventory, trace: ActivationTrace, autocast: bool) -> _Activations:
+def activations_part(cfg: Config, params: ParameterInventory, trace: ActivationTrace, autocast: bool,
+                     device: str) -> _Activations:  # fmt: skip
     """What a micro-batch's forward pass keeps, with checkpointing of every N-th layer (0: none) and the
-    checkpointed layers' inputs on the device or offloaded to CPU memory."""
+    checkpointed layers' inputs on the device or offloaded to CPU memory (on a GPU: a CPU run has them there
+    already)."""
     every = cfg.gradient_checkpointing_layers if cfg.checkpointing else 0
     checkpointed = trace.checkpointed(every)
     copies = params.autocast_copy_bytes - params.head_copy_bytes if autocast else 0
     # autocast's 16-bit weight copies stay for the layers that are not recomputed
     kept_copies = copies * checkpointed.count(False) // max(1, len(checkpointed))
-    offload = cfg.offloads_activations and every > 0
+    offload = cfg.offloads_activations and every > 0 and device == "cuda"
     kept = trace.saved(every, offload) + kept_copies
     offloaded = sum(i for i, c in zip(trace.inputs, checkpointed, strict=True) if c) if offload else 0
     recomputed = 0
@@ -430,7 +432,7 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     weights = weights_part(params, sharding, precision_bytes)
     grads = gradients_part(cfg, params, sharding, precision_bytes)
     optimizer = optimizer_part(params, sharding)
-    acts = activations_part(cfg, params, trace, autocast)
+    acts = activations_part(cfg, params, trace, autocast, runtime.device)
     chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
     tokens = int(cfg.micro_batch_size) * cfg.sequence_len
     logits_fwd, logits_bwd = logits_part(tokens, params.vocab_size, params.hidden_size, precision_bytes, chunked)
