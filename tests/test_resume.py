@@ -81,7 +81,7 @@ def _saved_base(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("variant", ["full fine-tuning", "LoRA, chunked loss"])
+@pytest.mark.parametrize("variant", ["full fine-tuning", "LoRA, chunked loss", "bf16 weights, optimizer in backward"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, variant: str) -> None:
     """Killed between two checkpoints, then resumed: the resumed process runs only the remaining steps, with
     the learning rate and loss of the uninterrupted run at each of them (scheduler, optimizer state, data
@@ -91,6 +91,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, varian
     if variant.startswith("LoRA"):  # the head trained in full (added tokens) sits in the chunked-loss head
         keys = {"adapter": "lora", "lora_r": 4, "chunked_cross_entropy": True, "train_from_scratch": False,
                 "base_model": str(_saved_base(tmp_path))}  # fmt: skip
+    if variant.startswith("bf16"):  # per-parameter 8-bit states and stochastic rounding: restored exactly too
+        keys = {"bf16": True, "bfloat16": True, "optimizer_in_backward": True, "optimizer": "adamw_torch_8bit",
+                "max_grad_norm": 0.0}  # fmt: skip
     straight = _start(_config(tmp_path, "straight", **keys))
     stdout, stderr = straight.communicate(timeout=600)
     assert straight.returncode == 0, stderr[-3000:]
