@@ -91,3 +91,28 @@ def test_fsdp_two_processes_match_one_process_and_save_a_whole_model(tmp_path: P
     assert weights.keys() == reference.keys()  # consolidated: every tensor whole, with the values of one process
     for name, value in reference.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fsdp_lora_trains_the_new_tokens_rows_as_one_process_does(tmp_path: Path) -> None:
+    """LoRA with the two ChatML tokens added: under FSDP on 2 processes only their rows of the embedding and
+    the head train next to the adapter, and one SGD step leaves the rows and the adapter as on one process."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(base)
+    common = {**SGD_STEP, "learning_rate": 10.0, "dataset_prepared_path": str(tmp_path / "prepared"),
+              "base_model": str(base), "train_from_scratch": False, "adapter": "lora", "lora_r": 4,
+              "chunked_cross_entropy": True}  # fmt: skip
+    _train(write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", micro_batch_size=4, **common)), 1)
+    sharded = tiny_config(tmp_path / "two", micro_batch_size=2, fsdp=FSDP, **common)
+    _train(write_config(tmp_path / "two.yml", sharded), 2)
+    single, two = (load_file(str(tmp_path / run / "out/adapter_model.safetensors")) for run in ("one", "two"))
+    rows = [k for k in single if "trainable_tokens_delta" in k]
+    assert len(rows) == 2 and all(single[k].shape[0] == 2 for k in rows)  # the 2 new tokens, embedding and head
+    # Both rows start at the mean of the others; trained, they part.
+    assert all(not torch.allclose(single[k][0], single[k][1]) for k in rows)
+    assert single.keys() == two.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
