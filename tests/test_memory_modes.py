@@ -55,11 +55,17 @@ def test_reserved_tokens_become_the_chatml_markers_and_nothing_is_resized(tmp_pa
     torch.testing.assert_close(rows[128002], rows[:128002].mean(dim=0))  # started as new rows start
 
 
-def test_plan_says_which_ids_the_markers_get(tmp_path: Path, llama3_dir: str, capsys: pytest.CaptureFixture) -> None:
+def test_plan_and_validate_say_which_ids_the_markers_get(
+    tmp_path: Path, llama3_dir: str, capsys: pytest.CaptureFixture
+) -> None:
     raw = _llama3_config(tmp_path, llama3_dir, added_tokens_overrides=CHATML_ON_RESERVED)
-    assert main(["plan", str(write_config(tmp_path / "c.yml", raw)), "--device", "cpu"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert "<|im_start|> 128002 (renamed), <|im_end|> 128003 (renamed)" in out
+    path = str(write_config(tmp_path / "c.yml", raw))
+    assert main(["plan", path, "--device", "cpu"]) == 0
+    assert "<|im_start|> 128002 (renamed), <|im_end|> 128003 (renamed)" in " ".join(capsys.readouterr().out.split())
+    assert main(["validate", path, "--micro_batch_size", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "# tokens: <|im_start|> 128002 (renamed), <|im_end|> 128003 (renamed)" in out
+    assert "# auto settings for 1 x" in out and "micro_batch_size" in out
 
 
 @pytest.mark.parametrize(("overrides", "said"), [

@@ -166,7 +166,7 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     from dolphin_train.config.load import load_config
     from dolphin_train.config.resolve import resolve_runtime, resolved_settings
-    from dolphin_train.recipe import paths_missing_here
+    from dolphin_train.recipe import choices_for_this_machine, paths_missing_here
 
     cfg = load_config(args.config, overrides)
     runtime = resolve_runtime(cfg)
@@ -177,6 +177,8 @@ def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         f"# this machine: {runtime.device}, attention {runtime.attn_implementation} "
         f"({runtime.attention_note}), {runtime.launcher}"
     )
+    for line in choices_for_this_machine(cfg, runtime):
+        print(f"# {line}")
     for warning in paths_missing_here(cfg):
         print(f"# warning: {warning}")
     return 0

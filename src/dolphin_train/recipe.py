@@ -69,6 +69,23 @@ def paths_missing_here(cfg: Config) -> list[str]:
     return missing
 
 
+def choices_for_this_machine(cfg: Config, runtime: RuntimeSettings) -> list[str]:
+    """What `validate` adds below the config: the ids the template's markers and the config's tokens get,
+    and the `auto` memory settings a run would choose here. Said only when it can be known on this machine
+    (the tokenizer and the model's shapes at hand)."""
+    from dolphin_train.plan.report import model_facts, resolve_auto_settings
+
+    try:
+        facts = model_facts(cfg)
+    except DolphinError as exc:
+        return [f"tokens and `auto` settings: not known here ({exc})"] if cfg.has_auto_memory_settings else []
+    lines = [f"tokens: {facts.token_ids}"] if facts.token_ids else []
+    if cfg.has_auto_memory_settings:
+        choice, _ = resolve_auto_settings(cfg, facts, runtime, memory_budget(runtime))
+        lines += [*choice.reasons, "(`dolphin-train plan CONFIG --gpus N --gpu-memory X` shows the choice for a GPU)"]
+    return lines
+
+
 # ---- training ---------------------------------------------------------------------------------------
 
 
@@ -244,14 +261,14 @@ def memory_budget(runtime: RuntimeSettings) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(1, runtime.world_size)
 
 
-def decide_auto_settings(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer) -> Config:
+def decide_auto_settings(cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, rows: int) -> Config:
     """`micro_batch_size`, `gradient_checkpointing` and `activation_offloading: auto`, decided by the plan for
     this device (every process decides alike); the run then goes on with the decided config."""
     if not cfg.has_auto_memory_settings:
         return cfg
     from dolphin_train.plan.report import model_facts, resolve_auto_settings
 
-    choice, _ = resolve_auto_settings(cfg, model_facts(cfg, tok), runtime, memory_budget(runtime))
+    choice, _ = resolve_auto_settings(cfg, model_facts(cfg, tok), runtime, memory_budget(runtime), rows)
     for reason in choice.reasons:
         (log.info if choice.fits else log.warning)(reason)
     return choice.cfg
@@ -265,7 +282,7 @@ def set_up_run(cfg: Config) -> Run:
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
     rows = build_training_rows(cfg, prepared)
-    cfg = decide_auto_settings(cfg, runtime, tok)
+    cfg = decide_auto_settings(cfg, runtime, tok, len(rows.train))
     schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     resume = resolve_resume(cfg)

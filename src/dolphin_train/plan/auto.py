@@ -46,12 +46,14 @@ def _checkpointing_options(cfg: Config) -> list[tuple[bool, int, bool]]:
     return options  # activation_offloading: auto, as the last resort
 
 
-def _micro_batches(cfg: Config) -> list[int]:
+def _micro_batches(cfg: Config, rows: int | None) -> list[int]:
+    """Candidates, largest first; never more rows than a process will see in an epoch (`rows`, when known)."""
     if cfg.micro_batch_size != "auto":
         return [cfg.micro_batch_size]
+    largest = min(MAX_AUTO_MICRO_BATCH, rows or MAX_AUTO_MICRO_BATCH)
     if cfg.batch_size:
-        return [m for m in range(min(cfg.batch_size, MAX_AUTO_MICRO_BATCH), 0, -1) if cfg.batch_size % m == 0]
-    return [2**k for k in range(MAX_AUTO_MICRO_BATCH.bit_length() - 1, -1, -1)]
+        return [m for m in range(min(cfg.batch_size, largest), 0, -1) if cfg.batch_size % m == 0]
+    return [2**k for k in range(MAX_AUTO_MICRO_BATCH.bit_length() - 1, -1, -1) if 2**k <= largest] or [1]
 
 
 def _settings(cfg: Config, micro: int, checkpointing: tuple[bool, int, bool]) -> dict[str, Any]:
@@ -64,9 +66,9 @@ def _settings(cfg: Config, micro: int, checkpointing: tuple[bool, int, bool]) ->
     return settings
 
 
-def _candidates(cfg: Config) -> Iterator[dict[str, Any]]:
+def _candidates(cfg: Config, rows: int | None) -> Iterator[dict[str, Any]]:
     for checkpointing in _checkpointing_options(cfg):
-        for micro in _micro_batches(cfg):
+        for micro in _micro_batches(cfg, rows):
             yield _settings(cfg, micro, checkpointing)
 
 
@@ -88,12 +90,15 @@ def _said(settings: dict[str, Any]) -> str:
     return ", ".join(said)
 
 
-def choose_auto_settings(cfg: Config, memory: MemoryModel, budget: int, where: str) -> AutoChoice:
-    """The config with its `auto` memory settings decided for `budget` bytes per device (`where` names it)."""
+def choose_auto_settings(
+    cfg: Config, memory: MemoryModel, budget: int, where: str, rows: int | None = None
+) -> AutoChoice:
+    """The config with its `auto` memory settings decided for `budget` bytes per device (`where` names it);
+    `rows`: the training rows per process, when known (no larger micro-batch is tried)."""
     if not cfg.has_auto_memory_settings:
         return AutoChoice(cfg, (), True)
     last: dict[str, Any] = {}
-    for settings in _candidates(cfg):
+    for settings in _candidates(cfg, rows):
         candidate = cfg.model_copy(update=settings)
         estimate = memory.estimate(candidate)
         last = settings
@@ -104,6 +109,9 @@ def choose_auto_settings(cfg: Config, memory: MemoryModel, budget: int, where: s
     return AutoChoice(candidate, (reason,), False)
 
 
-def resolve_for_runtime(cfg: Config, runtime: RuntimeSettings, memory: MemoryModel, budget: int) -> AutoChoice:
+def resolve_for_runtime(
+    cfg: Config, runtime: RuntimeSettings, memory: MemoryModel, budget: int, rows: int | None = None
+) -> AutoChoice:
     where = f"{runtime.world_size} x {budget / GiB:.1f} GiB {'GPU' if runtime.device == 'cuda' else 'of CPU memory'}"
-    return choose_auto_settings(cfg, memory, budget, where)
+    per_process = -(-rows // runtime.world_size) if rows else None
+    return choose_auto_settings(cfg, memory, budget, where, per_process)

@@ -129,22 +129,26 @@ def plan_memory(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings) -> Mem
 
 
 def resolve_auto_settings(
-    cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, budget: int
+    cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, budget: int, rows: int | None = None
 ) -> tuple[AutoChoice, MemoryEstimate | None]:
     """`auto` memory settings decided for `budget` bytes per device, as training decides them at launch, and
-    the estimate for the choice (None when the config has no `auto` setting)."""
+    the estimate for the choice (None when the config has no `auto` setting). `rows`: training rows, when
+    known."""
     if not cfg.has_auto_memory_settings:
         return AutoChoice(cfg, (), True), None
     memory, _ = measure_model(cfg, runtime, facts.config, vocab_rows=facts.vocab_rows,
                               new_token_ids=facts.new_token_ids)  # fmt: skip
-    choice = resolve_for_runtime(cfg, runtime, memory, budget)
+    choice = resolve_for_runtime(cfg, runtime, memory, budget, rows)
     return choice, memory.estimate(choice.cfg)
 
 
 def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
     facts = model_facts(cfg)
     runtime = planned_runtime(cfg, gpus, device, gpu_memory)
-    auto, chosen = resolve_auto_settings(cfg, facts, runtime, gpu_memory)
+    rows = None
+    if cfg.has_auto_memory_settings:  # the training rows bound the micro-batch
+        rows = plan_data(cfg.model_copy(update={"micro_batch_size": 1}), facts.tokenizer, gpus).train_rows
+    auto, chosen = resolve_auto_settings(cfg, facts, runtime, gpu_memory, rows)
     cfg = auto.cfg
     data = plan_data(cfg, facts.tokenizer, gpus)
     memory = chosen or plan_memory(cfg, facts, runtime)
