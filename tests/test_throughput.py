@@ -51,7 +51,7 @@ def test_logs_gain_tokens_per_second_mfu_and_hfu(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("dolphin_train.train.throughput.time.perf_counter", lambda: next(clock))
     flops = ModelFlops(trained=1000, frozen=0, layer_params=1000, layers=1, attention_width=8, checkpointed_layers=1)
     meter = ThroughputMeter(flops, peak=1e6, world_size=2)
-    state = SimpleNamespace(num_input_tokens_seen=0)
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0)
     meter.on_train_begin(None, state, None)
     batch = {"position_ids": torch.arange(10).view(1, 10), "labels": torch.ones(1, 10, dtype=torch.long)}
     meter.count_batch(batch)
