@@ -9,6 +9,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.token_rows import use_lean_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: boo
     """A new trainable LoRA adapter over the prepared base (also built by `plan` on a meta-device model)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg, model, embedding_training(cfg, model, new_token_ids, announce)))
+    settings = lora_config(cfg, model, embedding_training(cfg, model, new_token_ids, announce))
+    return use_lean_token_rows(get_peft_model(model, settings))
 
 
 def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
@@ -170,5 +172,5 @@ def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
     model = prepare_base_for_adapter(cfg, model)
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
-        return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
+        return use_lean_token_rows(PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True))
     return new_adapter(cfg, model, new_token_ids)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dolphin_train.config.schema import Config
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.model.token_rows import lean_token_rows_class, project_with_rows
 
 # Logits of one chunk: 2^24 values, 64 MiB in float32 and some 230 MiB with their backward working memory
 # (128 positions of a 128k vocabulary). Smaller chunks hardly slow the GPU (each is still a large matrix
@@ -84,12 +85,9 @@ class ChunkedLossHead(_LossTargets, torch.nn.Module):
 def _token_rows_head_class() -> type:
     """peft's trainable token rows over the output head, computing the chunked loss (a subclass, so that peft
     still finds, saves and merges the rows where it put them)."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    class ChunkedTokenRowsHead(_LossTargets, TrainableTokensLayer):
-        """The head's frozen weight with the trained rows of the added tokens in place of its own. Why not
-        peft's forward: it builds a whole merged copy of the head's weight (1 GiB for Llama-3-8B in bf16) and
-        keeps it for the backward pass; here each chunk's logits take the trained rows' columns instead."""
+    class ChunkedTokenRowsHead(_LossTargets, lean_token_rows_class()):
+        """The head's frozen weight with the trained rows of the added tokens in place of its own: each
+        chunk's logits take the trained rows' columns (model/token_rows.py says why not peft's forward)."""
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if self._labels is None or len(self.active_adapters) != 1:
@@ -105,9 +103,10 @@ def _token_rows_head_class() -> type:
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 row_index: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    logits = torch.nn.functional.linear(hidden, weight, bias)
     if rows is not None:  # trained rows of added tokens replace those rows of the frozen weight
-        logits = logits.index_copy(-1, row_index, torch.nn.functional.linear(hidden, rows.to(hidden.dtype)))
+        logits = project_with_rows(hidden, weight, bias, row_index, rows)
+    else:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
     return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
 
 
