@@ -86,6 +86,10 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                              "flash_optimum": False}),
     ("falcon-h1", MESSAGES + TOOLS, {"chat_template": "falcon_h1", "is_falcon_derived_model": True,
                                      "attention": "flex"}),
+    ("falcon alpaca:chat, xformers", ALPACA, {"attn_implementation": "xformers", "xformers_attention": True,
+                                             "datasets": [{"type": "alpaca:chat"}]}),
+    ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
+                                                   "datasets": [{"type": "alpaca"}]}),
     ("tokenizer default, fallback", MESSAGES, {"chat_template": "tokenizer_default_fallback_chatml"}),
     ("dolphin sharegpt chatml", SHAREGPT, {"datasets": [{"type": "sharegpt", "conversation": "chatml"}],
                                            "chat_template": "chatml"}),
@@ -147,14 +151,14 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel: True is not supported; instead: plain peft LoRA"),
         ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
-        ({"float16": True}, "float16: True is not supported; instead: fp16: true"),
+        ({"float16": True, "fp16": True}, "float16 weights compute in float16 without mixed precision: remove"),
+        ({"float16": True, "bfloat16": True}, "float16 weights compute in float16 without mixed precision: remove"),
         ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "a table of sample predictions (32 new tokens each) is "
                                                            "not supported"),
-        ({"gradient_checkpointing": "offload"}, "activation offloading is not supported yet: use "
-                                                "gradient_checkpointing: true"),
         ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, "KernelsPlugin: not supported. dolphin-train "
                                                                       "has no plugin system"),
-        ({"attn_implementation": "xformers"}, "not supported; instead: flash_attention: true"),
+        ({"attn_implementation": "sage"}, "not supported; instead: flash_attention: true"),
+        ({"xformers_attention": True, "flash_attention": True}, "xformers_attention with another attention backend"),
         ({"chat_template": "gemma4"}, "unknown chat template"),
         ({"unfrozen_parameters": ["^model.embed_tokens.weight$[:32000]"]}, "row ranges of a parameter are not "
                                                                            "supported"),
@@ -193,7 +197,7 @@ def test_alpaca_variants_read_alpaca_rows() -> None:
 
 def test_attention_names_choose_the_backend() -> None:
     from dolphin_train.config.machine import Machine
-    from dolphin_train.config.resolve import resolve_attention
+    from dolphin_train.config.resolve import XFORMERS_NOTE, resolve_attention
 
     def backend(**keys) -> tuple[str, str]:
         return resolve_attention(validate_mapping({**BASE, **keys}), Machine.planned("cpu", 1))
@@ -201,6 +205,8 @@ def test_attention_names_choose_the_backend() -> None:
     assert backend(attention="eager") == ("eager", "set by attention")
     assert backend(attention="flex") == ("flex_attention", "set by attention")
     assert backend(attn_implementation="sdp") == ("sdpa", "set by attn_implementation")
+    assert backend(attn_implementation="xformers") == backend(xformers_attention=True) == ("sdpa", XFORMERS_NOTE)
+    assert backend(attention="xformers")[0] == "sdpa"
     assert backend(attention="flash")[0] == "sdpa"  # the flash path, which falls back to SDPA without CUDA
     assert "flash_attention: true, but no CUDA device" in backend(attention="flash")[1]
 
@@ -317,6 +323,25 @@ def test_bfloat16_keeps_the_weights_in_bfloat16(tmp_path: Path) -> None:
 
     plan = make_plan(cfg, gpus=1, gpu_memory=2**34, device="cpu")
     assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
+
+
+def test_float16_keeps_weights_and_arithmetic_in_float16(tmp_path: Path) -> None:
+    import torch
+
+    from dolphin_train.config.machine import Machine
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.plan.report import make_plan
+
+    cfg, model = _tiny_model(tmp_path, float16=True, bf16="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    runtime = resolve_runtime(cfg, Machine.planned("cuda", 1))
+    assert (runtime.bf16, runtime.fp16) == (False, False)  # bf16: auto gives way; no autocast, no loss scaler
+    plan = make_plan(cfg, gpus=1, gpu_memory=2**34, device="cpu")
+    assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
+    assert plan.memory.precision == "fp16"
+    loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float16 and torch.isfinite(model.lm_head.weight.grad).all()
 
 
 @pytest.mark.parametrize(

@@ -279,6 +279,10 @@ def set_up_run(cfg: Config) -> Run:
     runtime = resolve_runtime(cfg)
     set_up_process_environment(cfg, runtime)
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
+    if cfg.float16:
+        log.warning("float16: weights and arithmetic in float16 without a loss scaler: gradients below ~6e-8 "
+                    "become zero and updates below a weight's float16 precision are lost; fp16: true scales "
+                    "the loss and keeps float32 master weights")  # fmt: skip
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
     rows = build_training_rows(cfg, prepared)

@@ -107,8 +107,9 @@ CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
 
 # `attention:` (axolotl's short names) and short forms of `attn_implementation` -> transformers' names.
+# xformers is read as SDPA: PyTorch's memory-efficient SDPA kernel is xformers' (same attention, same memory).
 ATTENTION_NAMES = {"flash": "flash_attention_2", "sdp": "sdpa", "sdpa": "sdpa", "eager": "eager",
-                   "flex": "flex_attention"}  # fmt: skip
+                   "flex": "flex_attention", "xformers": "sdpa"}  # fmt: skip
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "dolphin_varlen")
 
 # Parameter-name patterns of `unfrozen_parameters`, as axolotl reads them: a dot is a literal dot (unless
@@ -327,20 +328,27 @@ class Config(_Strict):
         "model",
     )
     sdp_attention: bool = key(False, "Use PyTorch scaled-dot-product attention (the default).", "model")
-    xformers_attention: bool = key(False, "xformers attention.", "model", unsupported=True)
+    xformers_attention: bool = key(
+        False,
+        "axolotl's xformers attention, read as PyTorch SDPA (`attn_implementation: sdpa`): PyTorch's "
+        "memory-efficient SDPA kernel is xformers' own, so the attention and its memory are the same; the "
+        "xformers package is not used, and the log says so.",
+        "model",
+    )
     attn_implementation: str | None = key(
         None,
         "Force a transformers attention implementation: "
         + ", ".join(f"`{a}`" for a in ATTN_IMPLEMENTATIONS)
-        + " (axolotl's short forms `flash`, `sdp`, `flex` are read as those), or a kernel from the hub "
+        + " (axolotl's short forms `flash`, `sdp`, `flex` are read as those, `xformers` as `sdpa`: see "
+        "`xformers_attention`), or a kernel from the hub "
         "(`org/name`).",
         "model",
     )
-    attention: Literal["flash", "sdpa", "sdp", "eager", "flex"] | None = key(
+    attention: Literal["flash", "sdpa", "sdp", "eager", "flex", "xformers"] | None = key(
         None,
         "axolotl's short name for the attention backend: `flash` is `flash_attention: true` (flash-attn, else "
         "PyTorch's varlen flash attention, on CUDA), the others set `attn_implementation` (`sdpa`, `eager`, "
-        "`flex_attention`).",
+        "`flex_attention`; `xformers`: `sdpa`).",
         "model",
     )
     liger_kernel: bool = key(
@@ -392,10 +400,11 @@ class Config(_Strict):
     )
     float16: bool = key(
         False,
-        "float16 weights without mixed precision.",
+        "Keep the weights in float16 and compute in float16, without mixed precision or a loss scaler "
+        "(axolotl's `float16`): half the weight memory, but updates smaller than a weight's float16 precision "
+        "are lost and small gradients can underflow to zero (the log warns). `fp16: true` (mixed precision with "
+        "a loss scaler) or `bfloat16: true` are the safer choices. `bf16: auto` resolves to off with it.",
         "model",
-        unsupported=True,
-        alternative="fp16: true (mixed precision with a loss scaler) or bfloat16: true",
     )
     is_llama_derived_model: bool | None = key(
         None,
@@ -760,7 +769,7 @@ class Config(_Strict):
     def _known_attention(cls, value: str | None) -> str | None:
         if value is None or value in ATTN_IMPLEMENTATIONS or value in ATTENTION_NAMES or "/" in value:
             return value
-        if value in ("xformers", "sage"):
+        if value == "sage":
             raise ValueError("not supported; instead: flash_attention: true (flash-attn or PyTorch's varlen kernel)")
         raise ValueError(f"unknown attention implementation; known: {', '.join(ATTN_IMPLEMENTATIONS)}")
 
@@ -840,9 +849,14 @@ class Config(_Strict):
             problems.append("bf16 and fp16: choose one precision")
         if self.bfloat16 and self.fp16:
             problems.append("bfloat16 weights with fp16 mixed precision: use bf16")
+        if self.float16 and (self.bfloat16 or self.bf16 is True or self.fp16):
+            problems.append("float16 weights compute in float16 without mixed precision: remove bfloat16, "
+                            "bf16: true and fp16: true, or float16")  # fmt: skip
         forced = ATTENTION_NAMES.get(self.attn_implementation or "", self.attn_implementation)
         if self.attention and self.attn_implementation and ATTENTION_NAMES[self.attention] != forced:
             problems.append("attention and attn_implementation disagree: set one")
+        if self.xformers_attention and (self.flash_attention or self.attention_backend not in (None, "sdpa")):
+            problems.append("xformers_attention with another attention backend: choose one")
         asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
         if self.liger_kernel is False and asks_liger:
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")

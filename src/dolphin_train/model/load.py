@@ -28,6 +28,8 @@ def load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
 
     if cfg.bfloat16:  # asked for: bfloat16 weights, no float32 master copy
         return torch.bfloat16
+    if cfg.float16:  # asked for: float16 weights and arithmetic, no mixed precision
+        return torch.float16
     if cfg.adapter or cfg.deepspeed:
         return compute_dtype(runtime)
     return torch.float32
