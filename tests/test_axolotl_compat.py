@@ -90,6 +90,7 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                                              "datasets": [{"type": "alpaca:chat"}]}),
     ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
                                                    "datasets": [{"type": "alpaca"}]}),
+    ("llama-3 deduplicated", MESSAGES, {"chat_template": "llama3", "dataset_exact_deduplication": True}),
     ("tokenizer default, fallback", MESSAGES, {"chat_template": "tokenizer_default_fallback_chatml"}),
     ("dolphin sharegpt chatml", SHAREGPT, {"datasets": [{"type": "sharegpt", "conversation": "chatml"}],
                                            "chat_template": "chatml"}),
@@ -177,6 +178,23 @@ def test_eot_tokens_with_chatml_must_be_its_own() -> None:
 
 
 # ---- what accepted keys do ----------------------------------------------------------------------------------
+
+
+def test_exact_duplicates_are_dropped_before_the_split_and_counted(tmp_path: Path) -> None:
+    """Rows that tokenize the same (here: the same conversation from two files) are kept once; a row that
+    differs in one token is kept."""
+    changed = {"messages": [*MESSAGES[0]["messages"][:2], {"role": "assistant", "content": "2!"}]}
+    rows = [*MESSAGES, *MESSAGES[:4], changed]
+    raw = _raw(tmp_path, rows, {"chat_template": "chatml", "dataset_exact_deduplication": True, "val_set_size": 2})
+    cfg = load_config(write_config(tmp_path / "config.yml", raw))
+    tokenizer = load_tokenizer(cfg).tokenizer
+    prepared = prepare_data(cfg, tokenizer)
+    assert prepared.report.dropped_duplicates == 4 and prepared.report.kept == len(MESSAGES) + 1
+    rows_seen = [tuple(r) for r in prepared.train["input_ids"]] + [tuple(r) for r in prepared.eval["input_ids"]]
+    assert len(rows_seen) == len(set(rows_seen)) == len(MESSAGES) + 1  # no evaluation row repeats a training row
+    plain = prepare_data(load_config(write_config(tmp_path / "plain.yml", {**raw, "dataset_exact_deduplication":
+                                                                           False})), tokenizer)  # fmt: skip
+    assert plain.report.dropped_duplicates == 0 and plain.report.kept == len(rows)
 
 
 def test_message_field_aliases_read_the_turns() -> None:

@@ -40,8 +40,9 @@ class RuntimeSettings:
         return asdict(self)
 
 
-XFORMERS_NOTE = ("xformers asked for: PyTorch SDPA, whose memory-efficient kernel is xformers' (the xformers "
-                 "package is not used)")
+XFORMERS_NOTE = (
+    "xformers asked for: PyTorch SDPA, whose memory-efficient kernel is xformers' (the xformers package is not used)"
+)
 
 
 def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:

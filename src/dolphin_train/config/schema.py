@@ -494,6 +494,12 @@ class Config(_Strict):
         "Drop malformed rows (counted per reason) instead of failing before tokenization.",
         "data",
     )
+    dataset_exact_deduplication: bool = key(
+        False,
+        "Drop every row whose tokens and labels repeat an earlier row's exactly (as axolotl: after tokenization, "
+        "before the evaluation split, so no evaluation row repeats a training row); counted in the report.",
+        "data",
+    )
     shuffle_merged_datasets: bool = key(True, "Shuffle the mixed datasets with `seed`.", "data")
     dataset_prepared_path: str = key(
         "last_run_prepared",
