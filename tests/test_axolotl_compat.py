@@ -91,6 +91,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
     ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
                                                    "datasets": [{"type": "alpaca"}]}),
     ("llama-3 deduplicated", MESSAGES, {"chat_template": "llama3", "dataset_exact_deduplication": True}),
+    ("falcon qlora, early stopping", ALPACA, {"early_stopping_patience": 3, "val_set_size": 0.2, "batch_size": 2,
+                                              "micro_batch_size": 1, "datasets": [{"type": "alpaca"}]}),
     ("tokenizer default, fallback", MESSAGES, {"chat_template": "tokenizer_default_fallback_chatml"}),
     ("dolphin sharegpt chatml", SHAREGPT, {"datasets": [{"type": "sharegpt", "conversation": "chatml"}],
                                            "chat_template": "chatml"}),
@@ -165,6 +167,9 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
                                                                            "supported"),
         ({"liger_kernel": False, "liger_rope": True}, "liger_kernel: false, but the LigerPlugin or liger_* keys"),
         ({"attention": "flash", "attn_implementation": "eager"}, "attention and attn_implementation disagree"),
+        ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
+        ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),
+        ({"batch_size": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2}, "batch_size: 4 is not"),
     ],
 )  # fmt: skip
 def test_refused_keys_say_so_and_name_the_alternative(keys: dict, says: str) -> None:
@@ -378,6 +383,26 @@ def test_torchao_low_bit_adamw_steps_on_the_cpu(name: str, torchao_class: str, t
     model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
     optimizer.step()
     assert not torch.equal(before, model.lm_head.weight)
+
+
+def test_batch_size_without_accumulation_steps_sets_them_as_axolotl_does() -> None:
+    assert validate_mapping({**BASE, "batch_size": 8, "micro_batch_size": 2}).gradient_accumulation_steps == 4
+    assert validate_mapping({**BASE, "batch_size": 2}).gradient_accumulation_steps == 2  # micro_batch_size 1
+    auto = validate_mapping({**BASE, "batch_size": 8, "micro_batch_size": "auto"})
+    assert auto.gradient_accumulation_steps == 1  # decided with the micro-batch, by the plan
+
+
+def test_early_stopping_counts_evaluations_without_a_new_best() -> None:
+    from types import SimpleNamespace
+
+    from dolphin_train.train.control import EarlyStopping
+
+    early, control = EarlyStopping(patience=2), SimpleNamespace(should_training_stop=False)
+    for step, loss in enumerate([3.0, 2.0, 2.5, 1.5, 1.6], start=1):
+        early.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_loss": loss})
+        assert not control.should_training_stop, step  # the new best at step 4 reset the count
+    early.on_evaluate(None, SimpleNamespace(global_step=6), control, metrics={"eval_loss": 1.5})  # equal: no better
+    assert control.should_training_stop and (early.stopped_step, early.best_step, early.best) == (6, 4, 1.5)
 
 
 def test_loss_watchdog_stops_after_patience_high_losses_in_a_row() -> None:

@@ -25,6 +25,7 @@ from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.control import (
+    EarlyStopping,
     LossWatchdog,
     StopOnNonFiniteLoss,
     StopOnSignal,
@@ -328,6 +329,9 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     watchdog = LossWatchdog(*cfg.loss_watchdog) if cfg.loss_watchdog else None
     if watchdog:
         trainer.add_callback(watchdog)
+    early = EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
+    if early:
+        trainer.add_callback(early)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=run.resume_from)
     elapsed = time.monotonic() - started
@@ -342,6 +346,9 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
             f"logged steps, up to step {watchdog.bad_step} (loss {watchdog.last_loss:.4g}); stopped. Lower the "
             "learning rate, or resume from an earlier checkpoint"
         )
+    if early and early.stopped_step is not None and is_main:
+        log.info("Stopped early at step %d: the evaluation loss has not improved for %d evaluations; its best, "
+                 "%.4g, was at step %d", early.stopped_step, early.patience, early.best, early.best_step)  # fmt: skip
     if stop_signal.received is not None:
         step = trainer.state.global_step
         summary = {"interrupted": True, "steps": step, "checkpoint": str(Path(cfg.output_dir, f"checkpoint-{step}"))}

@@ -550,7 +550,8 @@ class Config(_Strict):
     batch_size: int | None = key(
         None,
         "Rows per optimizer step per device (axolotl's key): with `micro_batch_size: auto`, accumulation makes "
-        "up the rest, so the effective batch stays as set; otherwise it must equal micro_batch_size x "
+        "up the rest, so the effective batch stays as set; without `gradient_accumulation_steps`, as in axolotl, "
+        "accumulation is batch_size / micro_batch_size; otherwise it must equal micro_batch_size x "
         "gradient_accumulation_steps.",
         ge=1,
     )
@@ -637,7 +638,13 @@ class Config(_Strict):
     stop_on_nan_loss: bool = key(
         True, "Stop, naming the step, when the training loss or gradient norm becomes NaN or infinite."
     )
-    early_stopping_patience: int | None = key(None, "Stop when eval loss stops improving.", unsupported=True)
+    early_stopping_patience: int | None = key(
+        None,
+        "Stop when the evaluation loss has not improved on its best for this many evaluations in a row (needs "
+        "`val_set_size`); the log names the step of the best loss. The final model is the last weights: keep "
+        "checkpoints (`save_steps`) to go back to the best one.",
+        ge=1,
+    )
     loss_watchdog_threshold: float | None = key(
         None,
         "Stop, naming the step, when the logged training loss stays above this value for "
@@ -819,6 +826,18 @@ class Config(_Strict):
             return None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation_from_batch_size(cls, data: Any) -> Any:
+        """axolotl's reading of `batch_size` with a fixed micro-batch and no `gradient_accumulation_steps`."""
+        if not isinstance(data, dict) or data.get("gradient_accumulation_steps") is not None:
+            return data
+        batch, micro = data.get("batch_size"), data.get("micro_batch_size", 1)
+        whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, micro))
+        if whole and batch % micro == 0:
+            return {**data, "gradient_accumulation_steps": batch // micro}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         problems = self._memory_mode_problems()
@@ -868,6 +887,8 @@ class Config(_Strict):
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        if self.early_stopping_patience and not self.val_set_size:
+            problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         if self.eval_table_size:
             tokens = self.eval_max_new_tokens or self.eval_table_max_new_tokens
             problems.append(
