@@ -90,6 +90,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                                              "datasets": [{"type": "alpaca:chat"}]}),
     ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
                                                    "datasets": [{"type": "alpaca"}]}),
+    ("llama-2 LISA", ALPACA, {"lisa_n_layers": 2, "lisa_step_interval": 20, "lisa_layers_attribute": "model.layers",
+                              "datasets": [{"type": "alpaca"}]}),
     ("llama-3 deduplicated", MESSAGES, {"chat_template": "llama3", "dataset_exact_deduplication": True}),
     ("falcon qlora, early stopping", ALPACA, {"early_stopping_patience": 3, "val_set_size": 0.2, "batch_size": 2,
                                               "micro_batch_size": 1, "datasets": [{"type": "alpaca"}]}),
@@ -167,6 +169,9 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
                                                                            "supported"),
         ({"liger_kernel": False, "liger_rope": True}, "liger_kernel: false, but the LigerPlugin or liger_* keys"),
         ({"attention": "flash", "attn_implementation": "eager"}, "attention and attn_implementation disagree"),
+        ({"lisa_step_interval": 5}, "lisa_step_interval: no effect without lisa_n_layers"),
+        ({"lisa_n_layers": 2, "adapter": "lora"}, "lisa_n_layers trains a changing set of whole layers: it cannot be "
+                                                  "combined with adapter"),
         ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
         ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),
         ({"batch_size": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2}, "batch_size: 4 is not"),
@@ -403,6 +408,54 @@ def test_early_stopping_counts_evaluations_without_a_new_best() -> None:
         assert not control.should_training_stop, step  # the new best at step 4 reset the count
     early.on_evaluate(None, SimpleNamespace(global_step=6), control, metrics={"eval_loss": 1.5})  # equal: no better
     assert control.should_training_stop and (early.stopped_step, early.best_step, early.best) == (6, 4, 1.5)
+
+
+def test_lisa_trains_the_drawn_layers_and_always_the_rest(tmp_path: Path) -> None:
+    """Each step changes exactly the drawn decoder layers plus the embeddings, norm and head; the draw changes
+    every `lisa_step_interval` steps and depends only on the seed and the step (a resumed run draws the same)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dolphin_train.train.lisa import LayerwiseSampling
+
+    cfg, model = _tiny_model(tmp_path, lisa_n_layers=1, lisa_step_interval=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # made first, as the Trainer does
+    lisa, control = LayerwiseSampling.from_config(cfg, model), SimpleNamespace()
+    layers = model.model.layers
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    lisa.on_train_begin(None, SimpleNamespace(global_step=0), control)
+    drawn = []
+    for step in range(6):
+        lisa.on_step_begin(None, SimpleNamespace(global_step=step), control)
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        head = model.lm_head.weight.detach().clone()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = [list(layer.parameters()) for layer in layers]
+        changed = [i for i in range(len(layers)) if not all(map(torch.equal, before[i], after[i]))]
+        assert changed == lisa.active and len(changed) == 1, (step, changed)
+        assert not torch.equal(head, model.lm_head.weight)
+        drawn.append(changed[0])
+    assert drawn[0::2] == drawn[1::2]  # the same layer for both steps of an interval
+    assert len(set(drawn)) > 1  # and new draws
+    assert LayerwiseSampling(layers, 1, 2, cfg.seed).draw(5) == [drawn[5]]  # a resumed run draws the same
+    with pytest.raises(ConfigError, match="lisa_n_layers: 5 is more than the model's 4 layers"):
+        LayerwiseSampling(layers, 5, 2, 0)
+
+
+@pytest.mark.slow
+def test_a_lisa_run_trains_the_drawn_layers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(8)]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=2, save_steps=1000,
+                      lisa_n_layers=1, lisa_step_interval=5)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    assert "LISA: 1 of 4 layers trained at a time, drawn every 5 steps" in " ".join(capsys.readouterr().out.split())
+    assert (tmp_path / "out/model.safetensors").exists()
 
 
 def test_loss_watchdog_stops_after_patience_high_losses_in_a_row() -> None:

@@ -20,7 +20,7 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
 from dolphin_train.data.prepare import PreparedData, prepare_on_main_process_first
 from dolphin_train.data.sources import resolve_source
-from dolphin_train.errors import DataError, DolphinError
+from dolphin_train.errors import DataError, DolphinError, EnvironmentProblem
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
@@ -33,6 +33,7 @@ from dolphin_train.train.control import (
     resolve_resume,
 )
 from dolphin_train.train.environment import set_up_process_environment
+from dolphin_train.train.lisa import LayerwiseSampling
 from dolphin_train.train.outputs import (
     RecordConfigInTrackers,
     memory_before_model_mb,
@@ -132,6 +133,10 @@ def make_trainer(
         optimizer_in_backward=_parameter_optimizer(cfg),
     )
     _use_our_console(trainer)
+    if cfg.lisa_n_layers:
+        if runtime.world_size > 1:  # DDP reduces the gradients of the parameters it started with, every step
+            raise EnvironmentProblem(f"lisa_n_layers runs in one process; this launch has {runtime.world_size}")
+        trainer.add_callback(LayerwiseSampling.from_config(cfg, model))
     return trainer
 
 

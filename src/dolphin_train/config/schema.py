@@ -616,6 +616,23 @@ class Config(_Strict):
         "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
         f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
     )
+    lisa_n_layers: int | None = key(
+        None,
+        "LISA (layerwise importance sampling): full fine-tuning in which only this many decoder layers, drawn "
+        "at random, are trained at a time (the embeddings, final norm and output head always are), drawn anew "
+        "every `lisa_step_interval` steps; the draw depends only on `seed` and the step, so a resumed run draws "
+        "the same layers. One process, no adapter, DeepSpeed or FSDP. The plan counts every layer as trained "
+        "(the optimizer keeps states for each layer once drawn).",
+        ge=1,
+    )
+    lisa_step_interval: int | None = key(
+        None, "Optimizer steps between two draws of LISA's layers (default 20).", ge=1
+    )
+    lisa_layers_attribute: str | None = key(
+        None,
+        "Where LISA finds the decoder layers: a dotted path from the model, e.g. `model.layers` (default: the "
+        "model's longest list of modules, its decoder layers).",
+    )
     chunked_cross_entropy: bool | None = key(
         None,
         "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
@@ -887,6 +904,7 @@ class Config(_Strict):
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        problems += self._lisa_problems()
         if self.early_stopping_patience and not self.val_set_size:
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         if self.eval_table_size:
@@ -949,6 +967,18 @@ class Config(_Strict):
     @property
     def micro_batch_size_for_eval(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    def _lisa_problems(self) -> list[str]:
+        if not self.lisa_n_layers:
+            stray = [k for k in ("lisa_step_interval", "lisa_layers_attribute") if getattr(self, k) is not None]
+            return [f"{', '.join(stray)}: no effect without lisa_n_layers"] if stray else []
+        clashes = {"adapter": self.adapter, "deepspeed": self.deepspeed, "fsdp": self.fsdp,
+                   "unfrozen_parameters": self.unfrozen_parameters, "optimizer_in_backward": self.optimizer_in_backward}
+        named = [k for k, v in clashes.items() if v]  # fmt: skip
+        if named:
+            why = "lisa_n_layers trains a changing set of whole layers"
+            return [f"{why}: it cannot be combined with {', '.join(named)}"]
+        return []
 
     def _memory_mode_problems(self) -> list[str]:
         problems = []
