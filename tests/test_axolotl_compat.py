@@ -90,8 +90,9 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                                              "datasets": [{"type": "alpaca:chat"}]}),
     ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
                                                    "datasets": [{"type": "alpaca"}]}),
-    ("llama-2 LISA", ALPACA, {"lisa_n_layers": 2, "lisa_step_interval": 20, "lisa_layers_attribute": "model.layers",
-                              "datasets": [{"type": "alpaca"}]}),
+    ("llama-2 LISA, old fusions", ALPACA, {"lisa_n_layers": 2, "lisa_step_interval": 20, "flash_attn_fuse_mlp": True,
+                                           "lisa_layers_attribute": "model.layers", "flash_attn_rms_norm": True,
+                                           "datasets": [{"type": "alpaca"}]}),
     ("llama-3 deduplicated", MESSAGES, {"chat_template": "llama3", "dataset_exact_deduplication": True}),
     ("falcon qlora, early stopping", ALPACA, {"early_stopping_patience": 3, "val_set_size": 0.2, "batch_size": 2,
                                               "micro_batch_size": 1, "datasets": [{"type": "alpaca"}]}),
@@ -152,7 +153,10 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
     ("keys", "says"),
     [
         ({"gptq": True}, "gptq: True is not supported; instead: load_in_4bit: true with adapter: qlora"),
-        ({"flash_attn_fuse_mlp": True}, "flash_attn_fuse_mlp: True is not supported; instead: liger_glu_activation"),
+        ({"flash_attn_fuse_mlp": True, "liger_glu_activation": False}, "flash_attn_fuse_mlp: true asks for Liger's "
+                                                                        "fused kernel, but liger_glu_activation is"),
+        ({"flash_attn_rms_norm": True, "liger_kernel": False}, "liger_kernel: false, but the LigerPlugin or liger_*"),
+        ({"flash_attn_fuse_qkv": True}, "flash_attn_fuse_qkv: True is not supported; instead: flash_attention"),
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel: True is not supported; instead: plain peft LoRA"),
         ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
@@ -247,6 +251,8 @@ def test_liger_keys_become_transformers_kernel_choice_and_cce_the_chunked_loss()
     cfg = validate_mapping({**BASE, "plugins": [LIGER_PLUGIN, CCE_PLUGIN], "liger_rope": True,
                             "liger_glu_activation": True, "liger_fused_linear_cross_entropy": False})  # fmt: skip
     assert cfg.liger_kernel_config == {"rope": True, "swiglu": True, "geglu": True, "fused_linear_cross_entropy": False}
+    old = validate_mapping({**BASE, "flash_attn_fuse_mlp": True, "flash_attn_rms_norm": True})  # axolotl's old path
+    assert old.liger_kernel_config == {"rms_norm": True, "swiglu": True, "geglu": True}
     cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process", liger=False)
     gpu = RuntimeSettings("cuda", True, False, True, "sdpa", "", 1, "single process", liger=True)
     assert not use_liger(cfg, cpu) and use_liger(cfg, gpu)  # on CUDA, with liger-kernel installed

@@ -430,17 +430,21 @@ class Config(_Strict):
         alternative="chunked_cross_entropy: true, or liger_kernel on CUDA",
     )  # fmt: skip
     flash_attn_rms_norm: bool = key(
-        False, "flash-attn's fused RMSNorm (axolotl's old path).", "model", unsupported=True,
-        alternative="liger_rms_norm: true (Liger on CUDA)",
-    )  # fmt: skip
+        False,
+        "axolotl's fused RMSNorm of its old flash-attn path, read as `liger_rms_norm: true`: Liger's fused "
+        "RMSNorm kernel (with `liger_kernel`, on CUDA), the same normalisation.",
+        "model",
+    )
     flash_attn_fuse_qkv: bool = key(
         False, "Fused QKV projection (axolotl's old flash-attn path).", "model", unsupported=True,
         alternative="flash_attention: true (the fusion is not carried)",
     )  # fmt: skip
     flash_attn_fuse_mlp: bool = key(
-        False, "Fused MLP (axolotl's old flash-attn path).", "model", unsupported=True,
-        alternative="liger_glu_activation: true (Liger on CUDA)",
-    )  # fmt: skip
+        False,
+        "axolotl's fused SwiGLU MLP of its old flash-attn path (xformers' SwiGLU), read as "
+        "`liger_glu_activation: true`: Liger's fused SwiGLU kernel (with `liger_kernel`, on CUDA), the same MLP.",
+        "model",
+    )
     flash_optimum: bool = key(
         False, "BetterTransformer attention through optimum.", "model", unsupported=True,
         alternative="flash_attention: true or attn_implementation: sdpa",
@@ -902,6 +906,9 @@ class Config(_Strict):
         asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
         if self.liger_kernel is False and asks_liger:
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
+        for old, liger in (("flash_attn_fuse_mlp", "liger_glu_activation"), ("flash_attn_rms_norm", "liger_rms_norm")):
+            if getattr(self, old) and getattr(self, liger) is False:
+                problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
         problems += self._lisa_problems()
@@ -946,12 +953,13 @@ class Config(_Strict):
     @property
     def liger_kernel_config(self) -> dict[str, bool]:
         """The Liger kernels the `liger_*` keys pick, named as transformers' `liger_kernel_config` takes them."""
+        glu = self.liger_glu_activation if self.liger_glu_activation is not None else self.flash_attn_fuse_mlp or None
         chosen = {
             "rope": self.liger_rope,
-            "rms_norm": self.liger_rms_norm,
+            "rms_norm": self.liger_rms_norm if self.liger_rms_norm is not None else self.flash_attn_rms_norm or None,
             "layer_norm": self.liger_layer_norm,
-            "swiglu": self.liger_glu_activation,
-            "geglu": self.liger_glu_activation,
+            "swiglu": glu,
+            "geglu": glu,
             "cross_entropy": self.liger_cross_entropy,
             "fused_linear_cross_entropy": self.liger_fused_linear_cross_entropy,
         }
