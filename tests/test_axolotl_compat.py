@@ -68,8 +68,9 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
         "chat_template": "qwen_25", "plugins": [LIGER_PLUGIN], "liger_rope": True, "liger_rms_norm": True,
         "liger_glu_activation": True, "liger_layer_norm": True, "liger_fused_linear_cross_entropy": True,
         "liger_cross_entropy": False, "liger_kernel": True, "is_qwen_derived_model": True}),
-    ("qwen3, CutCrossEntropy, 4-bit AdamW", MESSAGES + TOOLS, {
-        "chat_template": "qwen3", "plugins": [CCE_PLUGIN], "cut_cross_entropy": True,
+    ("qwen3, CutCrossEntropy, 4-bit AdamW, fused attention", MESSAGES + TOOLS, {
+        "chat_template": "qwen3", "plugins": [CCE_PLUGIN], "cut_cross_entropy": True, "fused_attn_kernel": True,
+        "torch_compile": True, "torch_compile_mode": "max-autotune",
         "optimizer": "adamw_torch_4bit", "ddp_find_unused_parameters": True}),
     ("deepseek-v2, old field names", SHAREGPT, {
         "chat_template": "deepseek_v2", "datasets": [{
@@ -176,6 +177,11 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"lisa_step_interval": 5}, "lisa_step_interval: no effect without lisa_n_layers"),
         ({"lisa_n_layers": 2, "adapter": "lora"}, "lisa_n_layers trains a changing set of whole layers: it cannot be "
                                                   "combined with adapter"),
+        ({"fused_attn_kernel": True, "liger_rope": False}, "fused_attn_kernel: true asks for Liger's fused kernel, "
+                                                           "but liger_rope is false"),
+        ({"torch_compile_mode": "max-autotune"}, "torch_compile_mode applies to layers compiled with the inductor"),
+        ({"torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "max-autotune"},
+         "torch_compile_mode applies to layers compiled with the inductor"),
         ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
         ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),
         ({"batch_size": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2}, "batch_size: 4 is not"),
@@ -253,6 +259,8 @@ def test_liger_keys_become_transformers_kernel_choice_and_cce_the_chunked_loss()
     assert cfg.liger_kernel_config == {"rope": True, "swiglu": True, "geglu": True, "fused_linear_cross_entropy": False}
     old = validate_mapping({**BASE, "flash_attn_fuse_mlp": True, "flash_attn_rms_norm": True})  # axolotl's old path
     assert old.liger_kernel_config == {"rms_norm": True, "swiglu": True, "geglu": True}
+    fused = validate_mapping({**BASE, "fused_attn_kernel": True})
+    assert fused.liger_kernel_config == {"rope": True, "rms_norm": True}
     cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process", liger=False)
     gpu = RuntimeSettings("cuda", True, False, True, "sdpa", "", 1, "single process", liger=True)
     assert not use_liger(cfg, cpu) and use_liger(cfg, gpu)  # on CUDA, with liger-kernel installed
@@ -357,6 +365,19 @@ def test_bfloat16_keeps_the_weights_in_bfloat16(tmp_path: Path) -> None:
 
     plan = make_plan(cfg, gpus=1, gpu_memory=2**34, device="cpu")
     assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
+
+
+def test_torch_compile_mode_reaches_the_compiled_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.load import compile_layers
+
+    cfg, model = _tiny_model(tmp_path, torch_compile=True, torch_compile_mode="max-autotune")
+    seen: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))  # a spy, not a compile
+    assert compile_layers(model, cfg, resolve_runtime(cfg)) == 4
+    assert seen and all(kw["mode"] == "max-autotune" and kw["backend"] == "inductor" for kw in seen)
 
 
 def test_float16_keeps_weights_and_arithmetic_in_float16(tmp_path: Path) -> None:

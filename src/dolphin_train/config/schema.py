@@ -373,6 +373,12 @@ class Config(_Strict):
     liger_cross_entropy: bool | None = key(
         None, "Liger's cross-entropy kernel (with `liger_kernel`, on CUDA).", "model"
     )
+    fused_attn_kernel: bool = key(
+        False,
+        "axolotl's fused q/k RMSNorm + rotary-embedding kernel for attention, read as `liger_rms_norm` and "
+        "`liger_rope`: Liger's kernels for the same operations (with `liger_kernel`, on CUDA).",
+        "model",
+    )
     liger_fused_linear_cross_entropy: bool | None = key(
         None,
         "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there).",
@@ -612,6 +618,11 @@ class Config(_Strict):
     )
     torch_compile_backend: str | None = key(
         None, "torch.compile backend (default `inductor`; `aot_eager` checks the compiled graph without codegen)."
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = key(
+        None,
+        "torch.compile's mode for the compiled layers (inductor only): `max-autotune` searches the fastest "
+        "kernels (a longer first step), `reduce-overhead` adds CUDA graphs.",
     )
     optimizer_in_backward: bool = key(
         False,
@@ -906,12 +917,17 @@ class Config(_Strict):
         asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
         if self.liger_kernel is False and asks_liger:
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
-        for old, liger in (("flash_attn_fuse_mlp", "liger_glu_activation"), ("flash_attn_rms_norm", "liger_rms_norm")):
+        for old, liger in (("flash_attn_fuse_mlp", "liger_glu_activation"), ("flash_attn_rms_norm", "liger_rms_norm"),
+                           ("fused_attn_kernel", "liger_rms_norm"), ("fused_attn_kernel", "liger_rope")):
             if getattr(self, old) and getattr(self, liger) is False:
                 problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
         problems += self._lisa_problems()
+        inductor = self.torch_compile is not False and self.torch_compile_backend in (None, "inductor")
+        if self.torch_compile_mode and not inductor:
+            problems.append("torch_compile_mode applies to layers compiled with the inductor backend: set "
+                            "torch_compile: true (or auto) and no other torch_compile_backend")  # fmt: skip
         if self.early_stopping_patience and not self.val_set_size:
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         if self.eval_table_size:
@@ -954,9 +970,10 @@ class Config(_Strict):
     def liger_kernel_config(self) -> dict[str, bool]:
         """The Liger kernels the `liger_*` keys pick, named as transformers' `liger_kernel_config` takes them."""
         glu = self.liger_glu_activation if self.liger_glu_activation is not None else self.flash_attn_fuse_mlp or None
+        norm = self.flash_attn_rms_norm or self.fused_attn_kernel
         chosen = {
-            "rope": self.liger_rope,
-            "rms_norm": self.liger_rms_norm if self.liger_rms_norm is not None else self.flash_attn_rms_norm or None,
+            "rope": self.liger_rope if self.liger_rope is not None else self.fused_attn_kernel or None,
+            "rms_norm": self.liger_rms_norm if self.liger_rms_norm is not None else norm or None,
             "layer_norm": self.liger_layer_norm,
             "swiglu": glu,
             "geglu": glu,
