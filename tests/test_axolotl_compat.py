@@ -78,7 +78,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
             "message_field_content": "value"}]}),
     ("mistral v1", MESSAGES, {"chat_template": "mistral_v1", "is_mistral_derived_model": True,
                               "auto_resume_from_checkpoints": True, "attention": "eager"}),
-    ("mistral v3 tekken", MESSAGES, {"chat_template": "mistral_v3_tekken", "attn_implementation": "sdp"}),
+    ("mistral v3 tekken", MESSAGES, {"chat_template": "mistral_v3_tekken", "attn_implementation": "sdp",
+                                     "adapter": "lora", "lora_fan_in_fan_out": False, "low_cpu_mem_usage": True}),
     ("mistral v7 tekken", MESSAGES, {"chat_template": "mistral_v7_tekken", "attention": "flash"}),
     ("command-r", MESSAGES, {"chat_template": "cohere", "gptq": False, "flash_attn_fuse_mlp": False,
                              "flash_attn_cross_entropy": False, "flash_attn_rms_norm": False,
@@ -182,6 +183,9 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"torch_compile_mode": "max-autotune"}, "torch_compile_mode applies to layers compiled with the inductor"),
         ({"torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "max-autotune"},
          "torch_compile_mode applies to layers compiled with the inductor"),
+        ({"peft": {"loftq_config": {"loftq_bits": 4}}}, "peft: {'loftq_config': {'loftq_bits': 4}} is not supported; "
+                                                        "instead: adapter: qlora"),
+        ({"low_cpu_mem_usage": False}, "low_cpu_mem_usage"),
         ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
         ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),
         ({"batch_size": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2}, "batch_size: 4 is not"),
@@ -342,6 +346,13 @@ def test_a_regular_expression_picks_the_lora_modules(tmp_path: Path) -> None:
     adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == {f"base_model.model.model.layers.0.self_attn.{m}_proj" for m in ("q", "v")}
     assert validate_mapping({**BASE, "adapter": "lora", "lora_target_modules": "(lm_head|.*q_proj)"}).adapts_output_head
+
+
+def test_lora_fan_in_fan_out_reaches_peft(tmp_path: Path) -> None:
+    """peft sets it from each layer's type: true on Llama's Linear layers is corrected, with peft's warning."""
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        _, model = _tiny_model(tmp_path, adapter="lora", lora_fan_in_fan_out=True)
+    assert model.peft_config["default"].fan_in_fan_out is False
 
 
 def test_embeddings_grow_to_a_multiple_of_32_when_asked(tmp_path: Path) -> None:

@@ -315,6 +315,26 @@ class Config(_Strict):
     lora_model_dir: str | None = key(None, "Continue training from this saved adapter.", "model")
     peft_use_dora: bool = key(False, "DoRA: weight-decomposed LoRA.", "model")
     peft_use_rslora: bool = key(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.", "model")
+    lora_fan_in_fan_out: bool | None = key(
+        None,
+        "peft's `fan_in_fan_out`: the adapted layers store their weight as (in, out), as GPT-2's Conv1D layers "
+        "do. Passed to peft, which sets it from each layer's type anyway (and warns when the value disagrees).",
+        "model",
+    )
+    peft: dict[str, Any] | None = key(
+        None,
+        "axolotl's extra peft settings (`loftq_config`: LoftQ initialisation).",
+        "model",
+        unsupported=True,
+        alternative="adapter: qlora (LoftQ rewrites the base weights in memory, which the saved adapter would "
+        "then need but the original base model lacks)",
+    )
+    low_cpu_mem_usage: Literal[True] = key(
+        True,
+        "axolotl's switch for loading weights without a first random initialisation: transformers always "
+        "loads so now, so only `true` is accepted.",
+        "model",
+    )
     strict: bool = key(
         False,
         "axolotl's `strict`; only `false` (dolphin-train always rejects unknown keys).",
