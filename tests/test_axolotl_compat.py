@@ -496,6 +496,25 @@ def test_a_lisa_run_trains_the_drawn_layers(tmp_path: Path, capsys: pytest.Captu
     assert (tmp_path / "out/model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_early_stopping_stops_a_run_whose_evaluation_loss_stays_put(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A learning rate of 1e-12 leaves every float32 weight as it is, so the evaluation loss repeats exactly:
+    with patience 1 the evaluation after the first step repeats the one before training and stops the run."""
+    import json
+
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(16)]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=20, save_steps=1000,
+                      learning_rate=1e-12, val_set_size=4, eval_steps=1, early_stopping_patience=1)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    said = "Stopped early at step 1: the evaluation loss has not improved in 1 evaluation(s); its best, 7.739, was at"
+    assert f"{said} step 0" in out, out[-600:]
+    assert json.loads((tmp_path / "out/run_summary.json").read_text())["steps"] == 1
+
+
 def test_loss_watchdog_stops_after_patience_high_losses_in_a_row() -> None:
     from types import SimpleNamespace
 

@@ -352,7 +352,7 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
             "learning rate, or resume from an earlier checkpoint"
         )
     if early and early.stopped_step is not None and is_main:
-        log.info("Stopped early at step %d: the evaluation loss has not improved for %d evaluations; its best, "
+        log.info("Stopped early at step %d: the evaluation loss has not improved in %d evaluation(s); its best, "
                  "%.4g, was at step %d", early.stopped_step, early.patience, early.best, early.best_step)  # fmt: skip
     if stop_signal.received is not None:
         step = trainer.state.global_step
