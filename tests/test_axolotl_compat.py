@@ -428,6 +428,41 @@ def test_torchao_low_bit_adamw_steps_on_the_cpu(name: str, torchao_class: str, t
     assert not torch.equal(before, model.lm_head.weight)
 
 
+def _training_arguments(cfg):
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.train.arguments import build_training_arguments
+    from dolphin_train.train.schedule import compute_schedule
+
+    cfg = cfg.model_copy(update={"bf16": False, "output_dir": "unused"})
+    return build_training_arguments(cfg, resolve_runtime(cfg), compute_schedule(cfg, 10, 1, has_eval=False))
+
+
+def test_fsdp_version_with_fsdp_config_turns_fsdp_on_as_axolotl_reads_it() -> None:
+    from dolphin_train.train.arguments import fsdp_options, fsdp_settings
+
+    config = {"offload_params": True, "cpu_ram_efficient_loading": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "state_dict_type": "FULL_STATE_DICT",
+              "sharding_strategy": "FULL_SHARD", "reshard_after_forward": True, "activation_checkpointing": True}
+    cfg = validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": config})
+    assert fsdp_options(cfg) == ["full_shard", "auto_wrap", "offload"]
+    settings = fsdp_settings(cfg)
+    assert settings is not None and settings["version"] == 2
+    assert "offload_params" not in settings and "sharding_strategy" not in settings  # now options transformers reads
+    assert settings["transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer" and settings["activation_checkpointing"]
+    grads_only = validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": False}})
+    assert fsdp_options(grads_only) == ["shard_grad_op", "auto_wrap"]
+    plugin = [_training_arguments(c).fsdp_plugin_args for c in (cfg, grads_only)]  # what accelerate gets
+    assert plugin[0]["cpu_offload"] is True and plugin[0]["reshard_after_forward"] is True
+    assert "cpu_offload" not in plugin[1] and plugin[1]["reshard_after_forward"] is False
+    old = validate_mapping({**BASE, "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"fsdp_offload_params": True}})
+    assert fsdp_options(old) == ["full_shard", "auto_wrap", "offload"]  # the older spelling's key, no longer unread
+    same = validate_mapping({**BASE, "fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_state_dict_type": "X"}})
+    assert same.fsdp == "full_shard auto_wrap" and same.fsdp_config == {"fsdp_state_dict_type": "X"}  # untouched
+    assert "fsdp_version: no effect without fsdp_config" in _problems({**BASE, "fsdp_version": 2})[0]
+    clash = {**BASE, "fsdp": ["shard_grad_op"], "fsdp_config": {"sharding_strategy": "FULL_SHARD"}}
+    assert "sharding_strategy (full_shard) and fsdp (shard_grad_op) disagree" in _problems(clash)[0]
+
+
 def test_batch_size_without_accumulation_steps_sets_them_as_axolotl_does() -> None:
     assert validate_mapping({**BASE, "batch_size": 8, "micro_batch_size": 2}).gradient_accumulation_steps == 4
     assert validate_mapping({**BASE, "batch_size": 2}).gradient_accumulation_steps == 2  # micro_batch_size 1

@@ -106,6 +106,9 @@ LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
 
+# transformers' FSDP sharding options (FSDP1 names; FSDP2 reads full_shard/shard_grad_op as resharding or not).
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
+
 # `attention:` (axolotl's short names) and short forms of `attn_implementation` -> transformers' names.
 # xformers is read as SDPA: PyTorch's memory-efficient SDPA kernel is xformers' (same attention, same memory).
 ATTENTION_NAMES = {"flash": "flash_attention_2", "sdp": "sdpa", "sdpa": "sdpa", "eager": "eager",
@@ -791,6 +794,14 @@ class Config(_Strict):
         "(`version: 2`) unless set otherwise; layers to wrap default to the model's own.",
         "distributed",
     )
+    fsdp_version: Literal[1, 2] | None = key(
+        None,
+        "axolotl's newer FSDP spelling: `fsdp_version` with `fsdp_config` and no `fsdp` list turns FSDP on, "
+        "its options read from `fsdp_config` (`sharding_strategy`, else `reshard_after_forward: false` for "
+        "sharding gradients and optimizer states only, else full sharding; `offload_params: true` is `offload`, "
+        "with either spelling); the version goes to `fsdp_config`.",
+        "distributed",
+    )
     ddp_find_unused_parameters: bool | None = key(
         None,
         "DDP's search for parameters that get no gradient (needed only when some do, e.g. unused layers); "
@@ -880,6 +891,35 @@ class Config(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _fsdp_options_from_config(cls, data: Any) -> Any:
+        """axolotl's `fsdp_config` keys that are `fsdp` options in transformers (which would not read them in
+        `fsdp_config`), and `fsdp_version` with no `fsdp` list: FSDP on, as axolotl reads it."""
+        if not isinstance(data, dict) or not isinstance(data.get("fsdp_config"), dict):
+            return data
+        settings = {k.removeprefix("fsdp_"): v for k, v in data["fsdp_config"].items()}
+        new_spelling = data.get("fsdp") is None and data.get("fsdp_version") is not None
+        if data.get("fsdp") is None and not new_spelling:
+            return data
+        if not new_spelling and not {"sharding_strategy", "offload_params"} & settings.keys():
+            return data  # nothing to translate
+        options = data["fsdp"] if isinstance(data.get("fsdp"), list) else str(data.get("fsdp") or "").split()
+        strategy = str(settings.pop("sharding_strategy", "")).lower()
+        chosen = [o for o in options if o in FSDP_STRATEGIES]
+        if strategy and chosen and strategy not in chosen:
+            raise ValueError(f"fsdp_config's sharding_strategy ({strategy}) and fsdp ({chosen[0]}) disagree: set one")
+        if new_spelling:
+            reshard = settings.get("reshard_after_forward") is not False
+            options = [strategy or ("full_shard" if reshard else "shard_grad_op"), "auto_wrap"]
+        elif strategy and not chosen:
+            options = [strategy, *options]
+        if settings.pop("offload_params", False) and "offload" not in options:
+            options = [*options, "offload"]
+        if data.get("fsdp_version") is not None:
+            settings.setdefault("version", data["fsdp_version"])
+        return {**data, "fsdp": options, "fsdp_config": settings}
+
+    @model_validator(mode="before")
+    @classmethod
     def _accumulation_from_batch_size(cls, data: Any) -> Any:
         """axolotl's reading of `batch_size` with a fixed micro-batch and no `gradient_accumulation_steps`."""
         if not isinstance(data, dict) or data.get("gradient_accumulation_steps") is not None:
@@ -920,6 +960,10 @@ class Config(_Strict):
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
         if self.fsdp and self.deepspeed:
             problems.append("fsdp and deepspeed: choose one way to shard the model")
+        if self.fsdp_version and not self.fsdp:
+            problems.append("fsdp_version: no effect without fsdp_config (or an fsdp list)")
+        if self.fsdp_version and (self.fsdp_config or {}).get("version", self.fsdp_version) != self.fsdp_version:
+            problems.append("fsdp_version and fsdp_config's version disagree: set one")
         if self.fsdp_config and not self.fsdp:
             problems.append("fsdp_config is set but fsdp is not: set fsdp, e.g. [full_shard, auto_wrap]")
         if self.bf16 is True and self.fp16:
