@@ -442,7 +442,8 @@ def test_fsdp_version_with_fsdp_config_turns_fsdp_on_as_axolotl_reads_it() -> No
 
     config = {"offload_params": True, "cpu_ram_efficient_loading": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
               "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "state_dict_type": "FULL_STATE_DICT",
-              "sharding_strategy": "FULL_SHARD", "reshard_after_forward": True, "activation_checkpointing": True}
+              "sharding_strategy": "FULL_SHARD", "reshard_after_forward": True,
+              "activation_checkpointing": True}  # fmt: skip
     cfg = validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": config})
     assert fsdp_options(cfg) == ["full_shard", "auto_wrap", "offload"]
     settings = fsdp_settings(cfg)
