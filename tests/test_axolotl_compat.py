@@ -68,8 +68,9 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
         "chat_template": "qwen_25", "plugins": [LIGER_PLUGIN], "liger_rope": True, "liger_rms_norm": True,
         "liger_glu_activation": True, "liger_layer_norm": True, "liger_fused_linear_cross_entropy": True,
         "liger_cross_entropy": False, "liger_kernel": True, "is_qwen_derived_model": True}),
-    ("qwen3, CutCrossEntropy, 4-bit AdamW", MESSAGES + TOOLS, {
-        "chat_template": "qwen3", "plugins": [CCE_PLUGIN], "cut_cross_entropy": True,
+    ("qwen3, CutCrossEntropy, 4-bit AdamW, fused attention", MESSAGES + TOOLS, {
+        "chat_template": "qwen3", "plugins": [CCE_PLUGIN], "cut_cross_entropy": True, "fused_attn_kernel": True,
+        "torch_compile": True, "torch_compile_mode": "max-autotune",
         "optimizer": "adamw_torch_4bit", "ddp_find_unused_parameters": True}),
     ("deepseek-v2, old field names", SHAREGPT, {
         "chat_template": "deepseek_v2", "datasets": [{
@@ -77,7 +78,8 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
             "message_field_content": "value"}]}),
     ("mistral v1", MESSAGES, {"chat_template": "mistral_v1", "is_mistral_derived_model": True,
                               "auto_resume_from_checkpoints": True, "attention": "eager"}),
-    ("mistral v3 tekken", MESSAGES, {"chat_template": "mistral_v3_tekken", "attn_implementation": "sdp"}),
+    ("mistral v3 tekken", MESSAGES, {"chat_template": "mistral_v3_tekken", "attn_implementation": "sdp",
+                                     "adapter": "lora", "lora_fan_in_fan_out": False, "low_cpu_mem_usage": True}),
     ("mistral v7 tekken", MESSAGES, {"chat_template": "mistral_v7_tekken", "attention": "flash"}),
     ("command-r", MESSAGES, {"chat_template": "cohere", "gptq": False, "flash_attn_fuse_mlp": False,
                              "flash_attn_cross_entropy": False, "flash_attn_rms_norm": False,
@@ -86,6 +88,16 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                              "flash_optimum": False}),
     ("falcon-h1", MESSAGES + TOOLS, {"chat_template": "falcon_h1", "is_falcon_derived_model": True,
                                      "attention": "flex"}),
+    ("falcon alpaca:chat, xformers", ALPACA, {"attn_implementation": "xformers", "xformers_attention": True,
+                                             "datasets": [{"type": "alpaca:chat"}]}),
+    ("openllama alpaca, float16 weights", ALPACA, {"float16": True, "bf16": False, "fp16": False,
+                                                   "datasets": [{"type": "alpaca"}]}),
+    ("llama-2 LISA, old fusions", ALPACA, {"lisa_n_layers": 2, "lisa_step_interval": 20, "flash_attn_fuse_mlp": True,
+                                           "lisa_layers_attribute": "model.layers", "flash_attn_rms_norm": True,
+                                           "datasets": [{"type": "alpaca"}]}),
+    ("llama-3 deduplicated", MESSAGES, {"chat_template": "llama3", "dataset_exact_deduplication": True}),
+    ("falcon qlora, early stopping", ALPACA, {"early_stopping_patience": 3, "val_set_size": 0.2, "batch_size": 2,
+                                              "micro_batch_size": 1, "datasets": [{"type": "alpaca"}]}),
     ("tokenizer default, fallback", MESSAGES, {"chat_template": "tokenizer_default_fallback_chatml"}),
     ("dolphin sharegpt chatml", SHAREGPT, {"datasets": [{"type": "sharegpt", "conversation": "chatml"}],
                                            "chat_template": "chatml"}),
@@ -143,23 +155,40 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
     ("keys", "says"),
     [
         ({"gptq": True}, "gptq: True is not supported; instead: load_in_4bit: true with adapter: qlora"),
-        ({"flash_attn_fuse_mlp": True}, "flash_attn_fuse_mlp: True is not supported; instead: liger_glu_activation"),
+        ({"flash_attn_fuse_mlp": True, "liger_glu_activation": False}, "flash_attn_fuse_mlp: true asks for Liger's "
+                                                                        "fused kernel, but liger_glu_activation is"),
+        ({"flash_attn_rms_norm": True, "liger_kernel": False}, "liger_kernel: false, but the LigerPlugin or liger_*"),
+        ({"flash_attn_fuse_qkv": True}, "flash_attn_fuse_qkv: True is not supported; instead: flash_attention"),
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel: True is not supported; instead: plain peft LoRA"),
         ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
-        ({"float16": True}, "float16: True is not supported; instead: fp16: true"),
+        ({"float16": True, "fp16": True}, "float16 weights compute in float16 without mixed precision: remove"),
+        ({"float16": True, "bfloat16": True}, "float16 weights compute in float16 without mixed precision: remove"),
         ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "a table of sample predictions (32 new tokens each) is "
                                                            "not supported"),
-        ({"gradient_checkpointing": "offload"}, "activation offloading is not supported yet: use "
-                                                "gradient_checkpointing: true"),
         ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, "KernelsPlugin: not supported. dolphin-train "
                                                                       "has no plugin system"),
-        ({"attn_implementation": "xformers"}, "not supported; instead: flash_attention: true"),
+        ({"attn_implementation": "sage"}, "not supported; instead: flash_attention: true"),
+        ({"xformers_attention": True, "flash_attention": True}, "xformers_attention with another attention backend"),
         ({"chat_template": "gemma4"}, "unknown chat template"),
         ({"unfrozen_parameters": ["^model.embed_tokens.weight$[:32000]"]}, "row ranges of a parameter are not "
                                                                            "supported"),
         ({"liger_kernel": False, "liger_rope": True}, "liger_kernel: false, but the LigerPlugin or liger_* keys"),
         ({"attention": "flash", "attn_implementation": "eager"}, "attention and attn_implementation disagree"),
+        ({"lisa_step_interval": 5}, "lisa_step_interval: no effect without lisa_n_layers"),
+        ({"lisa_n_layers": 2, "adapter": "lora"}, "lisa_n_layers trains a changing set of whole layers: it cannot be "
+                                                  "combined with adapter"),
+        ({"fused_attn_kernel": True, "liger_rope": False}, "fused_attn_kernel: true asks for Liger's fused kernel, "
+                                                           "but liger_rope is false"),
+        ({"torch_compile_mode": "max-autotune"}, "torch_compile_mode applies to layers compiled with the inductor"),
+        ({"torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "max-autotune"},
+         "torch_compile_mode applies to layers compiled with the inductor"),
+        ({"peft": {"loftq_config": {"loftq_bits": 4}}}, "peft: {'loftq_config': {'loftq_bits': 4}} is not supported; "
+                                                        "instead: adapter: qlora"),
+        ({"low_cpu_mem_usage": False}, "low_cpu_mem_usage"),
+        ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
+        ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),
+        ({"batch_size": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2}, "batch_size: 4 is not"),
     ],
 )  # fmt: skip
 def test_refused_keys_say_so_and_name_the_alternative(keys: dict, says: str) -> None:
@@ -173,6 +202,23 @@ def test_eot_tokens_with_chatml_must_be_its_own() -> None:
 
 
 # ---- what accepted keys do ----------------------------------------------------------------------------------
+
+
+def test_exact_duplicates_are_dropped_before_the_split_and_counted(tmp_path: Path) -> None:
+    """Rows that tokenize the same (here: the same conversation from two files) are kept once; a row that
+    differs in one token is kept."""
+    changed = {"messages": [*MESSAGES[0]["messages"][:2], {"role": "assistant", "content": "2!"}]}
+    rows = [*MESSAGES, *MESSAGES[:4], changed]
+    raw = _raw(tmp_path, rows, {"chat_template": "chatml", "dataset_exact_deduplication": True, "val_set_size": 2})
+    cfg = load_config(write_config(tmp_path / "config.yml", raw))
+    tokenizer = load_tokenizer(cfg).tokenizer
+    prepared = prepare_data(cfg, tokenizer)
+    assert prepared.report.dropped_duplicates == 4 and prepared.report.kept == len(MESSAGES) + 1
+    rows_seen = [tuple(r) for r in prepared.train["input_ids"]] + [tuple(r) for r in prepared.eval["input_ids"]]
+    assert len(rows_seen) == len(set(rows_seen)) == len(MESSAGES) + 1  # no evaluation row repeats a training row
+    plain = prepare_data(load_config(write_config(tmp_path / "plain.yml", {**raw, "dataset_exact_deduplication":
+                                                                           False})), tokenizer)  # fmt: skip
+    assert plain.report.dropped_duplicates == 0 and plain.report.kept == len(rows)
 
 
 def test_message_field_aliases_read_the_turns() -> None:
@@ -193,7 +239,7 @@ def test_alpaca_variants_read_alpaca_rows() -> None:
 
 def test_attention_names_choose_the_backend() -> None:
     from dolphin_train.config.machine import Machine
-    from dolphin_train.config.resolve import resolve_attention
+    from dolphin_train.config.resolve import XFORMERS_NOTE, resolve_attention
 
     def backend(**keys) -> tuple[str, str]:
         return resolve_attention(validate_mapping({**BASE, **keys}), Machine.planned("cpu", 1))
@@ -201,6 +247,8 @@ def test_attention_names_choose_the_backend() -> None:
     assert backend(attention="eager") == ("eager", "set by attention")
     assert backend(attention="flex") == ("flex_attention", "set by attention")
     assert backend(attn_implementation="sdp") == ("sdpa", "set by attn_implementation")
+    assert backend(attn_implementation="xformers") == backend(xformers_attention=True) == ("sdpa", XFORMERS_NOTE)
+    assert backend(attention="xformers")[0] == "sdpa"
     assert backend(attention="flash")[0] == "sdpa"  # the flash path, which falls back to SDPA without CUDA
     assert "flash_attention: true, but no CUDA device" in backend(attention="flash")[1]
 
@@ -213,6 +261,10 @@ def test_liger_keys_become_transformers_kernel_choice_and_cce_the_chunked_loss()
     cfg = validate_mapping({**BASE, "plugins": [LIGER_PLUGIN, CCE_PLUGIN], "liger_rope": True,
                             "liger_glu_activation": True, "liger_fused_linear_cross_entropy": False})  # fmt: skip
     assert cfg.liger_kernel_config == {"rope": True, "swiglu": True, "geglu": True, "fused_linear_cross_entropy": False}
+    old = validate_mapping({**BASE, "flash_attn_fuse_mlp": True, "flash_attn_rms_norm": True})  # axolotl's old path
+    assert old.liger_kernel_config == {"rms_norm": True, "swiglu": True, "geglu": True}
+    fused = validate_mapping({**BASE, "fused_attn_kernel": True})
+    assert fused.liger_kernel_config == {"rope": True, "rms_norm": True}
     cpu = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process", liger=False)
     gpu = RuntimeSettings("cuda", True, False, True, "sdpa", "", 1, "single process", liger=True)
     assert not use_liger(cfg, cpu) and use_liger(cfg, gpu)  # on CUDA, with liger-kernel installed
@@ -296,6 +348,13 @@ def test_a_regular_expression_picks_the_lora_modules(tmp_path: Path) -> None:
     assert validate_mapping({**BASE, "adapter": "lora", "lora_target_modules": "(lm_head|.*q_proj)"}).adapts_output_head
 
 
+def test_lora_fan_in_fan_out_reaches_peft(tmp_path: Path) -> None:
+    """peft sets it from each layer's type: true on Llama's Linear layers is corrected, with peft's warning."""
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        _, model = _tiny_model(tmp_path, adapter="lora", lora_fan_in_fan_out=True)
+    assert model.peft_config["default"].fan_in_fan_out is False
+
+
 def test_embeddings_grow_to_a_multiple_of_32_when_asked(tmp_path: Path) -> None:
     from dolphin_train.plan.report import model_facts
 
@@ -319,6 +378,38 @@ def test_bfloat16_keeps_the_weights_in_bfloat16(tmp_path: Path) -> None:
     assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
 
 
+def test_torch_compile_mode_reaches_the_compiled_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.load import compile_layers
+
+    cfg, model = _tiny_model(tmp_path, torch_compile=True, torch_compile_mode="max-autotune")
+    seen: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))  # a spy, not a compile
+    assert compile_layers(model, cfg, resolve_runtime(cfg)) == 4
+    assert seen and all(kw["mode"] == "max-autotune" and kw["backend"] == "inductor" for kw in seen)
+
+
+def test_float16_keeps_weights_and_arithmetic_in_float16(tmp_path: Path) -> None:
+    import torch
+
+    from dolphin_train.config.machine import Machine
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.plan.report import make_plan
+
+    cfg, model = _tiny_model(tmp_path, float16=True, bf16="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    runtime = resolve_runtime(cfg, Machine.planned("cuda", 1))
+    assert (runtime.bf16, runtime.fp16) == (False, False)  # bf16: auto gives way; no autocast, no loss scaler
+    plan = make_plan(cfg, gpus=1, gpu_memory=2**34, device="cpu")
+    assert plan.memory.params.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
+    assert plan.memory.precision == "fp16"
+    loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float16 and torch.isfinite(model.lm_head.weight.grad).all()
+
+
 @pytest.mark.parametrize(
     ("name", "torchao_class"), [("adamw_torch_4bit", "AdamW4bit"), ("adamw_torch_8bit", "AdamW8bit")]
 )
@@ -335,6 +426,129 @@ def test_torchao_low_bit_adamw_steps_on_the_cpu(name: str, torchao_class: str, t
     model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
     optimizer.step()
     assert not torch.equal(before, model.lm_head.weight)
+
+
+def _training_arguments(cfg):
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.train.arguments import build_training_arguments
+    from dolphin_train.train.schedule import compute_schedule
+
+    cfg = cfg.model_copy(update={"bf16": False, "output_dir": "unused"})
+    return build_training_arguments(cfg, resolve_runtime(cfg), compute_schedule(cfg, 10, 1, has_eval=False))
+
+
+def test_fsdp_version_with_fsdp_config_turns_fsdp_on_as_axolotl_reads_it() -> None:
+    from dolphin_train.train.arguments import fsdp_options, fsdp_settings
+
+    config = {"offload_params": True, "cpu_ram_efficient_loading": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "state_dict_type": "FULL_STATE_DICT",
+              "sharding_strategy": "FULL_SHARD", "reshard_after_forward": True,
+              "activation_checkpointing": True}  # fmt: skip
+    cfg = validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": config})
+    assert fsdp_options(cfg) == ["full_shard", "auto_wrap", "offload"]
+    settings = fsdp_settings(cfg)
+    assert settings is not None and settings["version"] == 2
+    assert "offload_params" not in settings and "sharding_strategy" not in settings  # now options transformers reads
+    assert settings["transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer" and settings["activation_checkpointing"]
+    grads_only = validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": False}})
+    assert fsdp_options(grads_only) == ["shard_grad_op", "auto_wrap"]
+    plugin = [_training_arguments(c).fsdp_plugin_args for c in (cfg, grads_only)]  # what accelerate gets
+    assert plugin[0]["cpu_offload"] is True and plugin[0]["reshard_after_forward"] is True
+    assert "cpu_offload" not in plugin[1] and plugin[1]["reshard_after_forward"] is False
+    old = validate_mapping({**BASE, "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"fsdp_offload_params": True}})
+    assert fsdp_options(old) == ["full_shard", "auto_wrap", "offload"]  # the older spelling's key, no longer unread
+    same = validate_mapping({**BASE, "fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_state_dict_type": "X"}})
+    assert same.fsdp == "full_shard auto_wrap" and same.fsdp_config == {"fsdp_state_dict_type": "X"}  # untouched
+    assert "fsdp_version: no effect without fsdp_config" in _problems({**BASE, "fsdp_version": 2})[0]
+    clash = {**BASE, "fsdp": ["shard_grad_op"], "fsdp_config": {"sharding_strategy": "FULL_SHARD"}}
+    assert "sharding_strategy (full_shard) and fsdp (shard_grad_op) disagree" in _problems(clash)[0]
+
+
+def test_batch_size_without_accumulation_steps_sets_them_as_axolotl_does() -> None:
+    assert validate_mapping({**BASE, "batch_size": 8, "micro_batch_size": 2}).gradient_accumulation_steps == 4
+    assert validate_mapping({**BASE, "batch_size": 2}).gradient_accumulation_steps == 2  # micro_batch_size 1
+    auto = validate_mapping({**BASE, "batch_size": 8, "micro_batch_size": "auto"})
+    assert auto.gradient_accumulation_steps == 1  # decided with the micro-batch, by the plan
+
+
+def test_early_stopping_counts_evaluations_without_a_new_best() -> None:
+    from types import SimpleNamespace
+
+    from dolphin_train.train.control import EarlyStopping
+
+    early, control = EarlyStopping(patience=2), SimpleNamespace(should_training_stop=False)
+    for step, loss in enumerate([3.0, 2.0, 2.5, 1.5, 1.6], start=1):
+        early.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_loss": loss})
+        assert not control.should_training_stop, step  # the new best at step 4 reset the count
+    early.on_evaluate(None, SimpleNamespace(global_step=6), control, metrics={"eval_loss": 1.5})  # equal: no better
+    assert control.should_training_stop and (early.stopped_step, early.best_step, early.best) == (6, 4, 1.5)
+
+
+def test_lisa_trains_the_drawn_layers_and_always_the_rest(tmp_path: Path) -> None:
+    """Each step changes exactly the drawn decoder layers plus the embeddings, norm and head; the draw changes
+    every `lisa_step_interval` steps and depends only on the seed and the step (a resumed run draws the same)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dolphin_train.train.lisa import LayerwiseSampling
+
+    cfg, model = _tiny_model(tmp_path, lisa_n_layers=1, lisa_step_interval=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # made first, as the Trainer does
+    lisa, control = LayerwiseSampling.from_config(cfg, model), SimpleNamespace()
+    layers = model.model.layers
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    lisa.on_train_begin(None, SimpleNamespace(global_step=0), control)
+    drawn = []
+    for step in range(6):
+        lisa.on_step_begin(None, SimpleNamespace(global_step=step), control)
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        head = model.lm_head.weight.detach().clone()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = [list(layer.parameters()) for layer in layers]
+        changed = [i for i in range(len(layers)) if not all(map(torch.equal, before[i], after[i]))]
+        assert changed == lisa.active and len(changed) == 1, (step, changed)
+        assert not torch.equal(head, model.lm_head.weight)
+        drawn.append(changed[0])
+    assert drawn[0::2] == drawn[1::2]  # the same layer for both steps of an interval
+    assert len(set(drawn)) > 1  # and new draws
+    assert LayerwiseSampling(layers, 1, 2, cfg.seed).draw(5) == [drawn[5]]  # a resumed run draws the same
+    with pytest.raises(ConfigError, match="lisa_n_layers: 5 is more than the model's 4 layers"):
+        LayerwiseSampling(layers, 5, 2, 0)
+
+
+@pytest.mark.slow
+def test_a_lisa_run_trains_the_drawn_layers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(8)]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=2, save_steps=1000,
+                      lisa_n_layers=1, lisa_step_interval=5)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    assert "LISA: 1 of 4 layers trained at a time, drawn every 5 steps" in " ".join(capsys.readouterr().out.split())
+    assert (tmp_path / "out/model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_a_run_whose_evaluation_loss_stays_put(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A learning rate of 1e-12 leaves every float32 weight as it is, so the evaluation loss repeats exactly:
+    with patience 1 the evaluation after the first step repeats the one before training and stops the run."""
+    import json
+
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(16)]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=20, save_steps=1000,
+                      learning_rate=1e-12, val_set_size=4, eval_steps=1, early_stopping_patience=1)  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    said = "Stopped early at step 1: the evaluation loss has not improved in 1 evaluation(s); its best, 7.739, was at"
+    assert f"{said} step 0" in out, out[-600:]
+    assert json.loads((tmp_path / "out/run_summary.json").read_text())["steps"] == 1
 
 
 def test_loss_watchdog_stops_after_patience_high_losses_in_a_row() -> None:

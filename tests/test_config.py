@@ -92,8 +92,8 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
 
 
 def test_known_but_unimplemented_keys_fail_as_not_supported_yet(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, MINIMAL + "xformers_attention: true\ngroup_by_length: true\n")
-    assert problems == ["xformers_attention: True is not supported yet", "group_by_length: True is not supported yet"]
+    problems = _problems(tmp_path, MINIMAL + "strict: true\ngroup_by_length: true\n")
+    assert problems == ["strict: True is not supported yet", "group_by_length: True is not supported yet"]
 
 
 def test_adapter_combinations_that_cannot_work_are_rejected(tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
 from dolphin_train.data.prepare import PreparedData, prepare_on_main_process_first
 from dolphin_train.data.sources import resolve_source
-from dolphin_train.errors import DataError, DolphinError
+from dolphin_train.errors import DataError, DolphinError, EnvironmentProblem
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.control import (
+    EarlyStopping,
     LossWatchdog,
     StopOnNonFiniteLoss,
     StopOnSignal,
@@ -32,6 +33,7 @@ from dolphin_train.train.control import (
     resolve_resume,
 )
 from dolphin_train.train.environment import set_up_process_environment
+from dolphin_train.train.lisa import LayerwiseSampling
 from dolphin_train.train.outputs import (
     RecordConfigInTrackers,
     memory_before_model_mb,
@@ -131,6 +133,10 @@ def make_trainer(
         optimizer_in_backward=_parameter_optimizer(cfg),
     )
     _use_our_console(trainer)
+    if cfg.lisa_n_layers:
+        if runtime.world_size > 1:  # DDP reduces the gradients of the parameters it started with, every step
+            raise EnvironmentProblem(f"lisa_n_layers runs in one process; this launch has {runtime.world_size}")
+        trainer.add_callback(LayerwiseSampling.from_config(cfg, model))
     return trainer
 
 
@@ -279,6 +285,10 @@ def set_up_run(cfg: Config) -> Run:
     runtime = resolve_runtime(cfg)
     set_up_process_environment(cfg, runtime)
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
+    if cfg.float16:
+        log.warning("float16: weights and arithmetic in float16 without a loss scaler: gradients below ~6e-8 "
+                    "become zero and updates below a weight's float16 precision are lost; fp16: true scales "
+                    "the loss and keeps float32 master weights")  # fmt: skip
     tok = load_tokenizer(cfg)
     prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
     rows = build_training_rows(cfg, prepared)
@@ -324,6 +334,9 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     watchdog = LossWatchdog(*cfg.loss_watchdog) if cfg.loss_watchdog else None
     if watchdog:
         trainer.add_callback(watchdog)
+    early = EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
+    if early:
+        trainer.add_callback(early)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=run.resume_from)
     elapsed = time.monotonic() - started
@@ -338,6 +351,9 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
             f"logged steps, up to step {watchdog.bad_step} (loss {watchdog.last_loss:.4g}); stopped. Lower the "
             "learning rate, or resume from an earlier checkpoint"
         )
+    if early and early.stopped_step is not None and is_main:
+        log.info("Stopped early at step %d: the evaluation loss has not improved in %d evaluation(s); its best, "
+                 "%.4g, was at step %d", early.stopped_step, early.patience, early.best, early.best_step)  # fmt: skip
     if stop_signal.received is not None:
         step = trainer.state.global_step
         summary = {"interrupted": True, "steps": step, "checkpoint": str(Path(cfg.output_dir, f"checkpoint-{step}"))}

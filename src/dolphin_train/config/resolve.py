@@ -40,9 +40,16 @@ class RuntimeSettings:
         return asdict(self)
 
 
+XFORMERS_NOTE = (
+    "xformers asked for: PyTorch SDPA, whose memory-efficient kernel is xformers' (the xformers package is not used)"
+)
+
+
 def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
     """Pick the attention backend. Packed rows stay exact with every choice: flash-attn and transformers'
     SDPA path both derive sequence boundaries from the restarting position ids."""
+    if "xformers" in (cfg.attn_implementation, cfg.attention) or cfg.xformers_attention:
+        return "sdpa", XFORMERS_NOTE
     if cfg.attn_implementation:
         return cfg.attention_backend, "set by attn_implementation"
     flash = cfg.flash_attention or cfg.attention == "flash"  # axolotl's `attention: flash`: the best flash path
@@ -64,7 +71,7 @@ def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSetti
     """`auto` settings and the attention backend for `machine` (default: this one)."""
     machine = machine or Machine.detect()
     cuda = machine.device == "cuda"
-    bf16 = machine.bf16 if cfg.bf16 == "auto" else bool(cfg.bf16)
+    bf16 = machine.bf16 and not cfg.float16 if cfg.bf16 == "auto" else bool(cfg.bf16)
     fp16 = bool(cfg.fp16) and not bf16
     tf32 = machine.tf32 if cfg.tf32 == "auto" else bool(cfg.tf32)
     if fp16 and not cuda:

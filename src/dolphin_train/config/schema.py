@@ -106,9 +106,13 @@ LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
 
+# transformers' FSDP sharding options (FSDP1 names; FSDP2 reads full_shard/shard_grad_op as resharding or not).
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
+
 # `attention:` (axolotl's short names) and short forms of `attn_implementation` -> transformers' names.
+# xformers is read as SDPA: PyTorch's memory-efficient SDPA kernel is xformers' (same attention, same memory).
 ATTENTION_NAMES = {"flash": "flash_attention_2", "sdp": "sdpa", "sdpa": "sdpa", "eager": "eager",
-                   "flex": "flex_attention"}  # fmt: skip
+                   "flex": "flex_attention", "xformers": "sdpa"}  # fmt: skip
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "dolphin_varlen")
 
 # Parameter-name patterns of `unfrozen_parameters`, as axolotl reads them: a dot is a literal dot (unless
@@ -314,6 +318,26 @@ class Config(_Strict):
     lora_model_dir: str | None = key(None, "Continue training from this saved adapter.", "model")
     peft_use_dora: bool = key(False, "DoRA: weight-decomposed LoRA.", "model")
     peft_use_rslora: bool = key(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.", "model")
+    lora_fan_in_fan_out: bool | None = key(
+        None,
+        "peft's `fan_in_fan_out`: the adapted layers store their weight as (in, out), as GPT-2's Conv1D layers "
+        "do. Passed to peft, which sets it from each layer's type anyway (and warns when the value disagrees).",
+        "model",
+    )
+    peft: dict[str, Any] | None = key(
+        None,
+        "axolotl's extra peft settings (`loftq_config`: LoftQ initialisation).",
+        "model",
+        unsupported=True,
+        alternative="adapter: qlora (LoftQ rewrites the base weights in memory, which the saved adapter would "
+        "then need but the original base model lacks)",
+    )
+    low_cpu_mem_usage: Literal[True] = key(
+        True,
+        "axolotl's switch for loading weights without a first random initialisation: transformers always "
+        "loads so now, so only `true` is accepted.",
+        "model",
+    )
     strict: bool = key(
         False,
         "axolotl's `strict`; only `false` (dolphin-train always rejects unknown keys).",
@@ -327,20 +351,27 @@ class Config(_Strict):
         "model",
     )
     sdp_attention: bool = key(False, "Use PyTorch scaled-dot-product attention (the default).", "model")
-    xformers_attention: bool = key(False, "xformers attention.", "model", unsupported=True)
+    xformers_attention: bool = key(
+        False,
+        "axolotl's xformers attention, read as PyTorch SDPA (`attn_implementation: sdpa`): PyTorch's "
+        "memory-efficient SDPA kernel is xformers' own, so the attention and its memory are the same; the "
+        "xformers package is not used, and the log says so.",
+        "model",
+    )
     attn_implementation: str | None = key(
         None,
         "Force a transformers attention implementation: "
         + ", ".join(f"`{a}`" for a in ATTN_IMPLEMENTATIONS)
-        + " (axolotl's short forms `flash`, `sdp`, `flex` are read as those), or a kernel from the hub "
+        + " (axolotl's short forms `flash`, `sdp`, `flex` are read as those, `xformers` as `sdpa`: see "
+        "`xformers_attention`), or a kernel from the hub "
         "(`org/name`).",
         "model",
     )
-    attention: Literal["flash", "sdpa", "sdp", "eager", "flex"] | None = key(
+    attention: Literal["flash", "sdpa", "sdp", "eager", "flex", "xformers"] | None = key(
         None,
         "axolotl's short name for the attention backend: `flash` is `flash_attention: true` (flash-attn, else "
         "PyTorch's varlen flash attention, on CUDA), the others set `attn_implementation` (`sdpa`, `eager`, "
-        "`flex_attention`).",
+        "`flex_attention`; `xformers`: `sdpa`).",
         "model",
     )
     liger_kernel: bool = key(
@@ -364,6 +395,12 @@ class Config(_Strict):
     )
     liger_cross_entropy: bool | None = key(
         None, "Liger's cross-entropy kernel (with `liger_kernel`, on CUDA).", "model"
+    )
+    fused_attn_kernel: bool = key(
+        False,
+        "axolotl's fused q/k RMSNorm + rotary-embedding kernel for attention, read as `liger_rms_norm` and "
+        "`liger_rope`: Liger's kernels for the same operations (with `liger_kernel`, on CUDA).",
+        "model",
     )
     liger_fused_linear_cross_entropy: bool | None = key(
         None,
@@ -392,10 +429,11 @@ class Config(_Strict):
     )
     float16: bool = key(
         False,
-        "float16 weights without mixed precision.",
+        "Keep the weights in float16 and compute in float16, without mixed precision or a loss scaler "
+        "(axolotl's `float16`): half the weight memory, but updates smaller than a weight's float16 precision "
+        "are lost and small gradients can underflow to zero (the log warns). `fp16: true` (mixed precision with "
+        "a loss scaler) or `bfloat16: true` are the safer choices. `bf16: auto` resolves to off with it.",
         "model",
-        unsupported=True,
-        alternative="fp16: true (mixed precision with a loss scaler) or bfloat16: true",
     )
     is_llama_derived_model: bool | None = key(
         None,
@@ -421,17 +459,21 @@ class Config(_Strict):
         alternative="chunked_cross_entropy: true, or liger_kernel on CUDA",
     )  # fmt: skip
     flash_attn_rms_norm: bool = key(
-        False, "flash-attn's fused RMSNorm (axolotl's old path).", "model", unsupported=True,
-        alternative="liger_rms_norm: true (Liger on CUDA)",
-    )  # fmt: skip
+        False,
+        "axolotl's fused RMSNorm of its old flash-attn path, read as `liger_rms_norm: true`: Liger's fused "
+        "RMSNorm kernel (with `liger_kernel`, on CUDA), the same normalisation.",
+        "model",
+    )
     flash_attn_fuse_qkv: bool = key(
         False, "Fused QKV projection (axolotl's old flash-attn path).", "model", unsupported=True,
         alternative="flash_attention: true (the fusion is not carried)",
     )  # fmt: skip
     flash_attn_fuse_mlp: bool = key(
-        False, "Fused MLP (axolotl's old flash-attn path).", "model", unsupported=True,
-        alternative="liger_glu_activation: true (Liger on CUDA)",
-    )  # fmt: skip
+        False,
+        "axolotl's fused SwiGLU MLP of its old flash-attn path (xformers' SwiGLU), read as "
+        "`liger_glu_activation: true`: Liger's fused SwiGLU kernel (with `liger_kernel`, on CUDA), the same MLP.",
+        "model",
+    )
     flash_optimum: bool = key(
         False, "BetterTransformer attention through optimum.", "model", unsupported=True,
         alternative="flash_attention: true or attn_implementation: sdpa",
@@ -485,6 +527,12 @@ class Config(_Strict):
         "Drop malformed rows (counted per reason) instead of failing before tokenization.",
         "data",
     )
+    dataset_exact_deduplication: bool = key(
+        False,
+        "Drop every row whose tokens and labels repeat an earlier row's exactly (as axolotl: after tokenization, "
+        "before the evaluation split, so no evaluation row repeats a training row); counted in the report.",
+        "data",
+    )
     shuffle_merged_datasets: bool = key(True, "Shuffle the mixed datasets with `seed`.", "data")
     dataset_prepared_path: str = key(
         "last_run_prepared",
@@ -535,7 +583,8 @@ class Config(_Strict):
     batch_size: int | None = key(
         None,
         "Rows per optimizer step per device (axolotl's key): with `micro_batch_size: auto`, accumulation makes "
-        "up the rest, so the effective batch stays as set; otherwise it must equal micro_batch_size x "
+        "up the rest, so the effective batch stays as set; without `gradient_accumulation_steps`, as in axolotl, "
+        "accumulation is batch_size / micro_batch_size; otherwise it must equal micro_batch_size x "
         "gradient_accumulation_steps.",
         ge=1,
     )
@@ -593,12 +642,34 @@ class Config(_Strict):
     torch_compile_backend: str | None = key(
         None, "torch.compile backend (default `inductor`; `aot_eager` checks the compiled graph without codegen)."
     )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = key(
+        None,
+        "torch.compile's mode for the compiled layers (inductor only): `max-autotune` searches the fastest "
+        "kernels (a longer first step), `reduce-overhead` adds CUDA graphs.",
+    )
     optimizer_in_backward: bool = key(
         False,
         "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "
         "gradient at once: full gradients are never held (for full fine-tuning on one GPU, with `bfloat16: "
         "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
         f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
+    )
+    lisa_n_layers: int | None = key(
+        None,
+        "LISA (layerwise importance sampling): full fine-tuning in which only this many decoder layers, drawn "
+        "at random, are trained at a time (the embeddings, final norm and output head always are), drawn anew "
+        "every `lisa_step_interval` steps; the draw depends only on `seed` and the step, so a resumed run draws "
+        "the same layers. One process, no adapter, DeepSpeed or FSDP. The plan counts every layer as trained "
+        "(the optimizer keeps states for each layer once drawn).",
+        ge=1,
+    )
+    lisa_step_interval: int | None = key(
+        None, "Optimizer steps between two draws of LISA's layers (default 20).", ge=1
+    )
+    lisa_layers_attribute: str | None = key(
+        None,
+        "Where LISA finds the decoder layers: a dotted path from the model, e.g. `model.layers` (default: the "
+        "model's longest list of modules, its decoder layers).",
     )
     chunked_cross_entropy: bool | None = key(
         None,
@@ -622,7 +693,13 @@ class Config(_Strict):
     stop_on_nan_loss: bool = key(
         True, "Stop, naming the step, when the training loss or gradient norm becomes NaN or infinite."
     )
-    early_stopping_patience: int | None = key(None, "Stop when eval loss stops improving.", unsupported=True)
+    early_stopping_patience: int | None = key(
+        None,
+        "Stop when the evaluation loss has not improved on its best for this many evaluations in a row (needs "
+        "`val_set_size`); the log names the step of the best loss. The final model is the last weights: keep "
+        "checkpoints (`save_steps`) to go back to the best one.",
+        ge=1,
+    )
     loss_watchdog_threshold: float | None = key(
         None,
         "Stop, naming the step, when the logged training loss stays above this value for "
@@ -717,6 +794,14 @@ class Config(_Strict):
         "(`version: 2`) unless set otherwise; layers to wrap default to the model's own.",
         "distributed",
     )
+    fsdp_version: Literal[1, 2] | None = key(
+        None,
+        "axolotl's newer FSDP spelling: `fsdp_version` with `fsdp_config` and no `fsdp` list turns FSDP on, "
+        "its options read from `fsdp_config` (`sharding_strategy`, else `reshard_after_forward: false` for "
+        "sharding gradients and optimizer states only, else full sharding; `offload_params: true` is `offload`, "
+        "with either spelling); the version goes to `fsdp_config`.",
+        "distributed",
+    )
     ddp_find_unused_parameters: bool | None = key(
         None,
         "DDP's search for parameters that get no gradient (needed only when some do, e.g. unused layers); "
@@ -760,7 +845,7 @@ class Config(_Strict):
     def _known_attention(cls, value: str | None) -> str | None:
         if value is None or value in ATTN_IMPLEMENTATIONS or value in ATTENTION_NAMES or "/" in value:
             return value
-        if value in ("xformers", "sage"):
+        if value == "sage":
             raise ValueError("not supported; instead: flash_attention: true (flash-attn or PyTorch's varlen kernel)")
         raise ValueError(f"unknown attention implementation; known: {', '.join(ATTN_IMPLEMENTATIONS)}")
 
@@ -804,6 +889,47 @@ class Config(_Strict):
             return None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fsdp_options_from_config(cls, data: Any) -> Any:
+        """axolotl's `fsdp_config` keys that are `fsdp` options in transformers (which would not read them in
+        `fsdp_config`), and `fsdp_version` with no `fsdp` list: FSDP on, as axolotl reads it."""
+        if not isinstance(data, dict) or not isinstance(data.get("fsdp_config"), dict):
+            return data
+        settings = {k.removeprefix("fsdp_"): v for k, v in data["fsdp_config"].items()}
+        new_spelling = data.get("fsdp") is None and data.get("fsdp_version") is not None
+        if data.get("fsdp") is None and not new_spelling:
+            return data
+        if not new_spelling and not {"sharding_strategy", "offload_params"} & settings.keys():
+            return data  # nothing to translate
+        options = data["fsdp"] if isinstance(data.get("fsdp"), list) else str(data.get("fsdp") or "").split()
+        strategy = str(settings.pop("sharding_strategy", "")).lower()
+        chosen = [o for o in options if o in FSDP_STRATEGIES]
+        if strategy and chosen and strategy not in chosen:
+            raise ValueError(f"fsdp_config's sharding_strategy ({strategy}) and fsdp ({chosen[0]}) disagree: set one")
+        if new_spelling:
+            reshard = settings.get("reshard_after_forward") is not False
+            options = [strategy or ("full_shard" if reshard else "shard_grad_op"), "auto_wrap"]
+        elif strategy and not chosen:
+            options = [strategy, *options]
+        if settings.pop("offload_params", False) and "offload" not in options:
+            options = [*options, "offload"]
+        if data.get("fsdp_version") is not None:
+            settings.setdefault("version", data["fsdp_version"])
+        return {**data, "fsdp": options, "fsdp_config": settings}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation_from_batch_size(cls, data: Any) -> Any:
+        """axolotl's reading of `batch_size` with a fixed micro-batch and no `gradient_accumulation_steps`."""
+        if not isinstance(data, dict) or data.get("gradient_accumulation_steps") is not None:
+            return data
+        batch, micro = data.get("batch_size"), data.get("micro_batch_size", 1)
+        whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, micro))
+        if whole and batch % micro == 0:
+            return {**data, "gradient_accumulation_steps": batch // micro}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         problems = self._memory_mode_problems()
@@ -834,20 +960,40 @@ class Config(_Strict):
                             "cannot apply a LoRA-adapted output head; remove one of them")  # fmt: skip
         if self.fsdp and self.deepspeed:
             problems.append("fsdp and deepspeed: choose one way to shard the model")
+        if self.fsdp_version and not self.fsdp:
+            problems.append("fsdp_version: no effect without fsdp_config (or an fsdp list)")
+        if self.fsdp_version and (self.fsdp_config or {}).get("version", self.fsdp_version) != self.fsdp_version:
+            problems.append("fsdp_version and fsdp_config's version disagree: set one")
         if self.fsdp_config and not self.fsdp:
             problems.append("fsdp_config is set but fsdp is not: set fsdp, e.g. [full_shard, auto_wrap]")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16: choose one precision")
         if self.bfloat16 and self.fp16:
             problems.append("bfloat16 weights with fp16 mixed precision: use bf16")
+        if self.float16 and (self.bfloat16 or self.bf16 is True or self.fp16):
+            problems.append("float16 weights compute in float16 without mixed precision: remove bfloat16, "
+                            "bf16: true and fp16: true, or float16")  # fmt: skip
         forced = ATTENTION_NAMES.get(self.attn_implementation or "", self.attn_implementation)
         if self.attention and self.attn_implementation and ATTENTION_NAMES[self.attention] != forced:
             problems.append("attention and attn_implementation disagree: set one")
+        if self.xformers_attention and (self.flash_attention or self.attention_backend not in (None, "sdpa")):
+            problems.append("xformers_attention with another attention backend: choose one")
         asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
         if self.liger_kernel is False and asks_liger:
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
+        for old, liger in (("flash_attn_fuse_mlp", "liger_glu_activation"), ("flash_attn_rms_norm", "liger_rms_norm"),
+                           ("fused_attn_kernel", "liger_rms_norm"), ("fused_attn_kernel", "liger_rope")):
+            if getattr(self, old) and getattr(self, liger) is False:
+                problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        problems += self._lisa_problems()
+        inductor = self.torch_compile is not False and self.torch_compile_backend in (None, "inductor")
+        if self.torch_compile_mode and not inductor:
+            problems.append("torch_compile_mode applies to layers compiled with the inductor backend: set "
+                            "torch_compile: true (or auto) and no other torch_compile_backend")  # fmt: skip
+        if self.early_stopping_patience and not self.val_set_size:
+            problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         if self.eval_table_size:
             tokens = self.eval_max_new_tokens or self.eval_table_max_new_tokens
             problems.append(
@@ -887,12 +1033,14 @@ class Config(_Strict):
     @property
     def liger_kernel_config(self) -> dict[str, bool]:
         """The Liger kernels the `liger_*` keys pick, named as transformers' `liger_kernel_config` takes them."""
+        glu = self.liger_glu_activation if self.liger_glu_activation is not None else self.flash_attn_fuse_mlp or None
+        norm = self.flash_attn_rms_norm or self.fused_attn_kernel
         chosen = {
-            "rope": self.liger_rope,
-            "rms_norm": self.liger_rms_norm,
+            "rope": self.liger_rope if self.liger_rope is not None else self.fused_attn_kernel or None,
+            "rms_norm": self.liger_rms_norm if self.liger_rms_norm is not None else norm or None,
             "layer_norm": self.liger_layer_norm,
-            "swiglu": self.liger_glu_activation,
-            "geglu": self.liger_glu_activation,
+            "swiglu": glu,
+            "geglu": glu,
             "cross_entropy": self.liger_cross_entropy,
             "fused_linear_cross_entropy": self.liger_fused_linear_cross_entropy,
         }
@@ -908,6 +1056,18 @@ class Config(_Strict):
     @property
     def micro_batch_size_for_eval(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    def _lisa_problems(self) -> list[str]:
+        if not self.lisa_n_layers:
+            stray = [k for k in ("lisa_step_interval", "lisa_layers_attribute") if getattr(self, k) is not None]
+            return [f"{', '.join(stray)}: no effect without lisa_n_layers"] if stray else []
+        clashes = {"adapter": self.adapter, "deepspeed": self.deepspeed, "fsdp": self.fsdp,
+                   "unfrozen_parameters": self.unfrozen_parameters, "optimizer_in_backward": self.optimizer_in_backward}
+        named = [k for k, v in clashes.items() if v]  # fmt: skip
+        if named:
+            why = "lisa_n_layers trains a changing set of whole layers"
+            return [f"{why}: it cannot be combined with {', '.join(named)}"]
+        return []
 
     def _memory_mode_problems(self) -> list[str]:
         problems = []

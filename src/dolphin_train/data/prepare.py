@@ -71,6 +71,7 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
         "seed": cfg.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": sources_fingerprint(sources),
+        **({"dataset_exact_deduplication": True} if cfg.dataset_exact_deduplication else {}),
     }
     return hashlib.sha256(json.dumps(token_keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -191,6 +192,8 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     report.dropped_no_trainable = int(counts[NO_TRAINABLE])
     keep = np.flatnonzero((status == KEPT) | (status == TRUNCATED))
     kept = tokenized.select(keep).remove_columns(["status", "problem"])
+    if cfg.dataset_exact_deduplication:
+        kept = _without_duplicates(kept, report)
     if len(kept) == 0:
         raise DataError(
             f"no row is left to train on: {report.dropped_too_long} longer than sequence_len "
@@ -201,6 +204,22 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     report.trainable_tokens = int(np.asarray(kept["trainable"]).sum())
     report.longest = int(lengths.max())
     return kept, report
+
+
+def _without_duplicates(rows: Any, report: PreparationReport) -> Any:
+    """The first of each set of rows with the same tokens and labels (`dataset_exact_deduplication`)."""
+    seen: set[bytes] = set()
+    first = []
+    for start, batch in enumerate(rows.select_columns(["input_ids", "labels"]).iter(batch_size=10_000)):
+        for offset, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
+            digest = hashlib.blake2b(np.asarray(ids, np.int64).tobytes(), digest_size=16)
+            digest.update(np.asarray(labels, np.int64).tobytes())
+            if digest.digest() not in seen:
+                seen.add(digest.digest())
+                first.append(start * 10_000 + offset)
+    report.dropped_duplicates = len(rows) - len(first)
+    report.kept -= report.dropped_duplicates
+    return rows.select(first) if report.dropped_duplicates else rows
 
 
 def _template_rejections(cfg: Config, canonical: Any, tokenized: Any, status: Any, report: PreparationReport) -> None:

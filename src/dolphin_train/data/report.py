@@ -17,6 +17,7 @@ class PreparationReport:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_trainable: int = 0
+    dropped_duplicates: int = 0  # dataset_exact_deduplication
     tokens: int = 0
     trainable_tokens: int = 0
     longest: int = 0
@@ -48,6 +49,8 @@ class PreparationReport:
         t.add_row(f"truncated to {self.sequence_len} tokens", f"{self.truncated:,}")
         t.add_row(f"dropped: longer than {self.sequence_len} tokens", f"{self.dropped_too_long:,}")
         t.add_row("dropped: no trainable token", f"{self.dropped_no_trainable:,}")
+        if self.dropped_duplicates:
+            t.add_row("dropped: exact duplicates", f"{self.dropped_duplicates:,}")
         t.add_row("tokens (trainable)", f"{self.tokens:,} ({self.trainable_tokens:,})")
         t.add_row("longest row", f"{self.longest:,}")
         t.add_row("train / eval rows", f"{self.train_rows:,} / {self.eval_rows:,}")

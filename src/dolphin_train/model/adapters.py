@@ -136,6 +136,7 @@ def lora_config(cfg: Config, model: Any, embeddings: EmbeddingTraining) -> Any:
         ensure_weight_tying=_ties_embeddings(model) and bool(embeddings.modules_to_save),
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
+        fan_in_fan_out=bool(cfg.lora_fan_in_fan_out),
         bias="none",
         task_type="CAUSAL_LM",
     )

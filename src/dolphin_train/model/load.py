@@ -28,6 +28,8 @@ def load_dtype(cfg: Config, runtime: RuntimeSettings) -> Any:
 
     if cfg.bfloat16:  # asked for: bfloat16 weights, no float32 master copy
         return torch.bfloat16
+    if cfg.float16:  # asked for: float16 weights and arithmetic, no mixed precision
+        return torch.float16
     if cfg.adapter or cfg.deepspeed:
         return compute_dtype(runtime)
     return torch.float32
@@ -219,7 +221,8 @@ def compile_layers(model: Any, cfg: Config, runtime: RuntimeSettings) -> int:
     fixed_shape = cfg.sample_packing and cfg.pad_to_sequence_len
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=cfg.torch_compile_backend or "inductor", dynamic=not fixed_shape)
+        backend = cfg.torch_compile_backend or "inductor"
+        layer.compile(backend=backend, dynamic=not fixed_shape, mode=cfg.torch_compile_mode)
     log.info("torch.compile: %d decoder layers (%s shapes); the first step includes the compilation",
              len(layers), "fixed" if fixed_shape else "dynamic")  # fmt: skip
     return len(layers)

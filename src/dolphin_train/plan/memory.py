@@ -26,6 +26,7 @@ from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.model.adapters import compute_dtype
 from dolphin_train.model.layers import decoder_layers
+from dolphin_train.model.load import load_dtype
 from dolphin_train.plan.skeleton import build_meta_model, make_computable_on_meta
 from dolphin_train.plan.trace import ActivationTrace, trace_activations
 from dolphin_train.train.arguments import deepspeed_config, fsdp_options, fsdp_settings, trainer_autocasts
@@ -274,10 +275,10 @@ def measure_model(
     """Build the meta-device model and trace `rows` rows of `sequence_len` tokens (the MemoryModel keeps one)."""
     sharding = plan_sharding(cfg, runtime.world_size)
     autocast = trainer_autocasts(cfg, runtime)
-    precision_bytes = PRECISION_BYTES[runtime.precision]
+    precision_bytes = PRECISION_BYTES[matmul_precision(cfg, runtime)]
     model = build_meta_model(cfg, runtime, model_config, vocab_rows, new_token_ids)
     params = inventory(model, cfg, sharding, precision_bytes, autocast)
-    compute = compute_dtype(runtime)
+    compute = load_dtype(cfg, runtime) if cfg.float16 else compute_dtype(runtime)
     make_computable_on_meta(model, compute)
     if getattr(model, "is_activation_checkpointing", False):  # k-bit preparation may have turned it on
         model.activation_checkpointing_disable()  # the trace measures both ways itself
@@ -424,10 +425,15 @@ def _number(value: Any, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) else default
 
 
+def matmul_precision(cfg: Config, runtime: RuntimeSettings) -> str:
+    """The dtype of the matrix products: `float16` weights compute in float16 without mixed precision."""
+    return "fp16" if cfg.float16 else runtime.precision
+
+
 def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, trace: ActivationTrace,
              sharding: Sharding, autocast: bool) -> MemoryEstimate:  # fmt: skip
     """The parts at each of four moments of a step; the peak is the largest."""
-    precision_bytes = PRECISION_BYTES[runtime.precision]
+    precision_bytes = PRECISION_BYTES[matmul_precision(cfg, runtime)]
     gpus = runtime.world_size
     weights = weights_part(params, sharding, precision_bytes)
     grads = gradients_part(cfg, params, sharding, precision_bytes)
@@ -473,7 +479,7 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
         activations_with_checkpointing=acts.with_checkpointing,
         params=params,
         sharding=sharding,
-        precision=runtime.precision,
+        precision=matmul_precision(cfg, runtime),
         chunked_loss=chunked,
         notes=tuple(notes),
     )

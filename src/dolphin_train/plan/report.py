@@ -316,6 +316,8 @@ def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
         kind = f"8-bit linear layers, the rest in {m.precision}"
     elif cfg.bfloat16:
         kind = "bf16 weights, no float32 master copy"
+    elif cfg.float16:
+        kind = "fp16 weights, no float32 master copy, no loss scaler"
     elif cfg.adapter:
         kind = f"frozen {m.precision} base + adapter"
     elif m.sharding.deepspeed_stage is not None:

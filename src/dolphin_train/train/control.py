@@ -153,3 +153,30 @@ class LossWatchdog(TrainerCallback):
             self.bad_step, self.last_loss = state.global_step, float(loss)
             control.should_training_stop = True
         return control
+
+
+class EarlyStopping(TrainerCallback):
+    """`early_stopping_patience`: stop when the evaluation loss has not improved on its best for `patience`
+    evaluations in a row (transformers' EarlyStoppingCallback counts the same way, but needs the best model
+    reloaded at the end; here the last weights stay, and the step of the best loss is named)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step = 0
+        self.worse_in_a_row = 0
+        self.stopped_step: int | None = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> Any:  # fmt: skip
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return control
+        if self.best is None or float(loss) < self.best:
+            self.best, self.best_step, self.worse_in_a_row = float(loss), state.global_step, 0
+        else:
+            self.worse_in_a_row += 1
+        if self.worse_in_a_row >= self.patience:
+            self.stopped_step = state.global_step
+            control.should_training_stop = True
+        return control

@@ -81,7 +81,8 @@ def run_overview(
     )
     t.add_row("checkpoint every", f"{schedule.save_steps} steps" if schedule.save_steps else "epoch")
     t.add_row("precision", runtime.precision + (" + tf32" if runtime.tf32 else "")
-              + (", bf16 weights (no float32 master copy)" if cfg.bfloat16 else ""))  # fmt: skip
+              + (", bf16 weights (no float32 master copy)" if cfg.bfloat16 else "")
+              + (" -> fp16 weights and arithmetic (no mixed precision)" if cfg.float16 else ""))  # fmt: skip
     t.add_row("memory", memory_settings(cfg))
     t.add_row("attention", f"{runtime.attn_implementation} ({runtime.attention_note})")
     t.add_row("device / processes", f"{runtime.device} / {runtime.launcher}")
