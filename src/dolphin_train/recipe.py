@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.load import missing_local_model
 from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
@@ -66,6 +67,9 @@ def paths_missing_here(cfg: Config) -> list[str]:
             missing.append(str(exc))
     if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).exists():
         missing.append(f"deepspeed config not found here: {cfg.deepspeed}")
+    models = {"base_model": cfg.base_model, "base_model_config": cfg.base_model_config,
+              "tokenizer_config": cfg.tokenizer_config}  # fmt: skip
+    missing += [m for k, v in models.items() if v and (m := missing_local_model(k, v))]
     return missing
 
 
@@ -350,4 +354,5 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     _finish_tracking(cfg)
     if not is_main:
         return {}
-    return write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb, run.planned_peak_mb)
+    summary = write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb, run.planned_peak_mb)
+    return {**summary, "resumed_from": run.resume_from}
