@@ -207,6 +207,21 @@ def test_incomplete_checkpoint_is_never_the_latest(tmp_path: Path) -> None:
     assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
 
 
+def test_incomplete_checkpoints_never_count_towards_save_total_limit(tmp_path: Path) -> None:
+    """Removed before training: left in place, transformers' rotation (save_total_limit) counts them and deletes
+    the oldest complete checkpoint first."""
+    from dolphin_train.train.control import remove_incomplete_checkpoints
+
+    for step, complete in ((2, True), (4, True), (6, False), (8, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}' if complete else '{"glob')
+    (tmp_path / "checkpoint-8" / "trainer_state.json").unlink()  # cut off before the state was written
+    removed = remove_incomplete_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_diverged_loss_stops_the_run_naming_the_step(tmp_path: Path, capsys) -> None:
     from dolphin_train.cli import main
 

@@ -307,8 +307,9 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     console = _console()
     summary = run_training(cfg, show=console.print)
     if summary.get("interrupted"):
+        resume = escape(resume_command(args))
         console.print(f"[bold yellow]Stopped[/] at step {summary['steps']}: checkpoint saved in "
-                      f"{summary['checkpoint']}. Resume with:\n  {escape(resume_command(args))}", highlight=False)  # fmt: skip
+                      f"{summary['checkpoint']}. Resume with:\n  {resume}", highlight=False)  # fmt: skip
         return 0
     if summary:
         first, final = summary.get("first_eval_loss"), summary.get("final_eval_loss")

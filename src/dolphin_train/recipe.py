@@ -30,6 +30,7 @@ from dolphin_train.train.control import (
     StopOnNonFiniteLoss,
     StopOnSignal,
     checkpoint_step,
+    remove_incomplete_checkpoints,
     resolve_resume,
 )
 from dolphin_train.train.environment import set_up_process_environment
@@ -290,6 +291,8 @@ def set_up_run(cfg: Config) -> Run:
     schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     resume = resolve_resume(cfg)
+    if is_main_process():
+        remove_incomplete_checkpoints(cfg.output_dir)
     if resume:
         step = checkpoint_step(resume)
         log.info("Resuming from %s: %d of %d steps done", resume, step, schedule.total_steps)
