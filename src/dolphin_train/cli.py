@@ -162,13 +162,14 @@ def _console() -> Any:
 
 
 def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from dolphin_train.config.load import load_config
+
+    cfg = load_config(args.config, overrides)  # before the heavy imports: a config error is said at once
     import yaml
 
-    from dolphin_train.config.load import load_config
     from dolphin_train.config.resolve import resolve_runtime, resolved_settings
     from dolphin_train.recipe import choices_for_this_machine, paths_missing_here
 
-    cfg = load_config(args.config, overrides)
     runtime = resolve_runtime(cfg)
     resolved = resolved_settings(cfg, runtime)
     print(f"# {args.config}: valid. Defaults filled in; `auto` resolved for this machine.")

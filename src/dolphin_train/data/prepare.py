@@ -150,8 +150,12 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     log.debug("Read and checked %d rows in %.1f s", sum(loaded.rows_read.values()), time.perf_counter() - started)
     report.rows_read = loaded.rows_read
     report.blank_lines, report.empty_files, report.skipped_files = (
-        loaded.blank_lines, loaded.empty_files, loaded.skipped_files
+        loaded.blank_lines,
+        loaded.empty_files,
+        loaded.skipped_files,
     )
+    for path, n in loaded.blank_lines.items():
+        log.info("%s: %d blank line%s (no row; counted)", path, n, "s" if n != 1 else "")
     for path in loaded.empty_files:
         log.warning("%s is empty: no rows from it", path)
     for path in loaded.skipped_files:
