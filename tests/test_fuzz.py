@@ -224,6 +224,8 @@ CASES: list[Case] = [
     _data("blank-lines-in-json-named-file", 0, ("blank lines", "{data}/a.json"), {"a.json": f"{LINE}\n\n{LINE}\n"}),
     _data("text-file-in-dataset-dir", 0, ("not a data file", "{data}/notes.txt"), {"a.jsonl": GOOD, "notes.txt": "hi"}),
     _data("readme-in-dataset-dir", 0, ("{data}/README.md",), {"a.jsonl": GOOD, "README.md": "# data"}),
+    _data("hidden-files-in-dataset-dir", 0, ("Prepared data",), {"a.jsonl": GOOD, ".gitattributes": "*.jsonl lfs",
+          ".cache/huggingface/a.lock": ""}),
     _data("invalid-json-line", 1, ("{data}/a.jsonl:2", "invalid JSON"), {"a.jsonl": f"{LINE}\n{{oops\n{LINE}\n"}),
     _data("invalid-json-skipped", 0, ("invalid JSON",), {"a.jsonl": f"{LINE}\n{{oops\n{LINE}\n"},
           skip_invalid_rows=True),
@@ -353,8 +355,14 @@ def _check_every_row_counted(case: Case, tmp: Path) -> None:
     nonblank_files = [p for p in jsonl if p.read_bytes().strip()]
     assert read + blank == sum(_jsonl_lines(p) for p in nonblank_files)
     assert sorted(report["empty_files"]) == sorted(str(p) for p in jsonl if not p.read_bytes().strip())
-    others = [str(p) for p in data.rglob("*") if p.is_file() and p.suffix not in (".jsonl", ".json", ".csv")
-              and "prepared" not in p.parts and "out" not in p.parts]  # fmt: skip
+
+    def listed(p: Path) -> bool:  # not data, not hidden, not the cache or the output directory
+        parts = p.relative_to(data).parts
+        return p.suffix not in (".jsonl", ".json", ".csv") and not any(
+            part.startswith(".") or part in ("prepared", "out") for part in parts
+        )
+
+    others = [str(p) for p in data.rglob("*") if p.is_file() and listed(p)]
     assert sorted(report["skipped_files"]) == sorted(others)
 
 

@@ -78,6 +78,10 @@ def _supported(path: Path, ds: DatasetConfig) -> bool:
     return ds.ds_type is not None or path.suffix in FILE_TYPES
 
 
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def _inside(path: Path, directories: tuple[Path, ...]) -> bool:
     resolved = path.resolve()
     return any(resolved.is_relative_to(d) for d in directories)
@@ -105,10 +109,9 @@ def resolve_source(ds: DatasetConfig, exclude: tuple[str | Path, ...] = ()) -> S
                 raise DataError(f"dataset {path}: data_files not found: {', '.join(missing)}")
         else:
             found = sorted(p for p in local.rglob("*") if p.is_file() and not _inside(p, excluded))
-            # Hidden files (.gitattributes, editors' swap files) are not data and not worth a word.
-            found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(local).parts)]
             files = [p for p in found if p.suffix in FILE_TYPES]
-            skipped = [p for p in found if p.suffix not in FILE_TYPES]
+            # Listed in the report; hidden ones (.gitattributes, a hub download's .cache/) are not worth a word.
+            skipped = [p for p in found if p.suffix not in FILE_TYPES and not _hidden(p.relative_to(local))]
         if not files:
             raise DataError(f"dataset {path}: the directory holds no .jsonl/.json/.parquet/.csv/.arrow file")
     elif local.is_file():
