@@ -16,7 +16,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,14 +367,18 @@ def _check_every_row_counted(case: Case, tmp: Path) -> None:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _library_messages_through_our_handler() -> None:
+def _library_messages_through_our_handler() -> Iterator[None]:
     """`datasets` gives its logger a handler on the stderr of the moment it is imported: under pytest, a stream
     closed after that test. Its messages reach the CLI's handler anyway (they propagate to the root logger)."""
     import logging
 
     import datasets  # noqa: F401  (imported now, so that its handler exists to be removed)
 
-    logging.getLogger("datasets").handlers.clear()
+    library = logging.getLogger("datasets")
+    handlers = list(library.handlers)
+    library.handlers.clear()
+    yield
+    library.handlers[:] = handlers
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
