@@ -114,6 +114,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, varian
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert f"Resuming from {last}: 3 of 9 steps done" in stdout
+    assert "from scratch" not in stdout and f"resumed from {last}" in stdout.replace("\n", "")
     after = _logged_steps(stdout)
     assert sorted(after) == [4, 5, 6, 7, 8, 9]  # only the remaining steps
     for step, (loss, lr) in after.items():
@@ -134,7 +135,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "Stopped" in stdout and "--resume_from_checkpoint auto" in stdout
+    assert "Stopped" in stdout
+    # the whole command to resume, with the overrides it was started with
+    assert f"dolphin-train train {config} --save_total_limit 50 --resume_from_checkpoint auto" in stdout
     last = latest_complete_checkpoint(out)
     assert last is not None and 2 <= int(last.name.split("-")[1]) < 400
     assert str(last) in stdout.replace("\n", "")  # the message names the checkpoint it saved
@@ -202,6 +205,21 @@ def test_incomplete_checkpoint_is_never_the_latest(tmp_path: Path) -> None:
         (path / "model.safetensors").write_bytes(b"x")
         (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}' if complete else '{"glob')
     assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_incomplete_checkpoints_never_count_towards_save_total_limit(tmp_path: Path) -> None:
+    """Removed before training: left in place, transformers' rotation (save_total_limit) counts them and deletes
+    the oldest complete checkpoint first."""
+    from dolphin_train.train.control import remove_incomplete_checkpoints
+
+    for step, complete in ((2, True), (4, True), (6, False), (8, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}' if complete else '{"glob')
+    (tmp_path / "checkpoint-8" / "trainer_state.json").unlink()  # cut off before the state was written
+    removed = remove_incomplete_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_diverged_loss_stops_the_run_naming_the_step(tmp_path: Path, capsys) -> None:

@@ -113,7 +113,7 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
                 break
             value = extra[i + 1]
             i += 1
-        overrides[name] = parse_override_value(value)
+        overrides[name] = parse_override_value(value, name)
         i += 1
     if problems:
         raise ConfigError(problems, source="command line")
@@ -162,13 +162,14 @@ def _console() -> Any:
 
 
 def cmd_validate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from dolphin_train.config.load import load_config
+
+    cfg = load_config(args.config, overrides)  # before the heavy imports: a config error is said at once
     import yaml
 
-    from dolphin_train.config.load import load_config
     from dolphin_train.config.resolve import resolve_runtime, resolved_settings
     from dolphin_train.recipe import choices_for_this_machine, paths_missing_here
 
-    cfg = load_config(args.config, overrides)
     runtime = resolve_runtime(cfg)
     resolved = resolved_settings(cfg, runtime)
     print(f"# {args.config}: valid. Defaults filled in; `auto` resolved for this machine.")
@@ -276,7 +277,26 @@ def relaunch_with_torchrun(num_processes: int, argv: Sequence[str]) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted run: this one, with its overrides, resuming from the latest
+    complete checkpoint (a `--resume_from_checkpoint` given before is replaced)."""
+    import shlex
+
+    kept, extra = [], list(args.overrides_as_written)
+    while extra:
+        item = extra.pop(0)
+        if item.replace("-", "_").startswith("__resume_from_checkpoint"):
+            if "=" not in item and extra:
+                extra.pop(0)
+            continue
+        kept.append(item)
+    launch = ["--num-processes", str(args.num_processes)] if args.num_processes else []
+    return shlex.join(["dolphin-train", "train", args.config, *launch, *kept, "--resume_from_checkpoint", "auto"])
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from rich.markup import escape
+
     from dolphin_train.config.load import load_config
 
     cfg = load_config(args.config, overrides)  # checked before any process starts, and before torch loads
@@ -288,14 +308,16 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     console = _console()
     summary = run_training(cfg, show=console.print)
     if summary.get("interrupted"):
+        resume = escape(resume_command(args))
         console.print(f"[bold yellow]Stopped[/] at step {summary['steps']}: checkpoint saved in "
-                      f"{summary['checkpoint']}. Resume with: --resume_from_checkpoint auto")  # fmt: skip
+                      f"{summary['checkpoint']}. Resume with:\n  {resume}", highlight=False)  # fmt: skip
         return 0
     if summary:
         first, final = summary.get("first_eval_loss"), summary.get("final_eval_loss")
         evals = f"; eval loss {first:.4f} → {final:.4f}" if first is not None else ""
+        resumed = f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""
         console.print(
-            f"[bold green]Done[/]: {summary['steps']} steps in {summary['train_seconds']}s{evals}. "
+            f"[bold green]Done[/]{resumed}: {summary['steps']} steps in {summary['train_seconds']}s{evals}. "
             f"Model saved to {cfg.output_dir}"
         )
     return 0
@@ -314,10 +336,16 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose_first = False
+    while argv and argv[0] in ("-v", "--verbose"):  # `dolphin-train -v train CONFIG`: a global flag
+        verbose_first = True
+        argv.pop(0)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")  # `dolphin-train CONFIG` is `dolphin-train train CONFIG`
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if verbose_first and args.command is not None:
+        args.verbose = True
     if args.command is None:
         parser.print_help()
         return 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dolphin_train.config.load import missing_local_model
 from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
@@ -30,6 +31,7 @@ from dolphin_train.train.control import (
     StopOnNonFiniteLoss,
     StopOnSignal,
     checkpoint_step,
+    remove_incomplete_checkpoints,
     resolve_resume,
 )
 from dolphin_train.train.environment import set_up_process_environment
@@ -68,6 +70,9 @@ def paths_missing_here(cfg: Config) -> list[str]:
             missing.append(str(exc))
     if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).exists():
         missing.append(f"deepspeed config not found here: {cfg.deepspeed}")
+    models = {"base_model": cfg.base_model, "base_model_config": cfg.base_model_config,
+              "tokenizer_config": cfg.tokenizer_config}  # fmt: skip
+    missing += [m for k, v in models.items() if v and (m := missing_local_model(k, v))]
     return missing
 
 
@@ -296,6 +301,8 @@ def set_up_run(cfg: Config) -> Run:
     schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     resume = resolve_resume(cfg)
+    if is_main_process():
+        remove_incomplete_checkpoints(cfg.output_dir)
     if resume:
         step = checkpoint_step(resume)
         log.info("Resuming from %s: %d of %d steps done", resume, step, schedule.total_steps)
@@ -366,4 +373,5 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     _finish_tracking(cfg)
     if not is_main:
         return {}
-    return write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb, run.planned_peak_mb)
+    summary = write_run_summary(cfg, trainer, run.prepared, elapsed, run.memory_before_model_mb, run.planned_peak_mb)
+    return {**summary, "resumed_from": run.resume_from}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -30,6 +32,11 @@ class _DuplicateTrackingLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _DuplicateTrackingLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, Any] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: a key must be a name
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, "a key is a list or a mapping, not a name",
+                key_node.start_mark,
+            )  # fmt: skip
         k = loader.construct_object(key_node, deep=deep)
         v = loader.construct_object(value_node, deep=deep)
         if k in seen:
@@ -41,18 +48,60 @@ def _construct_mapping(loader: _DuplicateTrackingLoader, node: yaml.MappingNode,
 _DuplicateTrackingLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# Nodes a config may expand to once aliases are followed: real configs hold a few hundred; a "billion laughs"
+# of nested aliases holds billions, and building them would take minutes and all the memory.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes under `node` counting each alias as a copy (memoised per node, so the count itself stays linear
+    in the document; the YAML composer refuses recursive aliases)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
+
+
+def _config_text(path: Path) -> str:
+    """The file as UTF-8 text, or a ConfigError naming the encoding (UTF-16 from some Windows editors) or
+    the first byte that is not UTF-8, by line."""
+    raw = path.read_bytes()
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):  # fmt: skip
+        if raw.startswith(bom):
+            raise ConfigError([f"the file is {name} text: save it as UTF-8"], source=str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        problem = f"line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 text: save the file as UTF-8"
+        raise ConfigError([problem], source=str(path)) from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML file safely. Repeated keys with equal values are tolerated (the Dolphin 2.9 config
     repeats `logging_steps: 1`); repeated keys with different values are an error, since which one wins
     would be a guess."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(["is a directory, not a config file"], source=str(path))
     if not path.is_file():
         raise ConfigError([f"file not found: {path}"], source=str(path))
-    text = path.read_text(encoding="utf-8")
-    loader = _DuplicateTrackingLoader(text)
+    loader = _DuplicateTrackingLoader(_config_text(path))
+    loader.name = str(path)  # YAML errors say `in "<path>", line N`
     loader.duplicates = []
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise ConfigError([f"aliases expand to more than {MAX_EXPANDED_NODES:,} values (a YAML alias bomb?); "
+                               "refused before building them"], source=str(path))  # fmt: skip
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from None
     finally:
@@ -72,12 +121,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override_value(text: str) -> Any:
+def parse_override_value(text: str, name: str = "value") -> Any:
     """`--learning_rate 1e-5` → 1e-05: values are read as YAML scalars, so numbers, booleans and
-    lists (`--tokens '[a, b]'`) work as they would in the file."""
+    lists (`--tokens '[a, b]'`) work as they would in the file. A value that starts a list or a mapping
+    but is not valid YAML is an error (as text it would only fail later, as "not a valid list")."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if text.lstrip().startswith(("[", "{")):
+            raise ConfigError([f"--{name}: not valid YAML: {' '.join(str(exc).split())}"], "command line") from None
         return text
     return _coerce_yaml11_float(value)
 
@@ -181,18 +233,108 @@ def _unsupported_settings(cfg: Config) -> list[str]:
     return problems
 
 
+def _takes_number_not_bool(annotation: Any) -> bool:
+    """A field typed int or float (alone or in a union) and not bool: YAML's `true` must not become 1."""
+    found: set[type] = set()
+
+    def walk(tp: Any) -> None:
+        if tp in (int, float, bool):
+            found.add(tp)
+        elif get_origin(tp) in (Union, UnionType, Annotated):
+            for arg in get_args(tp):
+                walk(arg)
+
+    walk(annotation)
+    return bool(found & {int, float}) and bool not in found
+
+
+def _booleans_as_numbers(data: Mapping[str, Any], model: type[BaseModel], where: str = "") -> list[str]:
+    """pydantic reads `true` as 1 for an int field; a boolean where a number belongs is a mistake."""
+    problems = []
+    fields = documented_fields(model)
+    for name, value in data.items():
+        info = fields.get(name)
+        nested = _NESTED_MODELS.get(name) if model is Config else None
+        if nested is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    problems += _booleans_as_numbers(item, nested, f"{where}{name}[{i}].")
+        elif isinstance(value, bool) and info is not None and _takes_number_not_bool(info.annotation):
+            problems.append(f"{where}{name}: {value!r} is not allowed: a number is expected, not a boolean")
+    return problems
+
+
+# Keys that name a file or directory: an empty string would mean the current directory (or nothing).
+PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir", "dataset_prepared_path",
+             "output_dir", "deepspeed", "torchdistx_path")  # fmt: skip
+
+
+def _empty_paths(data: Mapping[str, Any]) -> list[str]:
+    empty = [k for k in PATH_KEYS if isinstance(data.get(k), str) and not data[k].strip()]
+    datasets = data.get("datasets")
+    for i, ds in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(ds, Mapping) and isinstance(ds.get("path"), str) and not ds["path"].strip():
+            empty.append(f"datasets[{i}].path")
+    return [f"{k}: an empty path is not allowed: name a file or directory" for k in empty]
+
+
+def _deepspeed_file_problems(cfg: Config) -> list[str]:
+    """A DeepSpeed JSON file is read at load, so that a syntax error is found by `validate`, naming the
+    file and line (a missing file is only a warning there: it may exist on the training machine)."""
+    if not isinstance(cfg.deepspeed, str) or not Path(cfg.deepspeed).is_file():
+        return []
+    try:
+        settings = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return [f"deepspeed: {cfg.deepspeed} is not UTF-8 text"]
+    except json.JSONDecodeError as exc:
+        return [f"deepspeed: {cfg.deepspeed}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})"]
+    if not isinstance(settings, dict):
+        return [f"deepspeed: {cfg.deepspeed} holds a JSON {type(settings).__name__}, not a mapping of settings"]
+    return []
+
+
+def _directories_that_are_files(cfg: Config) -> list[str]:
+    return [f"{k}: {v} is a file; it must be a directory (or not exist yet)"
+            for k, v in (("output_dir", cfg.output_dir), ("dataset_prepared_path", cfg.dataset_prepared_path))
+            if Path(v).expanduser().is_file()]  # fmt: skip
+
+
 def validate_mapping(data: Mapping[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping; raises ConfigError listing every problem."""
     cleaned = _drop_nulls(dict(data))
+    early = _booleans_as_numbers(cleaned, Config) + _empty_paths(cleaned)
     try:
         cfg = Config.model_validate(cleaned)
     except ValidationError as exc:
         problems = _merged_union_errors([_describe_error(e) for e in exc.errors()])
-        raise ConfigError(problems, source=source) from None
-    problems = _unsupported_settings(cfg)
+        raise ConfigError(early + [p for p in problems if p.split(":")[0] not in {e.split(":")[0] for e in early}],
+                          source=source) from None  # fmt: skip
+    problems = early + _unsupported_settings(cfg) + _deepspeed_file_problems(cfg) + _directories_that_are_files(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def missing_local_model(key: str, name: str) -> str | None:
+    """For a model or tokenizer named by a local path that does not exist: the message saying so (a hub id is
+    `org/name`; a path starts with `/`, `.` or `~`, or has more than one `/`). None otherwise."""
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not Path(name).expanduser().exists():
+        return (
+            f"{key}: {name} is a local path, and that directory does not exist (relative paths are resolved "
+            f"from {Path.cwd()}; a hub model is named org/name)"
+        )
+    return None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but do nothing as written: said by `validate` and logged by every command."""
+    warnings = []
+    if (cfg.evals_per_epoch or cfg.eval_steps) and not cfg.val_set_size:
+        key = "evals_per_epoch" if cfg.evals_per_epoch else "eval_steps"
+        warnings.append(f"{key} is set but there is no evaluation set (val_set_size is 0): no evaluation will run")
+    return warnings
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -209,4 +351,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     data = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides, str(path))
-    return validate_mapping(data, source=str(path))
+    cfg = validate_mapping(data, source=str(path))
+    for warning in config_warnings(cfg):
+        log.warning("%s: %s", path, warning)
+    return cfg

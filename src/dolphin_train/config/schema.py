@@ -125,7 +125,10 @@ def unfrozen_pattern(pattern: str) -> re.Pattern[str]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), populate_by_name=True)
+    # allow_inf_nan: `.inf` or `.nan` for a float key (a learning rate, a ratio) is always a mistake.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", protected_namespaces=(), populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class DatasetConfig(_Strict):

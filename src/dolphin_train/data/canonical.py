@@ -9,7 +9,7 @@ here: a malformed dataset fails before any tokenization.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +66,23 @@ class JsonlBatch:
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
     def _one(self, line: str, index: int) -> dict[str, Any]:
-        if not line.strip():
-            return {**_EMPTY, "status": ROW_BLANK, "where": "", "reason": "", "problem": ""}
         # Arrow keeps blank lines, so index + 1 is the line number.
-        return _converted(parse_json_line(f"{self.path}:{index + 1}", line), self.convert)
+        where = f"{self.path}:{index + 1}"
+        if not line.strip():
+            return _blank_row(where)
+        return _converted(parse_json_line(where, line), self.convert)
+
+
+def _blank_row(where: str) -> dict[str, Any]:
+    return {**_EMPTY, "status": ROW_BLANK, "where": where, "reason": "", "problem": ""}
 
 
 def _converted(raw: RawRow, convert: RowConverter) -> dict[str, Any]:
+    if raw.blank:
+        return _blank_row(raw.where)
     try:
         if raw.problem:
-            raise RowProblem("invalid JSON", raw.problem)
+            raise RowProblem(raw.reason, raw.problem)
         return _good_row(convert(raw.value), raw.where)
     except RowProblem as exc:
         return _problem_row(raw.where, exc)
@@ -95,17 +102,39 @@ class CanonicalData:
     dataset: Any  # canonical rows only (valid ones), columns CANONICAL_COLUMNS and `where` (file and line)
     rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path, blank lines excluded
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (where, reason, detail)
+    blank_lines: dict[str, int] = field(default_factory=dict)  # per file
+    empty_files: list[str] = field(default_factory=list)  # 0 bytes (or only whitespace): no row
+    skipped_files: list[str] = field(default_factory=list)  # in a dataset directory, not data (notes.txt)
 
 
-def _parts(cfg: Config, source: Source, work_dir: Path, num_proc: int | None) -> list[Any]:
+def _is_empty(path: Path) -> bool:
+    size = path.stat().st_size
+    return size == 0 or (size < 4096 and not path.read_bytes().strip())
+
+
+def _readable_as_text(lines_of: Any, path: Path) -> Any | None:
+    """Arrow's line reader over one JSONL file, or None when it cannot read it (bytes that are not UTF-8):
+    that file then goes through our own reader, which names each such line."""
+    try:
+        return lines_of(path)
+    except Exception:  # `datasets` wraps the decoding error in its own generation error
+        return None
+
+
+def _parts(cfg: Config, source: Source, work_dir: Path, num_proc: int | None, generic: bool = False) -> list[Any]:
     import datasets
 
     convert = RowConverter(source.config, cfg.default_system_message, cfg.train_on_inputs)
     cache = str(work_dir / "hf_cache")
     parts = []
-    if not source.hub and all(_is_jsonl(p, source) for p in source.files):
+    if not generic and not source.hub and all(_is_jsonl(p, source) for p in source.files):
         for path in source.files:
-            lines = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=cache)
+            lines = _readable_as_text(
+                lambda p: datasets.load_dataset("text", data_files=str(p), split="train", cache_dir=cache), path
+            )
+            if lines is None:
+                parts += _parts(cfg, Source(source.config, files=(path,), hub=False), work_dir, None, generic=True)
+                continue
             with datasets_bars(bars_wanted() or verbose()):
                 parts.append(
                     lines.map(
@@ -156,9 +185,18 @@ def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc:
     kept_parts = []
     for source in sources:
         read = 0
-        for part in _parts(cfg, source, work_dir, num_proc):
+        result.skipped_files += [str(p) for p in source.skipped]
+        empty = [p for p in source.files if _is_empty(p)]
+        result.empty_files += [str(p) for p in empty]
+        if empty:
+            source = replace(source, files=tuple(p for p in source.files if p not in empty))
+        for part in _parts(cfg, source, work_dir, num_proc) if source.hub or source.files else []:
             status = np.asarray(part["status"])
             read += int((status != ROW_BLANK).sum())
+            blank = np.flatnonzero(status == ROW_BLANK)
+            for where in part.select(blank)["where"] if len(blank) else []:
+                name = where.rsplit(":", 1)[0]
+                result.blank_lines[name] = result.blank_lines.get(name, 0) + 1
             bad = np.flatnonzero(status == ROW_INVALID)
             if len(bad):
                 invalid = part.select(bad)

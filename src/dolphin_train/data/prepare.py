@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -148,6 +150,17 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     loaded = load_canonical(cfg, sources, work_dir, num_proc)
     log.debug("Read and checked %d rows in %.1f s", sum(loaded.rows_read.values()), time.perf_counter() - started)
     report.rows_read = loaded.rows_read
+    report.blank_lines, report.empty_files, report.skipped_files = (
+        loaded.blank_lines,
+        loaded.empty_files,
+        loaded.skipped_files,
+    )
+    for path, n in loaded.blank_lines.items():
+        log.info("%s: %d blank line%s (no row; counted)", path, n, "s" if n != 1 else "")
+    for path in loaded.empty_files:
+        log.warning("%s is empty: no rows from it", path)
+    for path in loaded.skipped_files:
+        log.warning("%s is not a data file (.jsonl, .json, .parquet, .csv, .arrow): not read", path)
     if cfg.skip_invalid_rows:
         for _, reason, _ in loaded.problems:
             report.skipped_invalid[reason] = report.skipped_invalid.get(reason, 0) + 1
@@ -155,7 +168,8 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         _raise_on_problems([f"{where}: {detail}" for where, _, detail in loaded.problems])
     canonical = loaded.dataset
     if canonical is None or len(canonical) == 0:
-        raise DataError("the datasets hold no usable rows")
+        empty = f" ({', '.join(loaded.empty_files)} empty)" if loaded.empty_files else ""
+        raise DataError(f"the datasets hold no usable rows{empty}")
     if cfg.shuffle_merged_datasets and len(cfg.datasets) > 1:
         canonical = canonical.shuffle(seed=cfg.seed)
     encoder = ConversationEncoder(
@@ -246,9 +260,12 @@ def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:
     if not cfg.val_set_size:
         return dataset, None
     size = cfg.val_set_size if cfg.val_set_size < 1 else int(cfg.val_set_size)
-    if (size >= 1 and size >= len(dataset)) or (size < 1 and round(size * len(dataset)) < 1):
+    # As `train_test_split` counts them: a fraction's evaluation rows round up.
+    eval_rows = size if size >= 1 else math.ceil(size * len(dataset))
+    if eval_rows >= len(dataset) or (size < 1 and size * len(dataset) < 1):
         raise DataError(
-            f"val_set_size {cfg.val_set_size} leaves no rows for training or evaluation ({len(dataset)} rows)"
+            f"val_set_size: {cfg.val_set_size} leaves no rows for training or evaluation ({len(dataset)} rows "
+            "kept): lower it, or set 0 for no evaluation set"
         )
     split = dataset.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
@@ -266,7 +283,49 @@ def load_prepared(path: Path) -> PreparedData:
     report.from_cache = True
     train = datasets.load_from_disk(str(path / "train"))
     eval_set = datasets.load_from_disk(str(path / "eval")) if (path / "eval").exists() else None
+    if len(train) != report.train_rows or (len(eval_set) if eval_set is not None else 0) != report.eval_rows:
+        raise ValueError("the row counts differ from the report's")
     return PreparedData(train, eval_set, report, path)
+
+
+def _load_complete(path: Path) -> PreparedData | None:
+    """The cache entry at `path`, or None when there is none or it is incomplete or damaged (a part deleted,
+    an Arrow file truncated): that entry is removed, to be prepared again."""
+    if not path.exists():
+        return None
+    try:
+        return load_prepared(path)
+    except Exception as exc:  # json, pyarrow and `datasets` each have their own ways of failing here
+        log.warning("Prepared data in %s is incomplete or damaged (%s): preparing it again", path, _short(exc))
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def _short(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+
+
+_WORK_PREFIX = "."  # temporary directories: .<fingerprint>-<host>-<pid>-<random>
+
+
+def _remove_abandoned_work(root: Path) -> None:
+    """Temporary directories left by preparations that were killed on this machine (their process is gone)."""
+    host = socket.gethostname()
+    for work in root.glob(f"{_WORK_PREFIX}*-{host}-*-*"):
+        pid = work.name.removeprefix(_WORK_PREFIX).split(f"-{host}-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("Removing %s, left by a preparation that was stopped", work)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
@@ -281,15 +340,19 @@ def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
 
 
 def _prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
-    sources = [resolve_source(ds) for ds in cfg.datasets]
+    # The cache and the output directory are never data, even inside a dataset directory.
+    sources = [resolve_source(ds, exclude=(cfg.dataset_prepared_path, cfg.output_dir)) for ds in cfg.datasets]
     fingerprint = data_fingerprint(cfg, tokenizer, sources)
     final = prepared_entry(cfg, fingerprint)
     root = final.parent
-    if (final / "report.json").exists():
+    cached = _load_complete(final)
+    if cached is not None:
         log.info("Reusing prepared data from %s", final)
-        return load_prepared(final)
+        return cached
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=root))
+    _remove_abandoned_work(root)
+    prefix = f"{_WORK_PREFIX}{fingerprint}-{socket.gethostname()}-{os.getpid()}-"
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     try:
         dataset, report = _tokenize(cfg, tokenizer, sources, work)
         train, eval_set = _split(cfg, dataset)
@@ -300,7 +363,7 @@ def _prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:
         if eval_set is not None:
             eval_set.save_to_disk(str(out / "eval"))
         (out / "report.json").write_text(report.to_json())
-        if final.exists():  # another process won the race with the same content
+        if _load_complete(final) is not None:  # another process won the race with the same content
             shutil.rmtree(out)
         else:
             out.rename(final)

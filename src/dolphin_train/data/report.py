@@ -13,6 +13,9 @@ class PreparationReport:
 
     rows_read: dict[str, int] = field(default_factory=dict)  # per dataset path
     skipped_invalid: dict[str, int] = field(default_factory=dict)  # per reason (skip_invalid_rows: true)
+    blank_lines: dict[str, int] = field(default_factory=dict)  # per file: blank lines of JSON Lines files
+    empty_files: list[str] = field(default_factory=list)  # data files with no content
+    skipped_files: list[str] = field(default_factory=list)  # files in a dataset directory that are not data
     kept: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
@@ -45,6 +48,12 @@ class PreparationReport:
             t.add_row(f"rows read: {path}", f"{n:,}")
         for reason, n in sorted(self.skipped_invalid.items()):
             t.add_row(f"skipped (invalid): {reason}", f"{n:,}")
+        for path, n in self.blank_lines.items():
+            t.add_row(f"blank lines: {path}", f"{n:,}")
+        for path in self.empty_files:
+            t.add_row(f"empty file: {path}", "0")
+        for path in self.skipped_files:
+            t.add_row(f"not a data file, not read: {path}", "-")
         t.add_row("kept", f"{self.kept:,}")
         t.add_row(f"truncated to {self.sequence_len} tokens", f"{self.truncated:,}")
         t.add_row(f"dropped: longer than {self.sequence_len} tokens", f"{self.dropped_too_long:,}")

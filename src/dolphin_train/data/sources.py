@@ -40,6 +40,8 @@ class RawRow:
     where: str  # "path:line" (JSONL), "path[index]" (JSON array, Parquet, CSV, Arrow, hub)
     value: Any  # the parsed row, or None when it could not be parsed
     problem: str | None = None  # why it could not be parsed
+    reason: str = "invalid JSON"  # the kind of problem, as the report counts skipped rows
+    blank: bool = False  # a blank line of a JSON Lines file: no row, counted per file
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Source:
     files: tuple[Path, ...] = ()
     hub: bool = False
     snapshot: Path | None = None  # offline: the hub dataset's files in the hub cache (the path names the revision)
+    skipped: tuple[Path, ...] = ()  # files of a dataset directory that are not data (README.md, notes.txt)
 
     def fingerprint(self, digest: Any) -> None:
         """Local files: their contents. Hub datasets: their id, configuration and split (and the cached revision
@@ -75,12 +78,26 @@ def _supported(path: Path, ds: DatasetConfig) -> bool:
     return ds.ds_type is not None or path.suffix in FILE_TYPES
 
 
-def resolve_source(ds: DatasetConfig) -> Source:
-    """Expand `path` (file, directory, glob; `data_files` inside a directory) or recognise a hub id."""
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _inside(path: Path, directories: tuple[Path, ...]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(d) for d in directories)
+
+
+def resolve_source(ds: DatasetConfig, exclude: tuple[str | Path, ...] = ()) -> Source:
+    """Expand `path` (file, directory, glob; `data_files` inside a directory) or recognise a hub id.
+    `exclude`: directories never read as data (the run's prepared-data cache and output directory, when they
+    sit inside a dataset directory)."""
     path = ds.path
     local = Path(path).expanduser()
+    excluded = tuple(Path(d).expanduser().resolve() for d in exclude)
+    skipped: list[Path] = []
     if any(ch in path for ch in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(local), recursive=True)) if Path(p).is_file()]
+        files = [f for f in files if not _inside(f, excluded)]
         if not files:
             raise DataError(f"dataset {path}: the pattern matches no file")
     elif local.is_dir():
@@ -91,7 +108,10 @@ def resolve_source(ds: DatasetConfig) -> Source:
             if missing:
                 raise DataError(f"dataset {path}: data_files not found: {', '.join(missing)}")
         else:
-            files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in FILE_TYPES)
+            found = sorted(p for p in local.rglob("*") if p.is_file() and not _inside(p, excluded))
+            files = [p for p in found if p.suffix in FILE_TYPES]
+            # Listed in the report; hidden ones (.gitattributes, a hub download's .cache/) are not worth a word.
+            skipped = [p for p in found if p.suffix not in FILE_TYPES and not _hidden(p.relative_to(local))]
         if not files:
             raise DataError(f"dataset {path}: the directory holds no .jsonl/.json/.parquet/.csv/.arrow file")
     elif local.is_file():
@@ -108,7 +128,7 @@ def resolve_source(ds: DatasetConfig) -> Source:
             f"dataset {path}: unsupported file type for {', '.join(unsupported)} "
             f"(use .jsonl, .json, .parquet, .csv or .arrow, or set ds_type)"
         )
-    return Source(ds, files=tuple(files))
+    return Source(ds, files=tuple(files), skipped=tuple(skipped))
 
 
 def _offline_snapshot(repo_id: str) -> Path | None:
@@ -148,12 +168,34 @@ def iter_source_rows(source: Source) -> Iterator[RawRow]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[RawRow]:
-    """One object per line; blank lines skipped; a broken line is reported, not fatal here."""
-    with path.open("r", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    """One object per line; blank lines marked (counted per file); a broken line, or one that is not UTF-8
+    text, is reported, not fatal here."""
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRow(where, None, not_utf8(raw, exc), reason="not UTF-8 text")
                 continue
-            yield parse_json_line(f"{path}:{line_no}", line)
+            if not line.strip():
+                yield RawRow(where, None, blank=True)
+                continue
+            yield parse_json_line(where, line)
+
+
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8 text"
+
+
+def _decode_whole(path: Path) -> str:
+    """A whole file as UTF-8 text, or a DataError naming the first line that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: {not_utf8(raw, exc)} (save the file as UTF-8)") from None
 
 
 def parse_json_line(where: str, line: str) -> RawRow:
@@ -166,9 +208,9 @@ def parse_json_line(where: str, line: str) -> RawRow:
 
 def _iter_json_array(path: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        # Many ".json" files are really JSON Lines.
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Many ".json" files are really JSON Lines (a line that is not UTF-8 is then named by its number).
         yield from _iter_jsonl(path)
         return
     if isinstance(data, dict):
@@ -182,7 +224,9 @@ def _iter_json_array(path: Path) -> Iterator[RawRow]:
 def _iter_csv(path: Path) -> Iterator[RawRow]:
     """The standard library's reader keeps every cell as text ("42" is an answer, not a number) and
     knows each row's line; a header row names the columns."""
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    import io
+
+    with io.StringIO(_decode_whole(path), newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
             yield RawRow(f"{path}:{reader.line_num}", dict(row))

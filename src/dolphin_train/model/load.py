@@ -10,6 +10,7 @@ import contextlib
 import logging
 from typing import Any
 
+from dolphin_train.config.load import missing_local_model
 from dolphin_train.config.resolve import VARLEN, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
@@ -57,6 +58,9 @@ def load_model_config(cfg: Config) -> Any:
     from transformers import AutoConfig
 
     source = cfg.base_model_config or cfg.base_model
+    missing = missing_local_model("base_model_config" if cfg.base_model_config else "base_model", source)
+    if missing:
+        raise DolphinError(missing)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from dolphin_train.config.load import missing_local_model
 from dolphin_train.config.schema import FALLBACK_PREFIX, TOKENIZER_DEFAULT, Config
 from dolphin_train.data.named_templates import NAMED_TEMPLATES
 from dolphin_train.data.templates import CHATML_TEMPLATE, IM_END, IM_START
@@ -52,6 +53,9 @@ def _load_base(cfg: Config) -> Any:
     source = cfg.tokenizer_config or cfg.base_model
     if not cfg.tokenizer_use_fast:
         log.info("tokenizer_use_fast: false: using the fast tokenizer anyway (same ids; masking needs its offsets)")
+    missing = missing_local_model("tokenizer_config" if cfg.tokenizer_config else "base_model", source)
+    if missing:
+        raise DolphinError(missing)
     try:
         tokenizer = _tokenizer_class(cfg).from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

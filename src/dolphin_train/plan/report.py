@@ -151,11 +151,20 @@ def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> 
     auto, chosen = resolve_auto_settings(cfg, facts, runtime, gpu_memory, rows)
     cfg = auto.cfg
     data = plan_data(cfg, facts.tokenizer, gpus)
+    reasons = auto.reasons
+    per_gpu = -(-data.train_rows // gpus) if data.train_rows else None
+    if per_gpu is not None and cfg.micro_batch_size != "auto" and cfg.micro_batch_size > per_gpu:
+        # A micro-batch holds at most the rows a GPU sees: planned as the run will do it, and the suggestions
+        # start from there (not from an effective batch no dataset fills).
+        reasons = (*reasons, f"micro_batch_size: {cfg.micro_batch_size} is more than the {per_gpu} rows each GPU "
+                   f"sees per epoch: planned as {per_gpu} (set micro_batch_size: {per_gpu} or lower)")  # fmt: skip
+        cfg = cfg.model_copy(update={"micro_batch_size": per_gpu})
+        chosen = None
     memory = chosen or plan_memory(cfg, facts, runtime)
     fix = None
     if memory.total > gpu_memory:
         fix = find_fix(cfg, facts, runtime, gpu_memory)
-    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix, auto.reasons)
+    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix, reasons)
 
 
 def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:

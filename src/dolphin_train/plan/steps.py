@@ -43,7 +43,7 @@ def plan_data(cfg: Config, tokenizer: Any | None, gpus: int) -> DataPlan:
     from dolphin_train.data.sources import resolve_source
 
     try:
-        sources = [resolve_source(ds) for ds in cfg.datasets]
+        sources = [resolve_source(ds, exclude=(cfg.dataset_prepared_path, cfg.output_dir)) for ds in cfg.datasets]
     except DolphinError as exc:
         return _unknown(f"unknown: {exc}")
     if any(s.hub for s in sources):

@@ -17,6 +17,13 @@ def load_for_chat(path: str | Path) -> tuple[Any, Any]:
     path = Path(path)
     if not path.is_dir():
         raise DolphinError(f"{path} is not a model directory")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise DolphinError(
+            f"{path} holds no saved model (no config.json or adapter_config.json): give the output_dir of a finished "
+            "run, its config file, or a model directory"
+        )
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise DolphinError(f"{path} holds no tokenizer (tokenizer.json): was the run finished?")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM

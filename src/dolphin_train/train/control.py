@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -49,6 +50,21 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
             return path
         log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
     return None
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints cut off mid-write (a killed run) can never be resumed from; left in place they would count
+    towards `save_total_limit`, which then deletes complete ones first. Removed before training starts."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    removed = []
+    for path in sorted(p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)):
+        if not checkpoint_is_complete(path):
+            log.warning("Removing %s: incomplete (interrupted while it was written), it cannot be resumed from", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def resolve_resume(cfg: Config) -> str | None:
