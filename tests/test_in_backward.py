@@ -66,15 +66,16 @@ def _window_means(losses: list[float], width: int = 20) -> list[float]:
 
 def test_bf16_weights_with_stochastic_rounding_follow_the_float32_master_curve(tmp_path: Path) -> None:
     """The one-GPU setting (bf16 weights, no float32 master copy, torchao's 8-bit AdamW rounding each update
-    stochastically, stepped in the backward pass) against float32 weights and torch's AdamW, over 100 steps:
-    every 20-step mean loss within 1%. Measured on this model: 0.05% with stochastic rounding; rounding to
-    nearest (bitsandbytes' 8-bit AdamW) drifts 1.8%, and bf16 weights with torch's AdamW 2.4% (8.5% and 10%
-    after 200 steps): small updates lost to bf16's precision, which this test exists to catch."""
+    stochastically, stepped in the backward pass) against float32 weights and torch's AdamW, over 200 steps:
+    every 20-step mean loss within 2%. Measured on this model: at most 0.16% with stochastic rounding, where
+    rounding to nearest (bitsandbytes' 8-bit AdamW, same mode) drifts 8.5% and bf16 weights with torch's
+    AdamW 10%: the small updates lost to bf16's precision, which this test exists to catch, grow with the
+    steps (1.8% and 2.4% after 100), so 2% sits an order of magnitude above the one and well below the others."""
     keys = {"model_config_overrides": SMALL_MODEL, "learning_rate": 1e-3}
-    reference, _, _ = _train(tmp_path / "fp32", 100, **keys)
-    rounded, _, trainer = _train(tmp_path / "bf16", 100, bfloat16=True, optimizer_in_backward=True,
+    reference, _, _ = _train(tmp_path / "fp32", 200, **keys)
+    rounded, _, trainer = _train(tmp_path / "bf16", 200, bfloat16=True, optimizer_in_backward=True,
                                  optimizer="adamw_torch_8bit", **keys)  # fmt: skip
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
-    assert len(rounded) == len(reference) == 100 and reference[-1] < 0.75 * reference[0]
+    assert len(rounded) == len(reference) == 200 and reference[-1] < 0.75 * reference[0]
     for got, want in zip(_window_means(rounded), _window_means(reference), strict=True):
-        assert got == pytest.approx(want, rel=0.01)
+        assert got == pytest.approx(want, rel=0.02)
