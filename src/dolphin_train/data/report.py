@@ -24,6 +24,7 @@ class PreparationReport:
     eval_rows: int = 0
     sequence_len: int = 0
     fingerprint: str = ""
+    engine: str = ""  # which tokenizer engine made the ids (both give the same ids)
     from_cache: bool = False
 
     def to_json(self) -> str:
@@ -51,5 +52,7 @@ class PreparationReport:
         t.add_row("tokens (trainable)", f"{self.tokens:,} ({self.trainable_tokens:,})")
         t.add_row("longest row", f"{self.longest:,}")
         t.add_row("train / eval rows", f"{self.train_rows:,} / {self.eval_rows:,}")
+        if self.engine:
+            t.add_row("tokenizer engine", self.engine)
         t.add_row("fingerprint", self.fingerprint)
         return t
