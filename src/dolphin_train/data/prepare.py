@@ -33,7 +33,7 @@ from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 log = logging.getLogger(__name__)
 
 # Bump when the prepared format or the masking rule changes, so old caches are not reused.
-PREPARED_FORMAT_VERSION = 2  # 2: Jinja chat templates write BOS themselves
+PREPARED_FORMAT_VERSION = 3  # 2: Jinja chat templates write BOS themselves; 3: special-token text in contents
 MAX_LISTED_PROBLEMS = 20
 SAMPLE_FOR_FAST_CHECK = 300
 
@@ -81,6 +81,7 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
         "sequence_len": cfg.sequence_len,
         "excess_length_strategy": cfg.excess_length_strategy,
         "train_on_inputs": cfg.train_on_inputs,
+        "special_tokens_in_content": cfg.special_tokens_in_content,
         "val_set_size": cfg.val_set_size,
         "seed": cfg.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -162,11 +163,11 @@ def template_for(cfg: Config, tokenizer: Any) -> Template:
         if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
             what = "eot_tokens" if cfg.eot_tokens else f"{name}'s end-of-turn token"
             raise DataError(f"{what}: {token!r} is not a single token of this tokenizer; add it under `tokens:`")
-    return TokenizerTemplate(tokenizer, end_tokens)
+    return TokenizerTemplate(tokenizer, end_tokens, named.markers if uses_named else ())
 
 
 def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path) -> tuple[Any, PreparationReport]:
-    report = PreparationReport(sequence_len=cfg.sequence_len)
+    report = PreparationReport(sequence_len=cfg.sequence_len, special_tokens_kept=cfg.special_tokens_in_content)
     num_proc = _num_proc(cfg, _approximate_rows(sources))
     started = time.perf_counter()
     loaded = load_canonical(cfg, sources, work_dir, num_proc)
@@ -188,6 +189,7 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
         cfg.train_on_inputs,
         truncate=cfg.excess_length_strategy == "truncate",
         template=template_for(cfg, tokenizer),
+        special_tokens_in_content=cfg.special_tokens_in_content,
     )
     started = time.perf_counter()
     encoder.fast = _checked_fast_tokenizer(encoder, tokenizer, canonical)
@@ -215,8 +217,9 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     report.truncated = int(counts[TRUNCATED])
     report.dropped_too_long = int(counts[TOO_LONG])
     report.dropped_no_trainable = int(counts[NO_TRAINABLE])
+    report.special_tokens_in_content = int(np.asarray(tokenized["special_text"]).sum())
     keep = np.flatnonzero((status == KEPT) | (status == TRUNCATED))
-    kept = tokenized.select(keep).remove_columns(["status", "problem"])
+    kept = tokenized.select(keep).remove_columns(["status", "problem", "special_text"])
     if len(kept) == 0:
         raise DataError(
             f"no row is left to train on: {report.dropped_too_long} longer than sequence_len "

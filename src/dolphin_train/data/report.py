@@ -25,6 +25,8 @@ class PreparationReport:
     sequence_len: int = 0
     fingerprint: str = ""
     engine: str = ""  # which tokenizer engine made the ids (both give the same ids)
+    special_tokens_in_content: int = 0  # rows whose messages held special-token text
+    special_tokens_kept: bool = False  # special_tokens_in_content: true (else tokenized as text)
     from_cache: bool = False
 
     def to_json(self) -> str:
@@ -49,6 +51,8 @@ class PreparationReport:
         t.add_row(f"truncated to {self.sequence_len} tokens", f"{self.truncated:,}")
         t.add_row(f"dropped: longer than {self.sequence_len} tokens", f"{self.dropped_too_long:,}")
         t.add_row("dropped: no trainable token", f"{self.dropped_no_trainable:,}")
+        how = "kept as special tokens" if self.special_tokens_kept else "tokenized as text"
+        t.add_row(f"rows with special-token text in a message ({how})", f"{self.special_tokens_in_content:,}")
         t.add_row("tokens (trainable)", f"{self.tokens:,} ({self.trainable_tokens:,})")
         t.add_row("longest row", f"{self.longest:,}")
         t.add_row("train / eval rows", f"{self.train_rows:,} / {self.eval_rows:,}")
