@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -189,10 +190,43 @@ def validate_mapping(data: Mapping[str, Any], source: str = "config") -> Config:
     except ValidationError as exc:
         problems = _merged_union_errors([_describe_error(e) for e in exc.errors()])
         raise ConfigError(problems, source=source) from None
-    problems = _unsupported_settings(cfg)
+    problems = _unsupported_settings(cfg) + _position_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def _position_problems(cfg: Config) -> list[str]:
+    """A `sequence_len` past the positions the model was trained for, when base_model is a local directory
+    (a hub id is checked when the model loads): an error before any work, unless the config asks for RoPE
+    scaling (`model_config: {rope_scaling: ...}`) or the model's own config.json scales RoPE already."""
+    path = Path(cfg.base_model_config or cfg.base_model) / "config.json"
+    try:
+        model = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    model = {**model.get("text_config", {}), **model}  # multimodal configs keep the language model's inside
+    overrides = cfg.model_config_overrides or {}
+    limit = overrides.get("max_position_embeddings", model.get("max_position_embeddings"))
+    if not isinstance(limit, int) or cfg.sequence_len <= limit:
+        return []
+    if any(
+        _scales_rope(source.get(name)) for source in (overrides, model) for name in ("rope_scaling", "rope_parameters")
+    ):
+        return []
+    return [
+        f"sequence_len: {cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}, {path}): "
+        f"positions past {limit} were never trained. Set sequence_len <= {limit}, or ask for RoPE scaling, e.g. "
+        f"model_config: {{rope_scaling: {{rope_type: linear, factor: {-(-cfg.sequence_len // limit)}.0}}}}"
+    ]
+
+
+def _scales_rope(value: Any) -> bool:
+    """A `rope_scaling` / `rope_parameters` entry that stretches positions (not plain RoPE)."""
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("rope_type", value.get("type"))
+    return kind not in (None, "default") or value.get("factor", 1) not in (None, 1, 1.0)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
