@@ -210,14 +210,14 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
             new_fingerprint="tokenized",
         )
     log.debug("Tokenized %d rows in %.1f s", len(tokenized), time.perf_counter() - started)
-    status = np.asarray(tokenized["status"])
+    status = column(tokenized, "status")
     _template_rejections(cfg, canonical, tokenized, status, report)
     counts = np.bincount(status, minlength=5)
     report.kept = int(counts[KEPT] + counts[TRUNCATED])
     report.truncated = int(counts[TRUNCATED])
     report.dropped_too_long = int(counts[TOO_LONG])
     report.dropped_no_trainable = int(counts[NO_TRAINABLE])
-    report.special_tokens_in_content = int(np.asarray(tokenized["special_text"]).sum())
+    report.special_tokens_in_content = int(column(tokenized, "special_text").sum())
     keep = np.flatnonzero((status == KEPT) | (status == TRUNCATED))
     kept = tokenized.select(keep).remove_columns(["status", "problem", "special_text"])
     if len(kept) == 0:
@@ -225,11 +225,16 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
             f"no row is left to train on: {report.dropped_too_long} longer than sequence_len "
             f"({cfg.sequence_len}), {report.dropped_no_trainable} with no trainable token"
         )
-    lengths = np.asarray(kept["length"])
+    lengths = column(kept, "length")
     report.tokens = int(lengths.sum())
-    report.trainable_tokens = int(np.asarray(kept["trainable"]).sum())
+    report.trainable_tokens = int(column(kept, "trainable").sum())
     report.longest = int(lengths.max())
     return kept, report
+
+
+def column(dataset: Any, name: str) -> np.ndarray:
+    """One column as a NumPy array, straight from Arrow (`dataset[name]` makes a Python object per row)."""
+    return dataset.with_format("arrow")[name].to_numpy()
 
 
 def _template_rejections(cfg: Config, canonical: Any, tokenized: Any, status: Any, report: PreparationReport) -> None:
