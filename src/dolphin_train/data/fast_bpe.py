@@ -181,10 +181,8 @@ def _cached_reachable(model: Any, vocab: dict[str, int], serialized: str) -> lis
 
 
 def _merges(serialized: str) -> list[tuple[str, str]]:
-    """The model's merges, in rank order, from the tokenizer's JSON (read alone: the whole JSON is slow)."""
-    model_at = serialized.index('"model":')
-    start = serialized.index("[", serialized.index('"merges":', model_at))
-    merges, _ = json.JSONDecoder().raw_decode(serialized, start)
+    """The model's merges, in rank order, from the tokenizer's JSON (read once per tokenizer: see the cache)."""
+    merges = json.loads(serialized)["model"]["merges"]
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
