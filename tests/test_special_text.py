@@ -111,3 +111,19 @@ def test_the_report_counts_rows_with_special_token_text(tmp_path: Path) -> None:
         assert report.special_tokens_in_content == 3
         assert report.special_tokens_kept is keep
         assert report.engine
+
+
+def test_a_disagreement_of_the_engines_is_reported_as_a_bug(tmp_path: Path, monkeypatch, caplog) -> None:
+    """The sample check is only a guard: the fast engine is exact by construction, so a difference is said
+    loudly, and that preparation uses the Hugging Face tokenizer (named in the report)."""
+    from dolphin_train.data import prepare
+
+    data = write_jsonl(tmp_path / "d.jsonl", [sharegpt(("human", "hello"), ("gpt", "fine"))] * 3)
+    cfg = validate_mapping(tiny_config(tmp_path, data))
+    assert prepare_data(cfg, load_tokenizer(cfg).tokenizer).report.engine == prepare.ENGINE_FAST
+    monkeypatch.setattr(FastBPE, "first_disagreement", lambda self, tokenizer, texts: texts[0])
+    cfg = validate_mapping(tiny_config(tmp_path, data, dataset_prepared_path=str(tmp_path / "again")))
+    with caplog.at_level("ERROR"):
+        report = prepare_data(cfg, load_tokenizer(cfg).tokenizer).report
+    assert report.engine == prepare.ENGINE_HF
+    assert "BUG" in caplog.text
