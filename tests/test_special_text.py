@@ -127,3 +127,15 @@ def test_a_disagreement_of_the_engines_is_reported_as_a_bug(tmp_path: Path, monk
         report = prepare_data(cfg, load_tokenizer(cfg).tokenizer).report
     assert report.engine == prepare.ENGINE_HF
     assert "BUG" in caplog.text
+
+
+@pytest.mark.parametrize("engine", ["huggingface", "tiktoken"])
+def test_a_completion_that_opens_with_the_bos_text_still_gets_the_bos_token(chatml, llama3_dir, engine) -> None:
+    from dolphin_train.config.schema import DatasetConfig
+    from dolphin_train.data.formats import RowConverter
+
+    convert = RowConverter(DatasetConfig(path="-", type="completion"), None, False)
+    rows = [convert({"text": BOS_EOS})]
+    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    ids = ConversationEncoder(chatml, 100_000, False, False, fast=_engines(chatml)[engine])(batch)["input_ids"][0]
+    assert ids.tolist() == [BOS, *_as_text(llama3_dir, BOS_EOS), IM_END]  # EOS is <|im_end|> in this config

@@ -104,7 +104,6 @@ class ConversationEncoder:
         self.train_on_inputs = train_on_inputs
         self.truncate = truncate
         self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        self.bos_text = tokenizer.bos_token or ""
         self.eos_text = tokenizer.eos_token
         self.fast = fast
         self.keep_special = special_tokens_in_content
@@ -260,7 +259,8 @@ class ConversationEncoder:
     def _encode_one(
         self, ids: np.ndarray, trained: np.ndarray, text: str, add_bos: bool, out: dict[str, list[Any]]
     ) -> None:
-        if add_bos and self.bos_id is not None and not (self.bos_text and text.startswith(self.bos_text)):
+        # Not twice where the text opens with BOS itself (read as the token, not as text inside a message).
+        if add_bos and self.bos_id is not None and not (len(ids) and ids[0] == self.bos_id):
             ids = np.concatenate(([self.bos_id], ids))
             trained = np.concatenate(([False], trained))
         # Position 0 is never a prediction target (the loss shifts labels); masking it explicitly also keeps
