@@ -231,3 +231,22 @@ def test_sdp_attention_says_why_sdpa_was_chosen() -> None:
     cfg = validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}], "sdp_attention": True})
     runtime = resolve_runtime(cfg)
     assert runtime.attn_implementation == "sdpa" and "sdp_attention: true" in runtime.attention_note
+
+
+def test_sequence_len_past_the_models_positions_is_refused_unless_rope_is_scaled(tmp_path: Path) -> None:
+    import json
+
+    from dolphin_train.errors import ConfigError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
+    raw = {"base_model": str(model), "datasets": [{"path": "d.jsonl"}]}
+    with pytest.raises(ConfigError) as caught:
+        validate_mapping({**raw, "sequence_len": 4096})
+    assert "sequence_len: 4096" in str(caught.value) and "max_position_embeddings (2048" in str(caught.value)
+    validate_mapping({**raw, "sequence_len": 2048})
+    scaled = {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    validate_mapping({**raw, "sequence_len": 4096, "model_config": scaled})
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 2048, **scaled}))
+    validate_mapping({**raw, "sequence_len": 4096})

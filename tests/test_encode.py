@@ -199,3 +199,98 @@ def test_mask_rules_agree_for_sorted_and_unsorted_offsets() -> None:
         a, b = sorted(rng.choice(300, size=2, replace=False))
         spans = [(int(a), int(b))]
         assert (trained_token_mask(offsets, spans, 300) == _trained_token_mask_unsorted(offsets, spans, 300)).all()
+
+
+# Text on which tiktoken's whole-word lookup and Hugging Face's merges part ways (" Việt" is one Llama-3 token
+# that its merges cannot reach), with code, other scripts, emoji and odd whitespace around it.
+HARD_TEXTS = [
+    " Việt",
+    "Tiếng Việt là ngôn ngữ chính thức của Việt Nam.",
+    "Türkiye'nin ihtiyaç tarihi Erdoğan yabancı kültür bulundu olacaktır; státní tématu udělat.",
+    "Москва — ситуации ремонт натураль осложн. 東京は日本の首都です。数据科学 🚀👍🏽 👨‍👩‍👧‍👦 🇻🇳",
+    "def f(x):\n\treturn x ** 2  # square\r\n\r\n    \n\n\n   \u00a0\u2009\u3000 tab\t\tend",
+    "It's WE'LL they've I'd ſ 'ſ 'S 1234567890 3.14159 0xFF",
+]
+
+
+def _property_texts(seed: int, n: int) -> list[str]:
+    """Random mixtures of pieces of HARD_TEXTS and single characters from many scripts."""
+    rng = random.Random(seed)
+    alphabet = "aeiouyáàảãạăắằẳẵặâấầẩẫậđéèẻẽẹêếềểễệíìỉĩịóòỏõọôốồổỗộơớờởỡợúùủũụưứừửữựýỳỷỹỵ"
+    alphabet += "çğıöşüÇĞİÖŞÜčďěňřšťůžЖжЯя東京数据한국αβ—–…“”'\" \t\n\r.,;:!?()[]{}<>_#0123456789🚀"
+    texts = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            if rng.random() < 0.5:
+                text = rng.choice(HARD_TEXTS)
+                start = rng.randrange(len(text))
+                parts.append(text[start : start + rng.randint(1, 40)])
+            else:
+                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))))
+        texts.append("".join(parts))
+    return texts
+
+
+def _gpt2_style_tokenizer(pre_tokenizer: str):
+    """A byte-level BPE trained here, GPT-2 style (ByteLevel regex) or Qwen style (Split regex, then ByteLevel),
+    plus one vocabulary word its merges cannot reach (as Llama-3 has)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if pre_tokenizer == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        qwen = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        qwen += r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+        split = pre_tokenizers.Split(Regex(qwen), "isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(HARD_TEXTS * 20 + _property_texts(7, 300), trainer)
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    word = "".join(pre_tokenizers.ByteLevel(False, use_regex=False).pre_tokenize_str(" unreachable")[0][0])
+    assert word not in vocab
+    vocab[word] = len(vocab)
+    state["added_tokens"] = [{"id": len(vocab), "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}]  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)))
+
+
+def _assert_engines_agree(tokenizer, texts: list[str], monkeypatch, tmp_path) -> None:
+    from dolphin_train.data import fast_bpe
+
+    monkeypatch.setattr(fast_bpe, "_cache_dir", lambda: tmp_path)
+    for attempt in ("found", "from the cache"):
+        fast = fast_bpe.FastBPE.from_tokenizer(tokenizer)
+        assert fast is not None, attempt
+        expected = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        got = fast.encode_batch(texts)
+        differing = [t for t, a, b in zip(texts, got, expected, strict=True) if a != b]
+        assert differing == [], (attempt, differing[:3])
+
+
+def test_fast_bpe_never_produces_a_token_the_merges_cannot_reach(llama3, monkeypatch, tmp_path) -> None:
+    """ " Việt" is one Llama-3 token, but the Hugging Face BPE (ignore_merges off) gives " Vi", "ệ", "t"."""
+    tok = llama3.tokenizer
+    assert tok(" Việt", add_special_tokens=False)["input_ids"] == [11655, 26298, 83]
+    _assert_engines_agree(tok, HARD_TEXTS + _property_texts(0, 3000), monkeypatch, tmp_path)
+
+
+def test_fast_bpe_honours_ignore_merges(llama3_dir, monkeypatch, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama3_dir)
+    tok.backend_tokenizer.model.ignore_merges = True  # as in Meta's own Llama-3 tokenizer.json
+    assert tok(" Việt", add_special_tokens=False)["input_ids"] == [101798]
+    _assert_engines_agree(tok, HARD_TEXTS + _property_texts(1, 1000), monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen"])
+def test_fast_bpe_agrees_on_other_byte_level_bpes(style, monkeypatch, tmp_path) -> None:
+    tok = _gpt2_style_tokenizer(style)
+    assert tok(" unreachable", add_special_tokens=False)["input_ids"] != [tok.convert_tokens_to_ids("Ġunreachable")]
+    _assert_engines_agree(tok, [" unreachable", *HARD_TEXTS, *_property_texts(2, 2000)], monkeypatch, tmp_path)

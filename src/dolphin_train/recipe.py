@@ -19,31 +19,13 @@ from dolphin_train.config.load import missing_local_model
 from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
-from dolphin_train.data.prepare import PreparedData, prepare_on_main_process_first
+from dolphin_train.data.prepare import PreparedData, prepare_data, prepare_on_main_process_first
 from dolphin_train.data.sources import resolve_source
 from dolphin_train.errors import DataError, DolphinError, EnvironmentProblem
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
-from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end
+from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end, world_size
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
-from dolphin_train.train.control import (
-    EarlyStopping,
-    LossWatchdog,
-    StopOnNonFiniteLoss,
-    StopOnSignal,
-    checkpoint_step,
-    remove_incomplete_checkpoints,
-    resolve_resume,
-)
 from dolphin_train.train.environment import set_up_process_environment
-from dolphin_train.train.lisa import LayerwiseSampling
-from dolphin_train.train.outputs import (
-    RecordConfigInTrackers,
-    memory_before_model_mb,
-    run_identity,
-    save_config_snapshot,
-    save_final_model,
-    write_run_summary,
-)
 from dolphin_train.train.schedule import TrainingSchedule, compute_schedule
 
 log = logging.getLogger(__name__)
@@ -55,6 +37,8 @@ log = logging.getLogger(__name__)
 def open_prepared_data(cfg: Config) -> tuple[LoadedTokenizer, PreparedData]:
     """The tokenizer and the prepared data (from the cache or prepared now, rank 0 first under torchrun)."""
     tok = load_tokenizer(cfg)
+    if world_size() == 1:  # no process group: the device does not matter (detecting it imports torch)
+        return tok, prepare_data(cfg, tok.tokenizer)
     with leaving_the_process_group_at_the_end():
         prepared = prepare_on_main_process_first(cfg, tok.tokenizer, resolve_runtime(cfg).device)
     return tok, prepared
@@ -139,6 +123,8 @@ def make_trainer(
     )
     _use_our_console(trainer)
     if cfg.lisa_n_layers:
+        from dolphin_train.train.lisa import LayerwiseSampling
+
         if runtime.world_size > 1:  # DDP reduces the gradients of the parameters it started with, every step
             raise EnvironmentProblem(f"lisa_n_layers runs in one process; this launch has {runtime.world_size}")
         trainer.add_callback(LayerwiseSampling.from_config(cfg, model))
@@ -287,6 +273,11 @@ def decide_auto_settings(cfg: Config, runtime: RuntimeSettings, tok: LoadedToken
 
 def set_up_run(cfg: Config) -> Run:
     """Follow the flow: runtime → tokenizer → prepared data → rows → schedule → model and Trainer."""
+    # The training stack (transformers' Trainer, torch, peft) is imported here, not at the top: `preprocess`
+    # and `inspect` never need it, and importing it costs seconds.
+    from dolphin_train.train.control import checkpoint_step, remove_incomplete_checkpoints, resolve_resume
+    from dolphin_train.train.outputs import memory_before_model_mb
+
     runtime = resolve_runtime(cfg)
     set_up_process_environment(cfg, runtime)
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
@@ -321,6 +312,14 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
 
 
 def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
+    from dolphin_train.train.control import EarlyStopping, LossWatchdog, StopOnNonFiniteLoss, StopOnSignal
+    from dolphin_train.train.outputs import (
+        RecordConfigInTrackers,
+        run_identity,
+        save_config_snapshot,
+        save_final_model,
+        write_run_summary,
+    )
     from dolphin_train.train.overview import run_overview
 
     run = set_up_run(cfg)

@@ -311,6 +311,7 @@ def validate_mapping(data: Mapping[str, Any], source: str = "config") -> Config:
         raise ConfigError(early + [p for p in problems if p.split(":")[0] not in {e.split(":")[0] for e in early}],
                           source=source) from None  # fmt: skip
     problems = early + _unsupported_settings(cfg) + _deepspeed_file_problems(cfg) + _directories_that_are_files(cfg)
+    problems += _position_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
@@ -335,6 +336,37 @@ def config_warnings(cfg: Config) -> list[str]:
         key = "evals_per_epoch" if cfg.evals_per_epoch else "eval_steps"
         warnings.append(f"{key} is set but there is no evaluation set (val_set_size is 0): no evaluation will run")
     return warnings
+def _position_problems(cfg: Config) -> list[str]:
+    """A `sequence_len` past the positions the model was trained for, when base_model is a local directory
+    (a hub id is checked when the model loads): an error before any work, unless the config asks for RoPE
+    scaling (`model_config: {rope_scaling: ...}`) or the model's own config.json scales RoPE already."""
+    path = Path(cfg.base_model_config or cfg.base_model) / "config.json"
+    try:
+        model = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    model = {**model.get("text_config", {}), **model}  # multimodal configs keep the language model's inside
+    overrides = cfg.model_config_overrides or {}
+    limit = overrides.get("max_position_embeddings", model.get("max_position_embeddings"))
+    if not isinstance(limit, int) or cfg.sequence_len <= limit:
+        return []
+    if any(
+        _scales_rope(source.get(name)) for source in (overrides, model) for name in ("rope_scaling", "rope_parameters")
+    ):
+        return []
+    return [
+        f"sequence_len: {cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}, {path}): "
+        f"positions past {limit} were never trained. Set sequence_len <= {limit}, or ask for RoPE scaling, e.g. "
+        f"model_config: {{rope_scaling: {{rope_type: linear, factor: {-(-cfg.sequence_len // limit)}.0}}}}"
+    ]
+
+
+def _scales_rope(value: Any) -> bool:
+    """A `rope_scaling` / `rope_parameters` entry that stretches positions (not plain RoPE)."""
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("rope_type", value.get("type"))
+    return kind not in (None, "default") or value.get("factor", 1) not in (None, 1, 1.0)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -536,6 +536,14 @@ class Config(_Strict):
         "before the evaluation split, so no evaluation row repeats a training row); counted in the report.",
         "data",
     )
+    special_tokens_in_content: bool = key(
+        False,
+        "Whether special-token text inside a message (`<|im_end|>`, `<|eot_id|>`, the BOS/EOS strings...) becomes "
+        "the special token. By default it is tokenized as ordinary text, so only the chat template writes turn "
+        "markers (scraped text holds such strings); rows that held some are counted in the preparation report. "
+        "`true` keeps them as tokens, for data that means them.",
+        "data",
+    )
     shuffle_merged_datasets: bool = key(True, "Shuffle the mixed datasets with `seed`.", "data")
     dataset_prepared_path: str = key(
         "last_run_prepared",

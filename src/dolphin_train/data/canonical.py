@@ -191,7 +191,7 @@ def load_canonical(cfg: Config, sources: list[Source], work_dir: Path, num_proc:
         if empty:
             source = replace(source, files=tuple(p for p in source.files if p not in empty))
         for part in _parts(cfg, source, work_dir, num_proc) if source.hub or source.files else []:
-            status = np.asarray(part["status"])
+            status = part.with_format("arrow")["status"].to_numpy()  # not a Python object per row
             read += int((status != ROW_BLANK).sum())
             blank = np.flatnonzero(status == ROW_BLANK)
             for where in part.select(blank)["where"] if len(blank) else []:

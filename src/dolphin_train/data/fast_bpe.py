@@ -2,20 +2,36 @@
 
 Why our own code: tokenization is most of the cost of preparing millions of conversations, and
 tiktoken's BPE runs about 3x faster than the Hugging Face tokenizer on the same vocabulary. It is only
-used when it is provably the same tokenizer: the vocabulary is byte-level BPE without a normalizer, the
-pre-tokenizer is one regex, added tokens match literally, and (checked at run time by
-`agrees_with`) it produces exactly the Hugging Face ids on a sample of the data being prepared.
-Anything else falls back to the Hugging Face tokenizer.
+used for a byte-level BPE without a normalizer, whose pre-tokenizer is one regex and whose added tokens
+match literally, and it is exact by construction, not by sampling:
+
+The two BPEs differ in two ways. tiktoken returns a word that is itself a token whole, where the Hugging
+Face BPE (unless `ignore_merges` is set) only reaches tokens through its merges; and tiktoken merges two
+neighbours whenever their concatenation is a token, ranked by token id, where Hugging Face merges only the
+pairs listed in `merges`, ranked by their order. So the engine's ranks hold only the *reachable* tokens,
+those the Hugging Face BPE gives whole for their own text (with `ignore_merges`, also every token its
+merges cannot bring to two parts, which no word can then reach as a pair). Then the two agree on every
+word: a token is formed from the same span of bytes in any word as alone (merges inside a span do not see
+the text around it), so two neighbours that concatenate to a reachable token are exactly the pair its own
+merges end with; and the merges must rank tokens in id order (checked), so both pick the same pair at
+every step. Tokenizers for which that cannot be guaranteed use the Hugging Face tokenizer. `first_disagreement`
+stays as a guard on a sample of the data: a disagreement there is a bug.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
+import os
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # The pattern byte-level BPE applies when its ByteLevel pre-tokenizer has use_regex: true (GPT-2).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -64,6 +80,7 @@ class FastBPE:
         import tiktoken
 
         self.parts = (pattern, ranks, specials)
+        self.left_out = 0  # vocabulary tokens the Hugging Face BPE never produces, left out of the ranks
         self.threads = 0  # 0: tiktoken's default pool; 1: encode in the calling thread (worker processes)
         self.token_bytes = token_bytes  # id -> length of the token in UTF-8 bytes
         self.encoding = tiktoken.Encoding(
@@ -71,9 +88,9 @@ class FastBPE:
         )
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> FastBPE | None:
-        """None when tiktoken is missing or the tokenizer is not a plain byte-level BPE. Reads the Rust
-        tokenizer's parts directly (serialising the whole tokenizer, merges included, costs a second)."""
+    def from_tokenizer(cls, tokenizer: Any, serialized: str | None = None) -> FastBPE | None:
+        """None when tiktoken is missing or exactness cannot be guaranteed (see the module docstring); the
+        reason is logged. `serialized`: the backend's `to_str()`, when the caller already has it."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or importlib.util.find_spec("tiktoken") is None:
             return None
@@ -93,24 +110,30 @@ class FastBPE:
         if pattern is None or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values()):
             return None
         vocab = backend.get_vocab(with_added_tokens=False)
-        to_byte = _unicode_to_byte()
-        try:
-            ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items()}
-        except KeyError:
+        reachable = _cached_reachable(model, vocab, serialized or backend.to_str())
+        if reachable is None:
             return None
-        if len(ranks) != len(vocab) or any(bytes([b]) not in ranks for b in range(256)):
+        # Byte-level characters → the bytes they stand for (str.translate then latin-1: fast in C).
+        table = {ord(c): b for c, b in _unicode_to_byte().items()}
+        try:
+            ranks = {token.translate(table).encode("latin-1"): vocab[token] for token in reachable}
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            return None
+        if len(ranks) != len(reachable) or any(bytes([b]) not in ranks for b in range(256)):
             return None
         specials = {t.content: i for i, t in added.items()}
-        size = max([*ranks.values(), *specials.values()]) + 1
+        size = max([*vocab.values(), *specials.values()]) + 1
         token_bytes = np.zeros(size, dtype=np.int64)
         for token, i in ranks.items():
             token_bytes[i] = len(token)
         for text, i in specials.items():
             token_bytes[i] = len(text.encode("utf-8"))
         try:
-            return cls(pattern, ranks, specials, token_bytes)
+            fast = cls(pattern, ranks, specials, token_bytes)
         except Exception:  # a pattern tiktoken's regex engine rejects: use the Hugging Face tokenizer
             return None
+        fast.left_out = len(vocab) - len(reachable)
+        return fast
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_batch(texts, allowed_special="all")
@@ -121,14 +144,78 @@ class FastBPE:
             return [self.encoding.encode_to_numpy(t, allowed_special="all").astype(np.int64) for t in texts]
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
-    def agrees_with(self, tokenizer: Any, texts: list[str]) -> bool:
-        """Exactly the Hugging Face ids on these texts (checked before every preparation)."""
+    def first_disagreement(self, tokenizer: Any, texts: list[str]) -> str | None:
+        """The first of these texts on which the Hugging Face ids differ (a guard run before every
+        preparation: by construction there is none), or None."""
         expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self.encode_batch(texts) == [list(ids) for ids in expected]
+        got = self.encode_batch(texts)
+        return next((t for t, a, b in zip(texts, got, expected, strict=True) if a != list(b)), None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # tiktoken encodings do not pickle; `datasets.map` workers rebuild them from the parts.
         return (_rebuild, (self.parts, self.token_bytes, self.threads))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dolphin-train" / "fast_bpe"
+
+
+def _cached_reachable(model: Any, vocab: dict[str, int], serialized: str) -> list[str] | None:
+    """`_reachable_tokens`, kept per tokenizer on disk: finding them takes seconds, once per tokenizer."""
+    path = _cache_dir() / f"{hashlib.sha256(serialized.encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        left_out = set(saved["left_out"])
+        return None if saved["refused"] else [t for t in vocab if vocab[t] not in left_out]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    reachable = _reachable_tokens(model, vocab, _merges(serialized))
+    kept = set(reachable or ())
+    saved = {"refused": reachable is None, "left_out": sorted(i for t, i in vocab.items() if t not in kept)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved))
+    except OSError:  # a read-only home: found again next time
+        pass
+    return reachable
+
+
+def _merges(serialized: str) -> list[tuple[str, str]]:
+    """The model's merges, in rank order, from the tokenizer's JSON (read once per tokenizer: see the cache)."""
+    merges = json.loads(serialized)["model"]["merges"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def _reachable_tokens(model: Any, vocab: dict[str, int], merges: list[tuple[str, str]]) -> list[str] | None:
+    """The vocabulary tokens the engine may produce (see the module docstring), or None when the merges do not
+    rank tokens in id order (tiktoken ranks by id)."""
+    from tokenizers.models import BPE
+
+    ignore_merges = bool(getattr(model, "ignore_merges", False))
+    merge_only = BPE(vocab, merges, ignore_merges=False) if ignore_merges else model
+    # The Hugging Face BPE of each token's own text: one part when the merges reach it.
+    parts = {token: (1 if len(token) == 1 else len(merge_only.tokenize(token))) for token in vocab}
+    reachable = {token for token, n in parts.items() if n == 1}
+    last_id = -1
+    for a, b in merges:  # the merges that produce reachable tokens must come in token id order
+        token = a + b
+        if token in reachable:
+            if vocab[token] < last_id:
+                log.info("Not using the fast BPE engine: this tokenizer's merges are not in token id order")
+                return None
+            last_id = vocab[token]
+    if not ignore_merges:
+        return sorted(reachable, key=vocab.__getitem__)
+    # ignore_merges: every token is looked up whole, as tiktoken does; but a token the merges bring to two
+    # parts would also be formed from those two neighbours inside longer words, which Hugging Face never does.
+    two_parts = [token for token, n in parts.items() if n == 2]
+    if two_parts:
+        log.info(
+            "Not using the fast BPE engine: with ignore_merges, %d tokens (e.g. %r) cannot be matched exactly",
+            len(two_parts), two_parts[0],
+        )  # fmt: skip
+        return None
+    return sorted(vocab, key=vocab.__getitem__)
 
 
 def _rebuild(parts: tuple[Any, ...], token_bytes: np.ndarray, threads: int) -> FastBPE:

@@ -28,6 +28,9 @@ class PreparationReport:
     eval_rows: int = 0
     sequence_len: int = 0
     fingerprint: str = ""
+    engine: str = ""  # which tokenizer engine made the ids (both give the same ids)
+    special_tokens_in_content: int = 0  # rows whose messages held special-token text
+    special_tokens_kept: bool = False  # special_tokens_in_content: true (else tokenized as text)
     from_cache: bool = False
 
     def to_json(self) -> str:
@@ -60,8 +63,12 @@ class PreparationReport:
         t.add_row("dropped: no trainable token", f"{self.dropped_no_trainable:,}")
         if self.dropped_duplicates:
             t.add_row("dropped: exact duplicates", f"{self.dropped_duplicates:,}")
+        how = "kept as special tokens" if self.special_tokens_kept else "tokenized as text"
+        t.add_row(f"rows with special-token text in a message ({how})", f"{self.special_tokens_in_content:,}")
         t.add_row("tokens (trainable)", f"{self.tokens:,} ({self.trainable_tokens:,})")
         t.add_row("longest row", f"{self.longest:,}")
         t.add_row("train / eval rows", f"{self.train_rows:,} / {self.eval_rows:,}")
+        if self.engine:
+            t.add_row("tokenizer engine", self.engine)
         t.add_row("fingerprint", self.fingerprint)
         return t

@@ -5,7 +5,7 @@ The rendered text is tokenized once, as a whole; masks come from these character
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dolphin_train.data.formats import RowProblem
@@ -27,10 +27,12 @@ CHATML_TEMPLATE = (
 class Rendered:
     text: str
     trained_spans: list[tuple[int, int]]  # [start, end) character ranges whose tokens are trained
+    content_spans: list[tuple[int, int]] = field(default_factory=list)  # where the messages' own text lies
 
 
 class Template(Protocol):
     writes_bos: bool  # the template writes BOS itself (else the encoder adds it where the tokenizer would)
+    markers: tuple[str, ...]  # the structure tokens the template writes (besides the tokenizer's special ones)
 
     def render(self, roles: list[str], contents: list[str], train: list[bool], train_end: list[bool]) -> Rendered: ...
 
@@ -41,19 +43,22 @@ class ChatMLTemplate:
     `<|im_start|>{role}\\n` header and the newline after `<|im_end|>`."""
 
     writes_bos = False
+    markers = (IM_START, IM_END)
 
     def render(self, roles: list[str], contents: list[str], train: list[bool], train_end: list[bool]) -> Rendered:
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
+        located: list[tuple[int, int]] = []
         pos = 0
         for role, content, t, te in zip(roles, contents, train, train_end, strict=True):
             header = f"{IM_START}{role}\n"
             start = pos + len(header)
             end = start + len(content)
             _add_span(spans, start, end, end + len(IM_END), t, te)
+            located.append((start, end))
             parts.append(f"{header}{content}{IM_END}\n")
             pos = end + len(IM_END) + 1
-        return Rendered("".join(parts), spans)
+        return Rendered("".join(parts), spans, located)
 
 
 def _add_span(spans: list[tuple[int, int]], start: int, end: int, end_with_eot: int, train: bool, train_end: bool):
@@ -87,10 +92,11 @@ class TokenizerTemplate:
     MARK = "\ue000{}\ue001"  # private-use characters: never in real text, untouched by templates
     PAD = "\u2003"  # whitespace that `trim` removes and that templates never write themselves
 
-    def __init__(self, tokenizer: Any, end_tokens: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: Any, end_tokens: list[str] | None = None, markers: tuple[str, ...] = ()) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template: tokenizer_default, but the tokenizer has no chat template")
         self.tokenizer = tokenizer
+        self.markers = tuple(dict.fromkeys([*markers, *(end_tokens or ())]))
         if end_tokens is None:
             end_tokens = list(getattr(tokenizer, "get_added_vocab", dict)())
         self.end_tokens = sorted(end_tokens, key=len, reverse=True)
@@ -114,7 +120,7 @@ class TokenizerTemplate:
         for i, (start, end) in enumerate(located):
             eot = next((t for t in self.end_tokens if text.startswith(t, end)), "")
             _add_span(spans, start, end, end + len(eot), train[i], train_end[i])
-        return Rendered(text, spans)
+        return Rendered(text, spans, located)
 
     def _splice(self, roles: list[str], contents: list[str]) -> tuple[str, list[tuple[int, int]]] | None:
         """(text, content span per turn) from one placeholder rendering, or None when a placeholder is missing
@@ -184,4 +190,4 @@ def _common_suffix(a: str, b: str) -> int:
 def render_completion(text: str, eos_token: str | None) -> Rendered:
     """Raw text, then EOS (so the model learns where a document ends); every token trained."""
     full = text + (eos_token or "")
-    return Rendered(full, [(0, len(full))])
+    return Rendered(full, [(0, len(full))], [(0, len(text))])

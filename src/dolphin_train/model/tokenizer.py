@@ -37,9 +37,24 @@ def token_ids_said(loaded: LoadedTokenizer, cfg: Config) -> str:
     return ", ".join(said)
 
 
+def _names_the_generic_class(source: str) -> bool:
+    """A local tokenizer whose tokenizer_config.json asks for the generic fast class, which AutoTokenizer
+    would give too: loading it directly skips AutoTokenizer's import of torch (seconds, for `preprocess`)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(source) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("tokenizer_class") == "PreTrainedTokenizerFast" and (Path(source) / "tokenizer.json").exists()
+
+
 def _tokenizer_class(cfg: Config) -> Any:
     import transformers
 
+    if cfg.tokenizer_type == "AutoTokenizer" and _names_the_generic_class(cfg.tokenizer_config or cfg.base_model):
+        return transformers.PreTrainedTokenizerFast
     cls = getattr(transformers, cfg.tokenizer_type, None)
     if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" not in cfg.tokenizer_type:
         raise DolphinError(
