@@ -48,6 +48,23 @@ def llama3_dir() -> str:
     return llama3_tokenizer_dir()
 
 
+@pytest.fixture(scope="module")
+def llama3(llama3_dir: str):
+    """The real Llama-3 tokenizer with the ChatML markers added, as a ChatML run loads it."""
+    from dolphin_train.config.load import validate_mapping
+    from dolphin_train.model.tokenizer import load_tokenizer
+
+    cfg = validate_mapping(
+        {
+            "base_model": llama3_dir,
+            "datasets": [{"path": "unused.jsonl"}],
+            "special_tokens": {"eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"},
+            "tokens": ["<|im_start|>", "<|im_end|>"],
+        }
+    )
+    return load_tokenizer(cfg)
+
+
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

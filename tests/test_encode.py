@@ -7,28 +7,13 @@ import random
 import numpy as np
 import pytest
 
-from dolphin_train.config.load import validate_mapping
 from dolphin_train.config.schema import DatasetConfig
 from dolphin_train.data.encode import IGNORE_INDEX, ConversationEncoder, trained_token_mask
 from dolphin_train.data.formats import RowConverter
 from dolphin_train.data.templates import ChatMLTemplate
-from dolphin_train.model.tokenizer import load_tokenizer
 
 BOS, IM_END, IM_START = 128000, 128257, 128258
 NL, SYSTEM, USER, ASSISTANT = 198, 9125, 882, 78191
-
-
-@pytest.fixture(scope="module")
-def llama3(llama3_dir: str):
-    cfg = validate_mapping(
-        {
-            "base_model": llama3_dir,
-            "datasets": [{"path": "unused.jsonl"}],
-            "special_tokens": {"eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"},
-            "tokens": ["<|im_start|>", "<|im_end|>"],
-        }
-    )
-    return load_tokenizer(cfg)
 
 
 SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}

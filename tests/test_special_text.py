@@ -33,16 +33,8 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def chatml(llama3_dir: str):
-    cfg = validate_mapping(
-        {
-            "base_model": llama3_dir,
-            "datasets": [{"path": "unused.jsonl"}],
-            "special_tokens": {"eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"},
-            "tokens": ["<|im_start|>", "<|im_end|>"],
-        }
-    )
-    return load_tokenizer(cfg).tokenizer
+def chatml(llama3):
+    return llama3.tokenizer
 
 
 def _engines(tokenizer):
