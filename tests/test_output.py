@@ -125,3 +125,13 @@ def test_malformed_row_is_one_error_message_and_exit_1(tmp_path: Path) -> None:
     assert len(_error_lines(result)) == 1
     assert f"{data}:2: invalid JSON" in result.stderr
     assert "Traceback" not in result.stderr and _spam(result) == []
+
+
+def test_the_peak_memory_is_the_run_own_not_that_of_the_process_that_launched_it() -> None:
+    """Linux folds the launching process's peak into getrusage's ru_maxrss at exec: a run started from a large
+    process (the test session itself) reported that process's peak (the CPU plan-vs-measured tests failed)."""
+    held = bytearray(1024 * 2**20)  # this process holds 1 GiB while it launches the child
+    held[:: 4096] = b"\1" * len(held[:: 4096])
+    code = "from dolphin_train.train.outputs import peak_memory_mb; print(peak_memory_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 900, f"the child reports {child:.0f} MiB: its launcher's 1 GiB"

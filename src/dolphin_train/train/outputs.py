@@ -38,12 +38,26 @@ def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on the CPU."""
-    import resource
-
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_resident_mb()
+
+
+def _peak_resident_mb() -> float:
+    """The high-water mark of this program's own memory (VmHWM). Why not getrusage's ru_maxrss: Linux folds
+    the launching process's peak into it at exec, so a run started from a large process (a test session, a
+    notebook) reports that process's peak instead of its own."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
