@@ -53,13 +53,17 @@ def lean_token_rows_class() -> type:
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     class LeanTokenRows(TrainableTokensLayer):
+        def active_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """The one active adapter's token ids and their trained rows, in the frozen weight's dtype."""
+            name, weight = self.active_adapters[0], self.base_layer.weight
+            index = torch.tensor(self.token_indices[name], device=weight.device)
+            return index, self.trainable_tokens_delta[name].to(weight.dtype)
+
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
                 return super().forward(x, *args, **kwargs)
-            name = self.active_adapters[0]
             base = self.base_layer
-            index = torch.tensor(self.token_indices[name], device=base.weight.device)
-            rows = self.trainable_tokens_delta[name].to(base.weight.dtype)
+            index, rows = self.active_rows()
             if isinstance(base, torch.nn.Embedding):
                 return embed_with_rows(x, base, index, rows, self._get_embed_scale())
             if type(base) is torch.nn.Linear and base.bias is None:

@@ -92,11 +92,8 @@ def _token_rows_head_class() -> type:
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if self._labels is None or len(self.active_adapters) != 1:
                 return super().forward(x, *args, **kwargs)
-            name = self.active_adapters[0]
-            index = torch.tensor(self.token_indices[name], device=x.device)
-            rows = (index, self.trainable_tokens_delta[name])
             return chunked_causal_lm_loss(x, self.base_layer.weight, None, self._labels, self._num_items,
-                                          self.chunk_tokens, rows=rows)  # fmt: skip
+                                          self.chunk_tokens, rows=self.active_rows())  # fmt: skip
 
     return ChunkedTokenRowsHead
 
