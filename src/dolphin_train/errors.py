@@ -28,3 +28,11 @@ class DataError(DolphinError):
 
 class EnvironmentProblem(DolphinError):
     """The machine lacks something the config asks for (a GPU feature, an optional package)."""
+
+
+def where_not_utf8(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
+    """The line of the first byte of `raw` that is not UTF-8 text, and that byte said with its column (config
+    files and data files name it alike)."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    line = raw.count(b"\n", 0, exc.start) + 1
+    return line, f"byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1} is not UTF-8 text"

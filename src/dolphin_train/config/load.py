@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dolphin_train.config.schema import Config, DatasetConfig, SpecialTokens, documented_fields
-from dolphin_train.errors import ConfigError
+from dolphin_train.errors import ConfigError, where_not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def _config_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        problem = f"line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 text: save the file as UTF-8"
-        raise ConfigError([problem], source=str(path)) from None
+        line, said = where_not_utf8(raw, exc)
+        raise ConfigError([f"line {line}: {said}: save the file as UTF-8"], source=str(path)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dolphin_train.config.schema import DatasetConfig
-from dolphin_train.errors import DataError
+from dolphin_train.errors import DataError, where_not_utf8
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 BYTES_PER_CONVERSATION = 2000  # on disk, a typical chat row: the guess used before rows are counted
@@ -176,16 +176,12 @@ def _iter_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(where, None, not_utf8(raw, exc), reason="not UTF-8 text")
+                yield RawRow(where, None, where_not_utf8(raw, exc)[1], reason="not UTF-8 text")
                 continue
             if not line.strip():
                 yield RawRow(where, None, blank=True)
                 continue
             yield parse_json_line(where, line)
-
-
-def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
-    return f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8 text"
 
 
 def _decode_whole(path: Path) -> str:
@@ -194,8 +190,8 @@ def _decode_whole(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: {not_utf8(raw, exc)} (save the file as UTF-8)") from None
+        line, said = where_not_utf8(raw, exc)
+        raise DataError(f"{path}:{line}: {said} (save the file as UTF-8)") from None
 
 
 def parse_json_line(where: str, line: str) -> RawRow:
