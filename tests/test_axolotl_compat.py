@@ -48,6 +48,7 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
         "chat_template": "llama3", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
         "lora_target_modules": ["q_proj", "v_proj"], "loss_watchdog_threshold": 5.0, "loss_watchdog_patience": 3,
         "attn_implementation": "flash_attention_2", "is_llama_derived_model": True, "eval_batch_size": 2,
+        "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True,
         "datasets": [{"type": "chat_template", "field_messages": "messages",
                       "message_property_mappings": {"role": "role", "content": "content"}}], **EMPTY_KEYS}),
     ("llama3_2, eot_tokens", MESSAGES + TOOLS, {"chat_template": "llama3_2", "eot_tokens": ["<|eot_id|>"]}),
@@ -163,7 +164,7 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"flash_attn_rms_norm": True, "liger_kernel": False}, "liger_kernel: false, but the LigerPlugin or liger_*"),
         ({"flash_attn_fuse_qkv": True}, "flash_attn_fuse_qkv: True is not supported; instead: flash_attention"),
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
-        ({"lora_qkv_kernel": True}, "lora_qkv_kernel: True is not supported; instead: plain peft LoRA"),
+        ({"lora_qkv_kernel": True}, "lora_qkv_kernel: fuses LoRA projections; set adapter: lora or qlora"),
         ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
         ({"float16": True, "fp16": True}, "float16 weights compute in float16 without mixed precision: remove"),
         ({"float16": True, "bfloat16": True}, "float16 weights compute in float16 without mixed precision: remove"),
@@ -537,8 +538,9 @@ def test_a_lisa_run_trains_the_drawn_layers(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow
 def test_early_stopping_stops_a_run_whose_evaluation_loss_stays_put(tmp_path: Path, capsys: pytest.CaptureFixture):
-    """A learning rate of 1e-12 leaves every float32 weight as it is, so the evaluation loss repeats exactly:
-    with patience 1 the evaluation after the first step repeats the one before training and stops the run."""
+    """A learning rate of 0.5 moves every weight by about 0.5 at the first step (Adam), which wrecks the
+    model: with patience 1 the evaluation after that step is worse than the one before training and stops
+    the run. (A tiny learning rate does not keep the loss exactly still: weights near zero still move.)"""
     import json
 
     from conftest import tiny_config
@@ -546,7 +548,7 @@ def test_early_stopping_stops_a_run_whose_evaluation_loss_stays_put(tmp_path: Pa
 
     rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(16)]
     raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=20, save_steps=1000,
-                      learning_rate=1e-12, val_set_size=4, eval_steps=1, early_stopping_patience=1)  # fmt: skip
+                      learning_rate=0.5, val_set_size=4, eval_steps=1, early_stopping_patience=1)  # fmt: skip
     assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
     out = " ".join(capsys.readouterr().out.split())
     said = "Stopped early at step 1: the evaluation loss has not improved in 1 evaluation(s); its best, 7.739, was at"

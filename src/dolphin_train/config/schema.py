@@ -482,17 +482,21 @@ class Config(_Strict):
         alternative="flash_attention: true or attn_implementation: sdpa",
     )  # fmt: skip
     lora_mlp_kernel: bool = key(
-        False, "axolotl's fused LoRA MLP kernel.", "model", unsupported=True,
-        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
-    )  # fmt: skip
+        False,
+        "Run each LoRA-adapted gated MLP (Llama, Mistral, Qwen, Gemma) as one fused function that keeps half the "
+        "activations the plain one keeps for the backward pass (same values and gradients; checked against the "
+        "model's own MLP before training). Needs `lora_dropout: 0`.",
+        "model",
+    )
     lora_qkv_kernel: bool = key(
-        False, "axolotl's fused LoRA QKV kernel.", "model", unsupported=True,
-        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
-    )  # fmt: skip
+        False,
+        "Compute each LoRA-adapted q/k/v projection (base and LoRA) as one fused function that keeps only its "
+        "input and the rank-sized LoRA intermediate. Needs `lora_dropout: 0`.",
+        "model",
+    )
     lora_o_kernel: bool = key(
-        False, "axolotl's fused LoRA output-projection kernel.", "model", unsupported=True,
-        alternative="plain peft LoRA (remove the key); liger_kernel for fused kernels",
-    )  # fmt: skip
+        False, "As `lora_qkv_kernel`, for the attention's output projection (`o_proj`).", "model"
+    )
     torchdistx_path: str | None = key(
         None, "torchdistx deferred initialisation.", "model", unsupported=True,
         alternative="nothing: DeepSpeed ZeRO-3 and FSDP shard the weights as they load",
@@ -1030,6 +1034,7 @@ class Config(_Strict):
                 + (f" ({tokens} new tokens each)" if tokens else "")
                 + " is not supported: set 0 or remove it; evaluation reports the loss"
             )
+        problems += self._lora_kernel_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
         stray = [k for k in ("otel_metrics_host", "otel_metrics_port") if getattr(self, k) is not None]
@@ -1101,6 +1106,26 @@ class Config(_Strict):
     @property
     def micro_batch_size_for_eval(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    @property
+    def lora_kernels(self) -> list[str]:
+        return [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if getattr(self, k)]
+
+    def _lora_kernel_problems(self) -> list[str]:
+        kernels = ", ".join(self.lora_kernels)
+        if not kernels:
+            return []
+        problems = []
+        if not self.adapter:
+            problems.append(f"{kernels}: fuses LoRA projections; set adapter: lora or qlora")
+        if self.lora_dropout:
+            problems.append(f"{kernels}: the fused functions apply no dropout: set lora_dropout: 0")
+        if self.load_in_8bit:
+            problems.append(f"{kernels}: not for 8-bit base weights; use load_in_4bit (adapter: qlora) or neither")
+        if self.deepspeed or self.fsdp:
+            problems.append(f"{kernels} with deepspeed/fsdp: not supported yet (the fused MLP reads its "
+                            "projections' weights without calling them, where sharding gathers them)")  # fmt: skip
+        return problems
 
     def _lisa_problems(self) -> list[str]:
         if not self.lisa_n_layers:

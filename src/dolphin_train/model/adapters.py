@@ -9,6 +9,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.lora_kernels import use_fused_lora
 from dolphin_train.model.token_rows import use_lean_token_rows
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: boo
     from peft import get_peft_model
 
     settings = lora_config(cfg, model, embedding_training(cfg, model, new_token_ids, announce))
-    return use_lean_token_rows(get_peft_model(model, settings))
+    return _with_our_forwards(cfg, get_peft_model(model, settings))
 
 
 def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
@@ -173,5 +174,11 @@ def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
     model = prepare_base_for_adapter(cfg, model)
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
-        return use_lean_token_rows(PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True))
+        return _with_our_forwards(cfg, PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True))
     return new_adapter(cfg, model, new_token_ids)
+
+
+def _with_our_forwards(cfg: Config, model: Any) -> Any:
+    """The lean token rows always; the fused LoRA functions where the config asks for them."""
+    model = use_lean_token_rows(model)
+    return use_fused_lora(model, mlp=cfg.lora_mlp_kernel, qkv=cfg.lora_qkv_kernel, o=cfg.lora_o_kernel)
