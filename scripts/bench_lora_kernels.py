@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dolphin_train.model.lora_kernels import use_fused_lora  # noqa: E402
+from dolphin_train.model.lora_kernels import use_fused_lora
 
 SHAPES = {
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
