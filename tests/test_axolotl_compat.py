@@ -161,11 +161,11 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"flash_attn_fuse_qkv": True}, "flash_attn_fuse_qkv: True is not supported; instead: flash_attention"),
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel: True is not supported; instead: plain peft LoRA"),
-        ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
+        ({"do_causal_lm_eval": True}, "do_causal_lm_eval generates from the evaluation set: set val_set_size"),
         ({"float16": True, "fp16": True}, "float16 weights compute in float16 without mixed precision: remove"),
         ({"float16": True, "bfloat16": True}, "float16 weights compute in float16 without mixed precision: remove"),
-        ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "a table of sample predictions (32 new tokens each) is "
-                                                           "not supported"),
+        ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "eval_table_size generates from the evaluation set: "
+                                                           "set val_set_size"),
         ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, "KernelsPlugin: not supported. dolphin-train "
                                                                       "has no plugin system"),
         ({"attn_implementation": "sage"}, "not supported; instead: flash_attention: true"),

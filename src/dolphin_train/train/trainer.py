@@ -48,8 +48,9 @@ class LossTally:
 
 class DolphinTrainer(Trainer):
     """transformers.Trainer with methods its documentation invites subclasses to override: `compute_loss`,
-    `evaluation_loop` (which adds the generation metrics and table when asked for), `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the
-    throughput figures to each training log)."""
+    `evaluation_loop` (which adds the generation table and metrics when asked for: generation_eval.py),
+    `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the throughput figures to
+    each training log)."""
 
     _eval_tally: LossTally | None = None
 
