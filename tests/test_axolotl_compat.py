@@ -590,3 +590,16 @@ def test_liger_fused_loss_gives_way_to_the_chunked_loss_when_the_head_has_traine
     assert liger_settings(cfg, gpu) == {"rms_norm": True} and liger_fuses_loss(liger_settings(cfg, gpu))
     with_rows = liger_settings(cfg, gpu, head_has_token_rows=True)
     assert with_rows == {"rms_norm": True, "fused_linear_cross_entropy": False} and not liger_fuses_loss(with_rows)
+
+
+def test_debug_prints_the_first_training_row_with_its_trained_tokens(tmp_path: Path, capsys) -> None:
+    """axolotl's `debug: true` label check: the first prepared row, token by token with ids, before training."""
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(4)]
+    for debug in (True, False):
+        raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=1, debug=debug)
+        assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+        out = capsys.readouterr().out
+        assert ("example 0 (" in out and "<|im_start|>(" in out) is debug, out[-2000:]

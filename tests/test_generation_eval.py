@@ -119,3 +119,16 @@ def test_console_shows_the_metrics_on_the_evaluation_line() -> None:
 
     line = evaluation_line(4, 10, {"eval_loss": 1.5, "eval_perplexity": 12.3456, "eval_sacrebleu": 7.0})
     assert line == "step  4/10  eval loss 1.5000  perplexity 12.35  BLEU 7.00"
+
+
+def test_a_run_writes_one_table_per_evaluation_and_logs_the_metrics_on_its_lines(tmp_path: Path, capsys: Any) -> None:
+    rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:12]]
+    raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=2, eval_steps=1, val_set_size=4,
+                      eval_table_size=2, eval_max_new_tokens=4, do_causal_lm_eval=True,
+                      eval_causal_lm_metrics=["perplexity"])  # fmt: skip
+    assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+    tables = sorted(p.name for p in (tmp_path / "out/eval_predictions").iterdir())
+    assert tables == ["step-0.jsonl", "step-1.jsonl", "step-2.jsonl"]
+    lines = capsys.readouterr().out.splitlines()
+    evaluations = [line for line in lines if line.startswith("step ") and "eval loss" in line]
+    assert len(evaluations) == 3 and all(" perplexity " in line for line in evaluations), evaluations

@@ -332,6 +332,10 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     if show and is_main:
         show(run.prepared.report.table())
         show(run_overview(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
+    if show and is_main and cfg.debug:  # axolotl's label check: one training row as the model sees it
+        from dolphin_train.data.inspect import labelled_example
+
+        show(labelled_example(run.tok.tokenizer, run.prepared.train[0], 0, show_ids=True))
     identity, settings = run_identity(cfg, run.prepared), resolved_settings(cfg, run.runtime)
     if is_main:
         save_config_snapshot(cfg.output_dir, settings, identity)

@@ -796,7 +796,12 @@ class Config(_Strict):
         "with wandb.",
         "logging",
     )
-    debug: bool = key(False, "axolotl's debug dumps.", "logging", unsupported=True)
+    debug: bool = key(
+        False,
+        "Before training, print the first training row token by token with its ids, trained tokens highlighted "
+        "(axolotl's label check; `dolphin-train inspect --ids` shows more rows).",
+        "logging",
+    )
 
     # ---- distributed ---------------------------------------------------------------------------
     deepspeed: str | dict[str, Any] | None = key(
