@@ -194,7 +194,7 @@ def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
 def _finish_tracking(cfg: Config) -> None:
     """Close the wandb run after the final evaluation, so its summary and history are complete on disk
     (and synced) when the command returns, not at interpreter exit."""
-    if not cfg.wandb_project:
+    if not cfg.uses_wandb:
         return
     import wandb
 
@@ -249,6 +249,7 @@ class Run:
     resume_from: str | None = None  # the checkpoint this run continues from
     memory_before_model_mb: float = 0.0
     planned_peak_mb: float | None = None  # the plan's peak allocated memory per GPU (GPU runs only)
+    metrics: Any = None  # the Prometheus endpoint (`use_otel_metrics`), on the main process
 
 
 def memory_budget(runtime: RuntimeSettings) -> int:
@@ -283,6 +284,7 @@ def set_up_run(cfg: Config) -> Run:
 
     runtime = resolve_runtime(cfg)
     set_up_process_environment(cfg, runtime)
+    metrics = _serve_metrics(cfg)  # before the long steps, so a taken port fails at once
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)
     if cfg.float16:
         log.warning("float16: weights and arithmetic in float16 without a loss scaler: gradients below ~6e-8 "
@@ -302,7 +304,20 @@ def set_up_run(cfg: Config) -> Run:
         log.info("Resuming from %s: %d of %d steps done", resume, step, schedule.total_steps)
     before_model = memory_before_model_mb()
     trainer = make_trainer(cfg, runtime, tok, rows, schedule, resuming=resume is not None)
-    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned)
+    if metrics:
+        trainer.add_callback(metrics)
+    return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned, metrics)
+
+
+def _serve_metrics(cfg: Config) -> Any:
+    """The Prometheus endpoint of `use_otel_metrics`, served by the main process only."""
+    if cfg.metrics_address is None or not is_main_process():
+        return None
+    from dolphin_train.train.metrics_server import PrometheusMetrics
+
+    metrics = PrometheusMetrics(*cfg.metrics_address)
+    log.info("Metrics: served for Prometheus at %s", metrics.url)
+    return metrics
 
 
 def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
@@ -315,6 +330,15 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
 
 
 def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
+    run = set_up_run(cfg)
+    try:
+        return _train_run(run, show)
+    finally:
+        if run.metrics:
+            run.metrics.close()
+
+
+def _train_run(run: Run, show: Any) -> dict[str, Any]:
     from dolphin_train.train.control import EarlyStopping, LossWatchdog, StopOnNonFiniteLoss, StopOnSignal
     from dolphin_train.train.outputs import (
         RecordConfigInTrackers,
@@ -325,7 +349,6 @@ def _train_and_save(cfg: Config, show: Any) -> dict[str, Any]:
     )
     from dolphin_train.train.overview import run_overview
 
-    run = set_up_run(cfg)
     cfg = run.cfg  # with any `auto` memory settings decided
     trainer = run.trainer
     is_main = trainer.is_world_process_zero()

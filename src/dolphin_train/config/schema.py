@@ -780,6 +780,12 @@ class Config(_Strict):
         min_length=1,
     )
     wandb_project: str | None = key(None, "Weights & Biases project; logging to wandb is on when set.", "logging")
+    use_wandb: bool | None = key(
+        None,
+        "axolotl's wandb switch: `true` logs to wandb even without `wandb_project` (wandb then takes its project "
+        "from WANDB_PROJECT); `false` is the default when no project is set, and contradicts a `wandb_project`.",
+        "logging",
+    )
     wandb_entity: str | None = key(None, "Weights & Biases entity (team or user).", "logging")
     wandb_name: str | None = key(None, "Run name shown in wandb.", "logging")
     wandb_run_id: str | None = key(None, "Run id, to resume a wandb run.", "logging")
@@ -796,6 +802,18 @@ class Config(_Strict):
         "with wandb.",
         "logging",
     )
+    use_otel_metrics: bool = key(
+        False,
+        "Serve every logged number (loss, grad_norm, learning_rate, tokens/s, eval_loss...) as Prometheus "
+        "gauges named `dolphin_train_<key>`, with the step and the process's memory, at "
+        "http://otel_metrics_host:otel_metrics_port/metrics while the run lasts (main process; needs "
+        "`pip install 'dolphin-train[metrics]'`).",
+        "logging",
+    )
+    otel_metrics_host: str | None = key(
+        None, "Address the metrics endpoint listens on (default localhost; 0.0.0.0 for every interface).", "logging"
+    )
+    otel_metrics_port: int | None = key(None, "Port of the metrics endpoint (default 8000).", "logging", ge=1, le=65535)
     debug: bool = key(
         False,
         "Before training, print the first training row token by token with its ids, trained tokens highlighted "
@@ -1022,6 +1040,11 @@ class Config(_Strict):
         if self.early_stopping_patience and not self.val_set_size:
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         problems += self._generation_eval_problems()
+        if self.use_wandb is False and self.wandb_project:
+            problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
+        stray = [k for k in ("otel_metrics_host", "otel_metrics_port") if getattr(self, k) is not None]
+        if stray and not self.use_otel_metrics:
+            problems.append(f"{', '.join(stray)}: no effect without use_otel_metrics: true")
         if self.eot_tokens is not None and self.template_name == "chatml" and self.eot_tokens != ["<|im_end|>"]:
             problems.append("eot_tokens: chatml ends every turn with <|im_end|>; set [<|im_end|>] or remove it")
         if problems:
@@ -1066,6 +1089,17 @@ class Config(_Strict):
             "fused_linear_cross_entropy": self.liger_fused_linear_cross_entropy,
         }
         return {k: v for k, v in chosen.items() if v is not None}
+
+    @property
+    def uses_wandb(self) -> bool:
+        return bool(self.wandb_project) or self.use_wandb is True
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the Prometheus endpoint, or None when `use_otel_metrics` is off."""
+        if not self.use_otel_metrics:
+            return None
+        return self.otel_metrics_host or "localhost", self.otel_metrics_port or 8000
 
     @property
     def loss_watchdog(self) -> tuple[float, int] | None:

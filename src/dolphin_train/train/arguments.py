@@ -52,7 +52,7 @@ def trainer_autocasts(cfg: Config, runtime: RuntimeSettings) -> bool:
 
 def report_to(cfg: Config) -> list[str] | str:
     """The experiment trackers the Trainer logs to; "none" turns off transformers' own default choice."""
-    trackers = (["wandb"] if cfg.wandb_project else []) + (["tensorboard"] if cfg.use_tensorboard else [])
+    trackers = (["wandb"] if cfg.uses_wandb else []) + (["tensorboard"] if cfg.use_tensorboard else [])
     return trackers or "none"
 
 

@@ -25,7 +25,7 @@ def wandb_environment(cfg: Config) -> dict[str, str]:
         "WANDB_LOG_MODEL": cfg.wandb_log_model,
     }
     env = {k: v for k, v in pairs.items() if v is not None}
-    if cfg.wandb_project and "WANDB_DIR" not in os.environ:
+    if cfg.uses_wandb and "WANDB_DIR" not in os.environ:
         env["WANDB_DIR"] = cfg.output_dir  # runs (offline ones too) live next to the model they trained
     if cfg.wandb_run_id:
         env["WANDB_RESUME"] = "allow"
@@ -85,7 +85,7 @@ def set_up_process_environment(cfg: Config, runtime: RuntimeSettings) -> None:
         )
     os.environ.update(wandb_environment(cfg))
     os.environ.update(deepspeed_environment(runtime))
-    if cfg.wandb_project:
+    if cfg.uses_wandb:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if deepspeed_on_cpu(cfg, runtime):
         configure_deepspeed_on_cpu()

@@ -157,7 +157,7 @@ class GenerationEval:
         self.max_len = cfg.sequence_len
         self.batch_size = cfg.micro_batch_size_for_eval
         self.output_dir = Path(cfg.output_dir)
-        self.to_wandb = bool(cfg.wandb_project)
+        self.to_wandb = cfg.uses_wandb
         self.tokenizer = tokenizer
 
     def evaluate(self, trainer: Any, prefix: str = "eval") -> dict[str, float]:
