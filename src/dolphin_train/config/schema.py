@@ -758,7 +758,8 @@ class Config(_Strict):
     )
     eval_max_new_tokens: int | None = key(
         None,
-        "Tokens generated per prediction of `eval_table_size` and `do_causal_lm_eval` (default 128, as axolotl).",
+        "Tokens generated per prediction of `eval_table_size` and `do_causal_lm_eval` (default 128, as axolotl); "
+        "accepted without them, as in axolotl's configs, where it then has no use.",
         "logging",
         ge=1,
     )
