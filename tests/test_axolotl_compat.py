@@ -165,11 +165,11 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"flash_attn_fuse_qkv": True}, "flash_attn_fuse_qkv: True is not supported; instead: flash_attention"),
         ({"flash_attn_cross_entropy": True}, "is not supported; instead: chunked_cross_entropy: true"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel: fuses LoRA projections; set adapter: lora or qlora"),
-        ({"do_causal_lm_eval": True}, "do_causal_lm_eval: True is not supported; instead: the evaluation loss"),
+        ({"do_causal_lm_eval": True}, "do_causal_lm_eval generates from the evaluation set: set val_set_size"),
         ({"float16": True, "fp16": True}, "float16 weights compute in float16 without mixed precision: remove"),
         ({"float16": True, "bfloat16": True}, "float16 weights compute in float16 without mixed precision: remove"),
-        ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "a table of sample predictions (32 new tokens each) is "
-                                                           "not supported"),
+        ({"eval_table_size": 5, "eval_max_new_tokens": 32}, "eval_table_size generates from the evaluation set: "
+                                                           "set val_set_size"),
         ({"plugins": ["axolotl.integrations.kernels.KernelsPlugin"]}, "KernelsPlugin: not supported. dolphin-train "
                                                                       "has no plugin system"),
         ({"attn_implementation": "sage"}, "not supported; instead: flash_attention: true"),
@@ -595,3 +595,16 @@ def test_liger_fused_loss_gives_way_to_the_chunked_loss_when_the_head_has_traine
     assert liger_settings(cfg, gpu) == {"rms_norm": True} and liger_fuses_loss(liger_settings(cfg, gpu))
     with_rows = liger_settings(cfg, gpu, head_has_token_rows=True)
     assert with_rows == {"rms_norm": True, "fused_linear_cross_entropy": False} and not liger_fuses_loss(with_rows)
+
+
+def test_debug_prints_the_first_training_row_with_its_trained_tokens(tmp_path: Path, capsys) -> None:
+    """axolotl's `debug: true` label check: the first prepared row, token by token with ids, before training."""
+    from conftest import tiny_config
+    from dolphin_train.cli import main
+
+    rows = [sharegpt(("human", f"{i}?"), ("gpt", f"{i}!")) for i in range(4)]
+    for debug in (True, False):
+        raw = tiny_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), max_steps=1, debug=debug)
+        assert main([str(write_config(tmp_path / "c.yml", raw))]) == 0
+        out = capsys.readouterr().out
+        assert ("example 0 (" in out and "<|im_start|>(" in out) is debug, out[-2000:]

@@ -45,3 +45,18 @@ def test_two_processes_with_accumulation_equal_one_process(tmp_path: Path) -> No
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_generation_metrics_and_table_on_two_processes_equal_one(tmp_path: Path) -> None:
+    """Each process generates for its share of the evaluation turns: the gathered scores and the summed
+    perplexity are those of one process, and rank 0 writes the same table."""
+    asked = {"do_causal_lm_eval": True, "eval_causal_lm_metrics": ["perplexity", "sacrebleu", "chrf"],
+             "eval_table_size": 3, "eval_max_new_tokens": 4}  # fmt: skip
+    one = _run(tmp_path, "one", [sys.executable], gradient_accumulation_steps=4, **asked)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    two = _run(tmp_path, "two", torchrun, gradient_accumulation_steps=2, **asked)
+    for name in ("eval_perplexity", "eval_sacrebleu", "eval_chrf"):
+        assert two["eval_metrics"][name] == pytest.approx(one["eval_metrics"][name], rel=1e-4), name
+    tables = [(tmp_path / n / "out/eval_predictions/step-1.jsonl").read_text() for n in ("one", "two")]
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) == 3

@@ -199,16 +199,14 @@ def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
-    from dolphin_train.data.inspect import highlighted_example, statistics_table
+    from dolphin_train.data.inspect import labelled_example, statistics_table
     from dolphin_train.recipe import open_prepared_data
 
     cfg = load_config(args.config, overrides)
     tok, prepared = open_prepared_data(cfg)
     console = _console()
     for i in range(min(args.n, len(prepared.train))):
-        row = prepared.train[i]
-        console.rule(f"example {i} ({row['length']} tokens, {row['trainable']} trained: bold green)")
-        console.print(highlighted_example(tok.tokenizer, row["input_ids"], row["labels"], args.ids))
+        console.print(labelled_example(tok.tokenizer, prepared.train[i], i, args.ids))
     console.print(statistics_table(prepared, cfg.sequence_len, cfg.seed))
     return 0
 

@@ -91,6 +91,7 @@ def make_trainer(
     from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
+    from dolphin_train.train.generation_eval import GenerationEval, require_metric_packages
     from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
@@ -98,6 +99,7 @@ def make_trainer(
     liger = liger_settings(cfg, runtime, head_has_token_rows=bool(cfg.adapter and tok.new_token_ids
                                                                      and cfg.lora_modules_to_save is None))  # fmt: skip
     args = build_training_arguments(cfg, runtime, schedule, liger)
+    require_metric_packages(cfg)  # before the model's load, not at the first evaluation
     model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
     if cfg.fp8:
         convert_to_float8(model)
@@ -120,6 +122,7 @@ def make_trainer(
         chunked_head=_chunked_loss_head(cfg, model, liger_fuses_loss(liger)),
         throughput=_throughput_meter(cfg, runtime, model),
         optimizer_in_backward=_parameter_optimizer(cfg),
+        generation_eval=GenerationEval(cfg, tok.tokenizer) if cfg.generates_at_evaluation else None,
     )
     _use_our_console(trainer)
     if cfg.lisa_n_layers:
@@ -352,6 +355,10 @@ def _train_run(run: Run, show: Any) -> dict[str, Any]:
     if show and is_main:
         show(run.prepared.report.table())
         show(run_overview(cfg, run.runtime, run.schedule, run.rows, trainer.model, prepared=run.prepared))
+    if show and is_main and cfg.debug:  # axolotl's label check: one training row as the model sees it
+        from dolphin_train.data.inspect import labelled_example
+
+        show(labelled_example(run.tok.tokenizer, run.prepared.train[0], 0, show_ids=True))
     identity, settings = run_identity(cfg, run.prepared), resolved_settings(cfg, run.runtime)
     if is_main:
         save_config_snapshot(cfg.output_dir, settings, identity)

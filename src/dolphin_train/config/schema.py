@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IN_BACKWARD_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
                           "adamw_torch")  # fmt: skip
 
+# `eval_causal_lm_metrics` names (axolotl's list); `comet` is known so that it is refused with the reason.
+CausalLMMetric = Literal["sacrebleu", "chrf", "ter", "perplexity", "comet"]
+DEFAULT_CAUSAL_LM_METRICS = ("sacrebleu", "ter", "chrf")
+
 SECTIONS = ("model", "data", "training", "distributed", "logging")
 
 # Optimizers by their transformers names. A curated list (rather than transformers' own enum) keeps
@@ -750,14 +754,16 @@ class Config(_Strict):
     )
     eval_table_size: int | None = key(
         None,
-        "axolotl's table of sample predictions logged at evaluation: only empty or 0 (no table) is accepted.",
+        "At each evaluation, greedy predictions for this many evaluation turns: the prompt (the conversation up "
+        "to the turn's first trained token), the model's completion and the reference, written to "
+        "`output_dir/eval_predictions/step-N.jsonl` (and a wandb Table when wandb is on). 0 or empty: none.",
         "logging",
         ge=0,
     )
     eval_max_new_tokens: int | None = key(
         None,
-        "Tokens generated per sample prediction; accepted while no prediction table is asked for (it has no "
-        "other use).",
+        "Tokens generated per prediction of `eval_table_size` and `do_causal_lm_eval` (default 128, as axolotl); "
+        "accepted without them, as in axolotl's configs, where it then has no use.",
         "logging",
         ge=1,
     )
@@ -765,13 +771,19 @@ class Config(_Strict):
         None, "As `eval_max_new_tokens` (axolotl's older name).", "logging", ge=1
     )
     do_causal_lm_eval: bool = key(
-        False, "Generation metrics (BLEU, ROUGE...) at evaluation.", "logging", unsupported=True,
-        alternative="the evaluation loss (val_set_size with evals_per_epoch or eval_steps)",
-    )  # fmt: skip
-    eval_causal_lm_metrics: list[str] | None = key(
-        None, "Metrics of `do_causal_lm_eval`.", "logging", unsupported=True,
-        alternative="the evaluation loss (val_set_size with evals_per_epoch or eval_steps)",
-    )  # fmt: skip
+        False,
+        "At each evaluation, greedy predictions for every evaluation turn, scored against the references by "
+        "`eval_causal_lm_metrics`; logged as `eval_<metric>` next to the evaluation loss.",
+        "logging",
+    )
+    eval_causal_lm_metrics: list[CausalLMMetric] | None = key(
+        None,
+        "Metrics of `do_causal_lm_eval`: `sacrebleu`, `chrf`, `ter` (corpus scores, need `pip install "
+        "sacrebleu`) and `perplexity` (the model's perplexity on the reference texts); default: sacrebleu, ter "
+        "and chrf (axolotl's list without `comet`, which needs a model from the hub).",
+        "logging",
+        min_length=1,
+    )
     wandb_project: str | None = key(None, "Weights & Biases project; logging to wandb is on when set.", "logging")
     use_wandb: bool | None = key(
         None,
@@ -807,7 +819,12 @@ class Config(_Strict):
         None, "Address the metrics endpoint listens on (default localhost; 0.0.0.0 for every interface).", "logging"
     )
     otel_metrics_port: int | None = key(None, "Port of the metrics endpoint (default 8000).", "logging", ge=1, le=65535)
-    debug: bool = key(False, "axolotl's debug dumps.", "logging", unsupported=True)
+    debug: bool = key(
+        False,
+        "Before training, print the first training row token by token with its ids, trained tokens highlighted "
+        "(axolotl's label check; `dolphin-train inspect --ids` shows more rows).",
+        "logging",
+    )
 
     # ---- distributed ---------------------------------------------------------------------------
     deepspeed: str | dict[str, Any] | None = key(
@@ -1027,14 +1044,8 @@ class Config(_Strict):
                             "torch_compile: true (or auto) and no other torch_compile_backend")  # fmt: skip
         if self.early_stopping_patience and not self.val_set_size:
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
-        if self.eval_table_size:
-            tokens = self.eval_max_new_tokens or self.eval_table_max_new_tokens
-            problems.append(
-                f"eval_table_size: {self.eval_table_size}: a table of sample predictions"
-                + (f" ({tokens} new tokens each)" if tokens else "")
-                + " is not supported: set 0 or remove it; evaluation reports the loss"
-            )
         problems += self._lora_kernel_problems()
+        problems += self._generation_eval_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
         stray = [k for k in ("otel_metrics_host", "otel_metrics_port") if getattr(self, k) is not None]
@@ -1125,6 +1136,43 @@ class Config(_Strict):
         if self.deepspeed or self.fsdp:
             problems.append(f"{kernels} with deepspeed/fsdp: not supported yet (the fused MLP reads its "
                             "projections' weights without calling them, where sharding gathers them)")  # fmt: skip
+        return problems
+
+    @property
+    def generates_at_evaluation(self) -> bool:
+        """A prediction table or causal-LM metrics: evaluation also generates text."""
+        return bool(self.eval_table_size) or self.do_causal_lm_eval
+
+    @property
+    def eval_new_tokens(self) -> int:
+        return self.eval_max_new_tokens or self.eval_table_max_new_tokens or 128
+
+    @property
+    def causal_lm_metrics(self) -> tuple[str, ...]:
+        """The metrics `do_causal_lm_eval` computes (none when it is off)."""
+        if not self.do_causal_lm_eval:
+            return ()
+        return tuple(dict.fromkeys(self.eval_causal_lm_metrics or DEFAULT_CAUSAL_LM_METRICS))
+
+    def _generation_eval_problems(self) -> list[str]:
+        problems = []
+        if self.eval_causal_lm_metrics and not self.do_causal_lm_eval:
+            problems.append("eval_causal_lm_metrics: no effect without do_causal_lm_eval: true")
+        if "comet" in (self.eval_causal_lm_metrics or []):
+            problems.append("eval_causal_lm_metrics: comet scores with a neural model downloaded from the hub, "
+                            "which a training run does not load: use sacrebleu, chrf, ter or perplexity")  # fmt: skip
+        if not self.generates_at_evaluation:
+            return problems
+        asked = "eval_table_size" if self.eval_table_size else "do_causal_lm_eval"
+        if not self.val_set_size:
+            problems.append(f"{asked} generates from the evaluation set: set val_set_size")
+        if self.deepspeed or self.fsdp:
+            problems.append(f"{asked} with {'deepspeed' if self.deepspeed else 'fsdp'}: generating from sharded "
+                            "weights needs every process in step for each token, which is not supported: remove "
+                            f"{asked}, or train with DDP (several processes, no deepspeed or fsdp)")  # fmt: skip
+        if self.train_on_inputs:
+            problems.append(f"{asked} with train_on_inputs: true: every token is trained, so no turn has a prompt "
+                            "to generate from")  # fmt: skip
         return problems
 
     def _lisa_problems(self) -> list[str]:

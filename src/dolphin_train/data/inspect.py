@@ -25,6 +25,15 @@ def highlighted_example(tokenizer: Any, input_ids: list[int], labels: list[int],
     return text
 
 
+def labelled_example(tokenizer: Any, row: dict[str, Any], index: int, show_ids: bool) -> Any:
+    """One prepared row under a heading with its length and trained tokens (`inspect`, and `debug: true`)."""
+    from rich.console import Group
+    from rich.rule import Rule
+
+    heading = Rule(f"example {index} ({row['length']} tokens, {row['trainable']} trained: bold green)")
+    return Group(heading, highlighted_example(tokenizer, row["input_ids"], row["labels"], show_ids))
+
+
 def statistics_table(prepared: PreparedData, sequence_len: int, seed: int) -> Any:
     lengths = np.asarray(prepared.train["length"], dtype=np.int64)
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))

@@ -25,6 +25,16 @@ TRAINING_FIGURES = (
 )
 
 
+# Evaluation log keys after the loss: the metrics of `do_causal_lm_eval`.
+EVALUATION_FIGURES = (
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("eval_perplexity", "perplexity", "{:.4g}"),
+    ("eval_sacrebleu", "BLEU", "{:.2f}"),
+    ("eval_chrf", "chrF", "{:.2f}"),
+    ("eval_ter", "TER", "{:.2f}"),
+)
+
+
 def duration(seconds: float) -> str:
     """0:02:05 (hours:minutes:seconds), or ? when unknown."""
     if not math.isfinite(seconds) or seconds < 0:
@@ -46,7 +56,7 @@ def training_line(step: int, total: int, logs: dict[str, Any]) -> str:
 
 
 def evaluation_line(step: int, total: int, logs: dict[str, Any]) -> str:
-    figures = [f for f in (_figure(logs, "eval_loss", "eval loss", "{:.4f}"),) if f]
+    figures = [f for key, label, form in EVALUATION_FIGURES if (f := _figure(logs, key, label, form))]
     runtime = logs.get("eval_runtime")
     seconds = f"({runtime:.1f} s)" if isinstance(runtime, (int, float)) else ""
     return "  ".join([f"step {step:>{len(str(total))}}/{total}", *figures, seconds]).rstrip()

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer
 
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.train.generation_eval import GenerationEval
 from dolphin_train.train.in_backward import OptimizerInBackward
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
 from dolphin_train.train.throughput import ThroughputMeter
@@ -47,8 +48,9 @@ class LossTally:
 
 class DolphinTrainer(Trainer):
     """transformers.Trainer with methods its documentation invites subclasses to override: `compute_loss`,
-    `evaluation_loop`, `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the
-    throughput figures to each training log)."""
+    `evaluation_loop` (which adds the generation table and metrics when asked for: generation_eval.py),
+    `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the throughput figures to
+    each training log)."""
 
     _eval_tally: LossTally | None = None
 
@@ -58,9 +60,11 @@ class DolphinTrainer(Trainer):
         chunked_head: ChunkedLossHead | None = None,
         throughput: ThroughputMeter | None = None,
         optimizer_in_backward: Callable[..., Any] | None = None,
+        generation_eval: GenerationEval | None = None,
         **kwargs: Any,
     ) -> None:
         self.optimizer_in_backward = optimizer_in_backward
+        self.generation_eval = generation_eval
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
@@ -131,4 +135,6 @@ class DolphinTrainer(Trainer):
         key = f"{metric_key_prefix}_loss"
         if mean is not None and key in output.metrics:
             output.metrics[key] = mean
+        if self.generation_eval is not None:  # the table and eval_<metric> values (generation_eval.py)
+            output.metrics.update(self.generation_eval.evaluate(self, metric_key_prefix))
         return output
