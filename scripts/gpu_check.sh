@@ -6,8 +6,9 @@
 #    activation offloading and Liger against the plain path, float8's loss curve against bf16;
 # 3. the memory plan against real `dolphin-train train` runs, the one-GPU targets each in a process capped
 #    at the target card's memory (GPU_MEMORY_CASES picks them, see scripts/gpu_memory_check.py);
-# 4. the throughput ladder (scripts/bench_gpu.py: each lever's share on the Llama-3.2-1B shape, then 8B).
-# Each stage has its own time limit (7.5 minutes in all by default) and the next one runs whatever happens;
+# 4. the throughput ladder (scripts/bench_gpu.py: each lever's share on the Llama-3.2-1B shape, then 8B);
+# 5. the fused LoRA functions against peft on one Llama-3-8B QLoRA layer (scripts/bench_lora_kernels.py).
+# Each stage has its own time limit (8 minutes in all by default) and the next one runs whatever happens;
 # logs go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,8 @@ stage tests "${GPU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -m gp
 stage memory "${GPU_MEMORY_S:-180}" python3 scripts/gpu_memory_check.py \
   --cases "${GPU_MEMORY_CASES:-8b-qlora-8gib,8b-full-1gpu,8b-qlora-16k}" --out "$OUT/memory.json" --timeout 120
 tar czf "$OUT/train_logs.tgz" /tmp/dolphin-memory-check/*/train.log 2>/dev/null
-stage bench "${GPU_BENCH_S:-170}" python3 scripts/bench_gpu.py --steps 6 --budget "${GPU_BENCH_BUDGET_S:-120}" \
+stage bench "${GPU_BENCH_S:-150}" python3 scripts/bench_gpu.py --steps 6 --budget "${GPU_BENCH_BUDGET_S:-105}" \
   --root /tmp/dolphin-memory-check --out "$OUT/bench.json"
+stage lora_kernels "${GPU_KERNELS_S:-40}" python3 scripts/bench_lora_kernels.py --tokens 4096 --qlora
 echo "== summary"
-grep -h "^|" "$OUT/memory.log" "$OUT/bench.log" 2>/dev/null
+grep -h "^|" "$OUT/memory.log" "$OUT/bench.log" "$OUT/lora_kernels.log" 2>/dev/null
