@@ -125,6 +125,10 @@ def make_trainer(
         generation_eval=GenerationEval(cfg, tok.tokenizer) if cfg.generates_at_evaluation else None,
     )
     _use_our_console(trainer)
+    if cfg.llmcompressor:
+        from dolphin_train.train.sparsity import KeepZeros
+
+        trainer.add_callback(KeepZeros(model, cfg.llmcompressor.targets))
     if cfg.lisa_n_layers:
         from dolphin_train.train.lisa import LayerwiseSampling
 
@@ -399,6 +403,10 @@ def _train_run(run: Run, show: Any) -> dict[str, Any]:
     if run.rows.eval is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
     save_final_model(trainer, cfg.output_dir)
+    if cfg.llmcompressor and is_main:
+        from dolphin_train.train.sparsity import save_recipe
+
+        save_recipe(cfg.output_dir, cfg.llmcompressor)
     _finish_tracking(cfg)
     if not is_main:
         return {}

@@ -108,7 +108,8 @@ FALLBACK_PREFIX = "tokenizer_default_fallback_"
 # axolotl's plugins that map onto what dolphin-train does itself.
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
-KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
+SPARSE_PLUGIN = "axolotl.integrations.llm_compressor.LLMCompressorPlugin"
+KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN, SPARSE_PLUGIN)
 
 # transformers' FSDP sharding options (FSDP1 names; FSDP2 reads full_shard/shard_grad_op as resharding or not).
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
@@ -225,6 +226,75 @@ class SpecialTokens(_Strict):
     eos_token: str | None = key(None, "End-of-sequence token; `<|im_end|>` for ChatML chat models.", "model")
     pad_token: str | None = key(None, "Padding token (never trained on).", "model")
     unk_token: str | None = key(None, "Unknown token.", "model")
+
+
+class SparseFinetuning(_Strict):
+    """`llmcompressor:` axolotl's sparse fine-tuning block (LLM Compressor's recipe format)."""
+
+    recipe: dict[str, Any] | str = key(
+        ...,
+        "An LLM Compressor recipe: stages whose `*_modifiers` hold one `ConstantPruningModifier` with `targets` "
+        "(parameter names, or `re:` regular expressions matched from the start of the name); the zeros of the "
+        "targeted weights stay zero for the whole run. Other modifiers are refused.",
+        "training",
+    )
+    save_compressed: bool = key(
+        False,
+        "Accepted as LLM Compressor reads it today: compressed-tensors no longer has a sparse storage format, so "
+        "the model is written dense either way (safetensors), with the recipe next to it as `recipe.yaml`.",
+        "training",
+    )
+
+    @field_validator("recipe")
+    @classmethod
+    def _only_constant_pruning(cls, recipe: dict[str, Any] | str) -> dict[str, Any] | str:
+        pruning_targets(recipe)
+        return recipe
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return pruning_targets(self.recipe)
+
+
+def pruning_targets(recipe: Any) -> tuple[str, ...]:
+    """The `targets` of the recipe's ConstantPruningModifier(s); anything else in the recipe is an error."""
+    if not isinstance(recipe, dict):
+        raise ValueError("give the recipe inline, as a mapping of stages to their *_modifiers")
+    targets: list[str] = []
+    for stage_name, stage in recipe.items():
+        groups = stage.items() if isinstance(stage, dict) else ()
+        modifiers = [(g, m) for g, m in groups if g.endswith("_modifiers") and isinstance(m, dict)]
+        if not modifiers:
+            raise ValueError(f"recipe stage {stage_name}: expected `<name>_modifiers:` holding the modifiers")
+        for _, group in modifiers:
+            for name, args in group.items():
+                targets += _constant_pruning_targets(name, args or {})
+    if not targets:
+        raise ValueError("the recipe names no ConstantPruningModifier targets")
+    return tuple(targets)
+
+
+def _constant_pruning_targets(name: str, args: dict[str, Any]) -> list[str]:
+    if name != "ConstantPruningModifier":
+        raise ValueError(f"{name}: not supported; dolphin-train runs LLM Compressor's ConstantPruningModifier only "
+                         "(sparse fine-tuning that keeps a sparse model's zeros)")  # fmt: skip
+    unknown = set(args) - {"targets", "start", "end"}
+    if unknown:
+        raise ValueError(f"ConstantPruningModifier: unknown argument(s) {', '.join(sorted(unknown))}")
+    if args.get("start") not in (None, 0, -1) or args.get("end") not in (None, -1):
+        raise ValueError("ConstantPruningModifier: the zeros are held for the whole run; a start or end epoch "
+                         "other than 0 / -1 is not supported")  # fmt: skip
+    targets = args.get("targets")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError("ConstantPruningModifier: targets must name parameters (e.g. 're:.*q_proj.weight')")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise ValueError(f"ConstantPruningModifier target {t!r}: not a regular expression ({e})") from e
+    return targets
 
 
 class Config(_Strict):
@@ -389,9 +459,9 @@ class Config(_Strict):
     )
     plugins: list[str] | None = key(
         None,
-        "axolotl plugins. dolphin-train has no plugin system; these two map onto its own paths: "
-        f"`{LIGER_PLUGIN}` (`liger_kernel` and the `liger_*` keys) and `{CCE_PLUGIN}` (the chunked loss, see "
-        "`cut_cross_entropy`). Any other plugin is refused.",
+        "axolotl plugins. dolphin-train has no plugin system; these map onto its own paths: "
+        f"`{LIGER_PLUGIN}` (`liger_kernel` and the `liger_*` keys), `{CCE_PLUGIN}` (the chunked loss, see "
+        f"`cut_cross_entropy`) and `{SPARSE_PLUGIN}` (`llmcompressor`). Any other plugin is refused.",
         "model",
     )
     liger_rope: bool | None = key(None, "Liger's rotary-embedding kernel (with `liger_kernel`, on CUDA).", "model")
@@ -719,6 +789,13 @@ class Config(_Strict):
         "checkpoints (`save_steps`) to go back to the best one.",
         ge=1,
     )
+    llmcompressor: SparseFinetuning | None = key(
+        None,
+        "Sparse fine-tuning (axolotl's LLM Compressor plugin): full fine-tuning of a sparse model (e.g. 2:4 "
+        "sparse) in which the targeted weights' zeros stay zero. Weights of magnitude up to 1e-8 count as zero "
+        "(LLM Compressor's threshold) and are set to 0 at the start; their gradients are zeroed and they are set "
+        "back to 0 after each optimizer step (a one-bit mask). Keys: `recipe`, `save_compressed`.",
+    )
     loss_watchdog_threshold: float | None = key(
         None,
         "Stop, naming the step, when the logged training loss stays above this value for "
@@ -906,7 +983,8 @@ class Config(_Strict):
         if unknown:
             raise ValueError(
                 f"{', '.join(unknown)}: not supported. dolphin-train has no plugin system; only {LIGER_PLUGIN} "
-                f"(liger_kernel) and {CCE_PLUGIN} (chunked_cross_entropy) map onto its own paths"
+                f"(liger_kernel), {CCE_PLUGIN} (chunked_cross_entropy) and {SPARSE_PLUGIN} (llmcompressor) map "
+                "onto its own paths"
             )
         return value
 
@@ -1045,6 +1123,7 @@ class Config(_Strict):
         if self.early_stopping_patience and not self.val_set_size:
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         problems += self._lora_kernel_problems()
+        problems += self._sparse_problems()
         problems += self._generation_eval_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
@@ -1117,6 +1196,19 @@ class Config(_Strict):
     @property
     def micro_batch_size_for_eval(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    def _sparse_problems(self) -> list[str]:
+        if SPARSE_PLUGIN in (self.plugins or []) and self.llmcompressor is None:
+            return [f"{SPARSE_PLUGIN}: set llmcompressor (its recipe) or remove the plugin"]
+        if self.llmcompressor is None:
+            return []
+        clashes = {"adapter": self.adapter, "deepspeed": self.deepspeed, "fsdp": self.fsdp,
+                   "lisa_n_layers": self.lisa_n_layers}  # fmt: skip
+        named = [k for k, v in clashes.items() if v]
+        if named:
+            return [f"llmcompressor: sparse fine-tuning trains the sparse weights themselves, one process or DDP; "
+                    f"not with {', '.join(named)}"]  # fmt: skip
+        return []
 
     @property
     def lora_kernels(self) -> list[str]:
