@@ -89,8 +89,10 @@ def make_trainer(
     resuming: bool = False,
 ) -> Any:
     from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
+    from dolphin_train.model.loftq import has_loftq_base
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
+    from dolphin_train.train.outputs import KeepLoftQBase
     from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
@@ -122,6 +124,8 @@ def make_trainer(
         optimizer_in_backward=_parameter_optimizer(cfg),
     )
     _use_our_console(trainer)
+    if cfg.loftq is not None or has_loftq_base(cfg.lora_model_dir):
+        trainer.add_callback(KeepLoftQBase(model))
     if cfg.lisa_n_layers:
         from dolphin_train.train.lisa import LayerwiseSampling
 

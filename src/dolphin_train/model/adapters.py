@@ -167,11 +167,19 @@ def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: boo
 
 
 def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
-    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
+    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`). A new adapter
+    with `peft.loftq_config` starts from LoftQ; a LoftQ adapter continues over the base it was trained on."""
     from peft import PeftModel
+
+    from dolphin_train.model.loftq import has_loftq_base, initialise_with_loftq, load_loftq_base
 
     model = prepare_base_for_adapter(cfg, model)
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
+        if has_loftq_base(cfg.lora_model_dir):
+            load_loftq_base(model, cfg.lora_model_dir)
         return use_lean_token_rows(PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True))
-    return new_adapter(cfg, model, new_token_ids)
+    adapted = new_adapter(cfg, model, new_token_ids)
+    if cfg.loftq is not None:
+        initialise_with_loftq(adapted, cfg.loftq)
+    return adapted
