@@ -162,6 +162,30 @@ def test_loftq_trains_and_merges_into_the_base_it_trained_over(tmp_path: Path, b
 
 
 @pytest.mark.slow
+def test_a_resumed_loftq_run_reads_its_base_and_ends_as_an_uninterrupted_one(
+    tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    import dolphin_train.model.loftq as loftq
+
+    path = _config(tmp_path, base_dir, **LOFTQ, learning_rate=5e-3, save_steps=2)
+    assert main([str(path)]) == 0
+    out = tmp_path / "out"
+    uninterrupted = load_file(str(out / "adapter_model.safetensors"))
+
+    def not_again(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a resumed run recomputed LoftQ instead of reading its saved base")
+
+    monkeypatch.setattr(loftq, "loftq_decomposition", not_again)
+    assert main([str(path), "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 0
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_continuing_a_loftq_adapter_keeps_its_base(tmp_path: Path, base_dir: Path) -> None:
     from safetensors.torch import load_file
 
