@@ -197,7 +197,9 @@ def test_continuing_a_loftq_adapter_keeps_its_base(tmp_path: Path, base_dir: Pat
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_plan_counts_a_loftq_run_as_lora_over_its_compute_dtype(tmp_path: Path, base_dir: Path) -> None:
+def test_the_plan_counts_a_loftq_run_as_lora_over_its_compute_dtype(
+    tmp_path: Path, base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """LoftQ's base is held in the compute dtype, as LoRA's (its float32 copies live one layer at a time, on
     the GPU before the model moves there): the plan's estimate is LoRA's, and its counts match the model."""
     from dolphin_train.config.load import load_config
@@ -216,6 +218,8 @@ def test_the_plan_counts_a_loftq_run_as_lora_over_its_compute_dtype(tmp_path: Pa
     assert estimates["loftq"].total == estimates["lora"].total
     model = load_model(cfg, resolve_runtime(cfg), tok)
     assert estimates["loftq"].params.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert main(["plan", str(tmp_path / "loftq/c.yml"), "--gpus", "1", "--gpu-memory", "24"]) == 0
+    assert "base (4-bit LoftQ values) + adapter" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("peft", "extra", "named"), [
