@@ -39,6 +39,16 @@ def test_loftq_base_plus_adapter_is_closer_to_the_weight_than_the_quantised_base
     assert torch.linalg.norm(weight - (q + scaling * lora_b @ lora_a)) < 0.9 * quantisation_error
 
 
+def test_a_rank_above_the_layer_width_pads_the_adapter_with_zeros() -> None:
+    from dolphin_train.model.loftq import loftq_decomposition
+
+    weight = _structured_weight(12, 8)
+    q, lora_a, lora_b = loftq_decomposition(weight, 4, 16, 2.0)
+    assert lora_a.shape == (16, 8) and lora_b.shape == (12, 16)
+    assert not lora_a[8:].any() and not lora_b[:, 8:].any()
+    torch.testing.assert_close(q + 2.0 * lora_b @ lora_a, weight, atol=1e-5, rtol=1e-4)  # full rank: exact
+
+
 def test_more_loftq_rounds_quantise_what_the_low_rank_part_leaves() -> None:
     from dolphin_train.model.loftq import loftq_decomposition, quantised
 

@@ -67,9 +67,21 @@ def loftq_decomposition(weight: Any, bits: int, rank: int, scaling: float, itera
             # sqrt(S) on each side (as LoftQ does) keeps A and B the same size; 1/sqrt(scaling) on each side
             # undoes the LoRA scaling the forward pass applies.
             root = (s[:rank] / scaling).sqrt()
-            lora_b, lora_a = u[:, :rank] * root, root[:, None] * vh[:rank]
+            lora_b, lora_a = _padded(u[:, :rank] * root, rank, 1), _padded(root[:, None] * vh[:rank], rank, 0)
             low_rank = scaling * (lora_b @ lora_a)
     return base.to(weight.device, weight.dtype), lora_a.to(weight.device), lora_b.to(weight.device)
+
+
+def _padded(factor: Any, rank: int, dim: int) -> Any:
+    """A rank larger than the layer's smaller side: the SVD has fewer directions; the rest start at zero."""
+    import torch
+
+    missing = rank - factor.shape[dim]
+    if missing <= 0:
+        return factor
+    shape = list(factor.shape)
+    shape[dim] = missing
+    return torch.cat([factor, factor.new_zeros(shape)], dim=dim)
 
 
 def _lora_linears(model: Any) -> list[tuple[str, Any]]:
