@@ -187,8 +187,8 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
         ({"torch_compile_mode": "max-autotune"}, "torch_compile_mode applies to layers compiled with the inductor"),
         ({"torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "max-autotune"},
          "torch_compile_mode applies to layers compiled with the inductor"),
-        ({"peft": {"loftq_config": {"loftq_bits": 4}}}, "peft: {'loftq_config': {'loftq_bits': 4}} is not supported; "
-                                                        "instead: adapter: qlora"),
+        ({"peft": {"loftq_config": {"loftq_bits": 4}}, "adapter": "qlora", "load_in_4bit": True},
+         "peft.loftq_config: LoftQ quantises the base itself"),
         ({"low_cpu_mem_usage": False}, "low_cpu_mem_usage"),
         ({"early_stopping_patience": 3}, "early_stopping_patience watches the evaluation loss: set val_set_size"),
         ({"batch_size": 3, "micro_batch_size": 2}, "batch_size: 3 is not micro_batch_size x gradient_accumulation"),

@@ -89,9 +89,11 @@ def make_trainer(
     resuming: bool = False,
 ) -> Any:
     from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
+    from dolphin_train.model.loftq import has_loftq_base
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
     from dolphin_train.train.generation_eval import GenerationEval, require_metric_packages
+    from dolphin_train.train.outputs import KeepLoftQBase
     from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
@@ -129,6 +131,8 @@ def make_trainer(
         from dolphin_train.train.sparsity import KeepZeros
 
         trainer.add_callback(KeepZeros(model, cfg.llmcompressor.targets))
+    if cfg.loftq is not None or has_loftq_base(cfg.lora_model_dir):
+        trainer.add_callback(KeepLoftQBase(model))
     if cfg.lisa_n_layers:
         from dolphin_train.train.lisa import LayerwiseSampling
 

@@ -14,13 +14,29 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dolphin_train.config.schema import Config, DatasetConfig, SpecialTokens, documented_fields
+from dolphin_train.config.schema import (
+    Config,
+    DatasetConfig,
+    LoftQSettings,
+    PeftSettings,
+    SpecialTokens,
+    documented_fields,
+)
 from dolphin_train.errors import ConfigError, where_not_utf8
 
 log = logging.getLogger(__name__)
 
-# Nested mappings whose keys are checked against a schema (other dict-valued keys are free-form).
-_NESTED_MODELS: dict[str, type[BaseModel]] = {"datasets": DatasetConfig, "special_tokens": SpecialTokens}
+# Nested mappings whose keys are checked against a schema (other dict-valued keys are free-form), by the
+# model that holds them.
+_NESTED_MODELS: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
+    Config: {"datasets": DatasetConfig, "special_tokens": SpecialTokens, "peft": PeftSettings},
+    PeftSettings: {"loftq_config": LoftQSettings},
+}
+
+
+def _nested_model(model: type[BaseModel] | None, name: Any) -> type[BaseModel] | None:
+    """The schema of the mapping (or list of mappings) under key `name` of `model`, if it has one."""
+    return _NESTED_MODELS.get(model, {}).get(name) if model is not None else None
 
 
 class _DuplicateTrackingLoader(yaml.SafeLoader):
@@ -150,7 +166,7 @@ def _drop_nulls(value: Any, model: type[BaseModel] | None = Config) -> Any:
     if isinstance(value, dict):
         known = documented_fields(model) if model is not None else {}  # free-form mappings: every key "known"
         return {
-            k: _drop_nulls(v, _NESTED_MODELS.get(k) if model is Config else None)
+            k: _drop_nulls(v, _nested_model(model, k))
             for k, v in value.items()
             if v is not None or (model is not None and k not in known)
         }
@@ -169,8 +185,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     """The schema model that owns the mapping at `loc` (for suggesting key names)."""
     model: type[BaseModel] = Config
     for part in loc:
-        if isinstance(part, str) and part in _NESTED_MODELS and model is Config:
-            model = _NESTED_MODELS[part]
+        model = _nested_model(model, part) or model
     return model
 
 
@@ -253,11 +268,13 @@ def _booleans_as_numbers(data: Mapping[str, Any], model: type[BaseModel], where:
     fields = documented_fields(model)
     for name, value in data.items():
         info = fields.get(name)
-        nested = _NESTED_MODELS.get(name) if model is Config else None
+        nested = _nested_model(model, name)
         if nested is not None and isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, Mapping):
                     problems += _booleans_as_numbers(item, nested, f"{where}{name}[{i}].")
+        elif nested is not None and isinstance(value, Mapping):
+            problems += _booleans_as_numbers(value, nested, f"{where}{name}.")
         elif isinstance(value, bool) and info is not None and _takes_number_not_bool(info.annotation):
             problems.append(f"{where}{name}: {value!r} is not allowed: a number is expected, not a boolean")
     return problems

@@ -297,6 +297,35 @@ def _constant_pruning_targets(name: str, args: dict[str, Any]) -> list[str]:
     return targets
 
 
+class LoftQSettings(_Strict):
+    """`peft.loftq_config:` LoftQ initialisation of a new LoRA adapter."""
+
+    loftq_bits: Literal[4, 8] = key(
+        4,
+        "LoftQ: start a new LoRA adapter (`adapter: lora`) over the base quantised to this many bits (4: NF4, "
+        "8: row-wise int8, bitsandbytes' quantisers), with the adapter initialised so that quantised base + "
+        "adapter is close to the original weights. The quantised base is what trains (kept in the compute "
+        "dtype) and is saved next to the adapter (`loftq_base.safetensors`), which `merge-lora` and `chat` use.",
+        "model",
+    )
+    loftq_iter: int = key(
+        1,
+        "LoftQ's alternating rounds (quantise, then fit the low-rank correction to what quantisation missed); "
+        "peft's `loftq_iter`.",
+        "model",
+        ge=1,
+        le=20,
+    )
+
+
+class PeftSettings(_Strict):
+    """`peft:` axolotl's extra peft settings."""
+
+    loftq_config: LoftQSettings | None = key(
+        None, "LoftQ initialisation of the adapter (the `peft.loftq_config.*` keys).", "model"
+    )  # fmt: skip
+
+
 class Config(_Strict):
     """A whole run. Immutable once loaded; values derived from it live in `RuntimeSettings` and plans."""
 
@@ -401,14 +430,9 @@ class Config(_Strict):
         "do. Passed to peft, which sets it from each layer's type anyway (and warns when the value disagrees).",
         "model",
     )
-    peft: dict[str, Any] | None = key(
-        None,
-        "axolotl's extra peft settings (`loftq_config`: LoftQ initialisation).",
-        "model",
-        unsupported=True,
-        alternative="adapter: qlora (LoftQ rewrites the base weights in memory, which the saved adapter would "
-        "then need but the original base model lacks)",
-    )
+    peft: PeftSettings | None = key(
+        None, "axolotl's extra peft settings: `loftq_config` (below).", "model"
+    )  # fmt: skip
     low_cpu_mem_usage: Literal[True] = key(
         True,
         "axolotl's switch for loading weights without a first random initialisation: transformers always "
@@ -1077,6 +1101,7 @@ class Config(_Strict):
             problems.append("load_in_4bit and load_in_8bit: choose one")
         if self.load_in_4bit and self.adapter == "lora":
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
+        problems += self._loftq_problems()
         if self.lora_target_linear and self.names_output_head:
             problems.append("lora_target_linear: true adapts every linear layer but the output head, and lm_head "
                             "cannot be added to it: list every module in lora_target_modules instead")  # fmt: skip
@@ -1277,6 +1302,26 @@ class Config(_Strict):
         if named:
             why = "lisa_n_layers trains a changing set of whole layers"
             return [f"{why}: it cannot be combined with {', '.join(named)}"]
+        return []
+
+    @property
+    def loftq(self) -> LoftQSettings | None:
+        """LoftQ's settings when a new adapter starts with it (`peft.loftq_config`), else None."""
+        return self.peft.loftq_config if self.peft else None
+
+    def _loftq_problems(self) -> list[str]:
+        if self.loftq is None:
+            return []
+        if self.adapter != "lora" or self.load_in_4bit or self.load_in_8bit:
+            return ["peft.loftq_config: LoftQ quantises the base itself and initialises the adapter from what the "
+                    "quantisation lost (peft: pass it an unquantised model): use adapter: lora without "
+                    "load_in_4bit/load_in_8bit"]  # fmt: skip
+        if self.lora_model_dir:
+            return ["peft.loftq_config initialises a new adapter; lora_model_dir continues a saved one (a LoftQ "
+                    "adapter's quantised base is read from its directory): remove one of them"]  # fmt: skip
+        if self.peft_use_dora:
+            return ["peft.loftq_config with peft_use_dora: DoRA's magnitudes would be taken from the weights "
+                    "before LoftQ replaced them; use one of them"]  # fmt: skip
         return []
 
     def _memory_mode_problems(self) -> list[str]:

@@ -167,15 +167,28 @@ def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: boo
     return _with_our_forwards(cfg, get_peft_model(model, settings))
 
 
-def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int]) -> Any:
-    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`)."""
+def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int], resuming: bool = False) -> Any:
+    """Wrap the model with a trainable LoRA adapter (new, or continued from `lora_model_dir`). A new adapter
+    with `peft.loftq_config` starts from LoftQ; a LoftQ adapter continues over the base it was trained on, and
+    a resumed LoftQ run over the base its first start saved in `output_dir` (its adapter comes from the
+    checkpoint)."""
     from peft import PeftModel
+
+    from dolphin_train.model.loftq import has_loftq_base, initialise_with_loftq, load_loftq_base
 
     model = prepare_base_for_adapter(cfg, model)
     if cfg.lora_model_dir:
         log.info("Continuing from the adapter in %s", cfg.lora_model_dir)
+        if has_loftq_base(cfg.lora_model_dir):
+            load_loftq_base(model, cfg.lora_model_dir)
         return _with_our_forwards(cfg, PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True))
-    return new_adapter(cfg, model, new_token_ids)
+    if cfg.loftq is not None and resuming and has_loftq_base(cfg.output_dir):
+        load_loftq_base(model, cfg.output_dir)
+        return new_adapter(cfg, model, new_token_ids)
+    adapted = new_adapter(cfg, model, new_token_ids)
+    if cfg.loftq is not None:
+        initialise_with_loftq(adapted, cfg.loftq)
+    return adapted
 
 
 def _with_our_forwards(cfg: Config, model: Any) -> Any:

@@ -151,7 +151,7 @@ def load_model(
     cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, weights_from_checkpoint: bool = False
 ) -> Any:
     """The model ready to train. `weights_from_checkpoint`: a resumed run, whose weights the Trainer then
-    loads from the checkpoint (only said in the log)."""
+    loads from the checkpoint (said in the log; a LoftQ run takes its quantised base from `output_dir`)."""
     import torch
 
     config = load_model_config(cfg)
@@ -187,7 +187,7 @@ def load_model(
     if cfg.adapter:
         # LoRA's A matrices start random: `seed` decides them, whatever ran before in this process.
         torch.manual_seed(cfg.seed)
-        model = apply_adapter(cfg, model, tok.new_token_ids)
+        model = apply_adapter(cfg, model, tok.new_token_ids, resuming=weights_from_checkpoint)
     freeze_except(cfg, model)
     return model
 

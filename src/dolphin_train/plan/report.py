@@ -327,6 +327,8 @@ def _weights_note(cfg: Config, m: MemoryEstimate) -> str:
         kind = "bf16 weights, no float32 master copy"
     elif cfg.float16:
         kind = "fp16 weights, no float32 master copy, no loss scaler"
+    elif cfg.adapter and cfg.loftq is not None:  # LoftQ's quantised values, held at LoRA's precision
+        kind = f"frozen {m.precision} base ({cfg.loftq.loftq_bits}-bit LoftQ values) + adapter"
     elif cfg.adapter:
         kind = f"frozen {m.precision} base + adapter"
     elif m.sharding.deepspeed_stage is not None:

@@ -8,6 +8,7 @@ from threading import Thread
 from typing import Any, TextIO
 
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.loftq import has_loftq_base, load_loftq_base
 
 
 def load_for_chat(path: str | Path) -> tuple[Any, Any]:
@@ -25,7 +26,9 @@ def load_for_chat(path: str | Path) -> tuple[Any, Any]:
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise DolphinError(f"{path} holds no tokenizer (tokenizer.json): was the run finished?")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / "adapter_config.json").exists():
+    if has_loftq_base(path):
+        model = _loftq_adapter_model(path, tokenizer)
+    elif (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path)
@@ -34,6 +37,23 @@ def load_for_chat(path: str | Path) -> tuple[Any, Any]:
     if not tokenizer.chat_template:
         raise DolphinError(f"{path}: the tokenizer has no chat template")
     return model.eval(), tokenizer
+
+
+def _loftq_adapter_model(path: Path, tokenizer: Any) -> Any:
+    """A LoftQ adapter over its base: the original base model with the adapted layers' weights replaced by the
+    quantised ones saved next to the adapter (what it was trained over)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_name = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_name)
+    except OSError as exc:
+        raise DolphinError(f"cannot load the adapter's base model {base_name!r}: {exc}") from None
+    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter saved the rows
+    load_loftq_base(base, path)
+    return PeftModel.from_pretrained(base, str(path))
 
 
 def reply(

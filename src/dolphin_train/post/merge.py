@@ -69,6 +69,7 @@ def merge_lora(base_model: Any, adapter: str | Path, out: str | Path, tokenizer:
     from peft import PeftModel
 
     from dolphin_train.model.load import sync_special_token_ids
+    from dolphin_train.model.loftq import has_loftq_base, load_loftq_base
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").exists():
@@ -76,6 +77,8 @@ def merge_lora(base_model: Any, adapter: str | Path, out: str | Path, tokenizer:
     tokenizer = tokenizer or _tokenizer_for(adapter, base_model.name_or_path)
     if len(tokenizer) != base_model.get_input_embeddings().weight.shape[0]:
         base_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter saved the rows
+    if has_loftq_base(adapter):  # a LoftQ adapter: merged into the quantised base it trained over
+        load_loftq_base(base_model, adapter)
     merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
     sync_special_token_ids(merged, tokenizer)
     merged.config.use_cache = True

@@ -161,3 +161,33 @@ class RecordConfigInTrackers(TrainerCallback):
 
         if wandb.run is not None:
             wandb.run.config.update(self.record, allow_val_change=True)
+
+
+class KeepLoftQBase(TrainerCallback):
+    """A LoftQ adapter is relative to the quantised base LoftQ left, not to the original base model: that base
+    (the adapted layers' weights) is written next to the final adapter when training starts, and linked into
+    every checkpoint, so that each adapter directory can be merged, chatted with or continued from."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from dolphin_train.model.loftq import save_loftq_base
+
+        if state.is_world_process_zero:
+            save_loftq_base(self.model, args.output_dir)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from dolphin_train.model.loftq import LOFTQ_BASE_FILE
+
+        if not state.is_world_process_zero:
+            return
+        source = Path(args.output_dir, LOFTQ_BASE_FILE)
+        target = Path(args.output_dir, f"checkpoint-{state.global_step}", LOFTQ_BASE_FILE)
+        if target.parent.is_dir() and not target.exists():
+            try:
+                os.link(source, target)  # the same bytes: no second copy on disk
+            except OSError:
+                import shutil
+
+                shutil.copyfile(source, target)
