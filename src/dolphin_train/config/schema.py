@@ -87,6 +87,8 @@ TEMPLATE_NAMES = (
     "gemma",
     "gemma3",
     "gemma3n",
+    "gemma4",
+    "gemma4_unified",
     "phi_3",
     "phi_35",
     "qwen_25",
