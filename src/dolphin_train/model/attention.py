@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dolphin_train.config.resolve import VARLEN
+from dolphin_train.config.resolve import HYBRID, VARLEN
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -97,3 +97,53 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, no_mask)
     return VARLEN
+
+
+def hybrid_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sliding: str | Callable[..., Any] = "flash_attention_2",
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """`gemma4_hybrid_attn_impl`, as a transformers attention function: sliding-window layers (head_dim 256)
+    go to flash-attn, which takes the sequence boundaries from the position ids and needs no mask; every other
+    layer (Gemma 4's global layers, head_dim 512) goes to SDPA with the mask transformers built for it
+    (block-diagonal when rows are packed, see `register_hybrid_attention`). `sliding`: the sliding layers'
+    backend, a transformers name or a function (tests pass a reference)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if getattr(module, "is_sliding", False):
+        forward = ALL_ATTENTION_FUNCTIONS[sliding] if isinstance(sliding, str) else sliding
+        return forward(module, query, key, value, None, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_hybrid_attention(sliding: str | Callable[..., Any] = "flash_attention_2") -> str:
+    """Register the hybrid backend (idempotent) and return its name. Its masks are SDPA's: transformers
+    builds them per layer type (full and sliding-window, block-diagonal from restarting position ids)."""
+    import functools
+
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(HYBRID, functools.partial(hybrid_attention_forward, sliding=sliding))
+    AttentionMaskInterface.register(HYBRID, sdpa_mask)
+    return HYBRID
+
+
+def check_hybrid_layers(config: Any) -> None:
+    """`gemma4_hybrid_attn_impl` splits sliding-window from global layers: a model without both has nothing
+    to split (the key is refused rather than ignored)."""
+    from dolphin_train.errors import DolphinError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or ())
+    if "sliding_attention" not in kinds or len(kinds) < 2:
+        raise DolphinError(
+            f"gemma4_hybrid_attn_impl: the model ({getattr(config, 'model_type', '?')}) does not mix sliding-window "
+            "and global attention layers (its config has no such layer_types): remove the key"
+        )
