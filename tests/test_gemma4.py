@@ -154,8 +154,8 @@ def test_hybrid_refuses_another_backend_and_a_model_without_the_layer_mix() -> N
 
 
 def _reference_flash(calls: list) -> Any:
-    """What flash-attn computes for a sliding-window layer from the position ids alone (no mask): causal,
-    within each packed sequence, at most `sliding_window` keys back. Records the layers it served."""
+    """What flash-attn computes for a sliding-window layer from the position ids alone (it gets no mask):
+    causal, within each packed sequence, at most `sliding_window` keys back. Records the layers it served."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def forward(module, query, key, value, attention_mask, **kwargs):
@@ -171,18 +171,18 @@ def _reference_flash(calls: list) -> Any:
 
 def test_hybrid_attention_sends_only_sliding_layers_to_flash_and_keeps_packed_rows_apart() -> None:
     """Reference: each packed sequence run alone under SDPA. The global layer gets SDPA with transformers'
-    block-diagonal mask; the sliding layer goes to the flash backend, with no mask."""
-    from transformers import Gemma4ForCausalLM
+    block-diagonal mask; the sliding layer goes to the flash backend (a reference here), with no mask."""
+    from transformers import AttentionInterface, Gemma4ForCausalLM
 
-    from dolphin_train.model.attention import register_hybrid_attention
+    from dolphin_train.model.attention import register_hybrid_attention, use_hybrid_attention
 
     calls: list = []
+    AttentionInterface.register("reference_flash", _reference_flash(calls))
     torch.manual_seed(0)
     reference = Gemma4ForCausalLM._from_config(tiny_text_config(), attn_implementation="sdpa").eval()
-    hybrid = Gemma4ForCausalLM._from_config(
-        tiny_text_config(), attn_implementation=register_hybrid_attention(sliding=_reference_flash(calls))
-    ).eval()
+    hybrid = Gemma4ForCausalLM._from_config(tiny_text_config(), attn_implementation=register_hybrid_attention())
     hybrid.load_state_dict(reference.state_dict())
+    assert use_hybrid_attention(hybrid.eval(), sliding="reference_flash") == 1
     lengths = [9, 14, 7]
     ids = torch.randint(2, 2048, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -191,7 +191,6 @@ def test_hybrid_attention_sends_only_sliding_layers_to_flash_and_keeps_packed_ro
         alone = [reference(input_ids=part).logits[0] for part in ids.split(lengths, dim=1)]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
     assert calls == [(0, None)]  # layer 0 is the sliding one; the global layer 1 stayed on SDPA
-    register_hybrid_attention()  # the flash default again, for later tests in this process
 
 
 # ---- liger_rms_norm_gated ------------------------------------------------------------------------------------

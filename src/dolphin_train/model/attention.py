@@ -99,40 +99,43 @@ def register_varlen_attention() -> str:
     return VARLEN
 
 
-def hybrid_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    sliding: str | Callable[..., Any] = "flash_attention_2",
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """`gemma4_hybrid_attn_impl`, as a transformers attention function: sliding-window layers (head_dim 256)
-    go to flash-attn, which takes the sequence boundaries from the position ids and needs no mask; every other
-    layer (Gemma 4's global layers, head_dim 512) goes to SDPA with the mask transformers built for it
-    (block-diagonal when rows are packed, see `register_hybrid_attention`). `sliding`: the sliding layers'
-    backend, a transformers name or a function (tests pass a reference)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def hybrid_mask(*args: Any, local_size: int | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """`gemma4_hybrid_attn_impl`'s masks, one per layer type (transformers builds each once per forward): the
+    sliding-window layers run flash-attn, which takes a padding mask or none (sequence boundaries come from
+    the position ids); the global layers run SDPA, which takes the causal mask, block-diagonal when rows are
+    packed. transformers names the window (`local_size`) only when it builds the sliding-window mask."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
-    if getattr(module, "is_sliding", False):
-        forward = ALL_ATTENTION_FUNCTIONS[sliding] if isinstance(sliding, str) else sliding
-        return forward(module, query, key, value, None, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if local_size is not None:
+        return flash_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, **kwargs)
 
 
-def register_hybrid_attention(sliding: str | Callable[..., Any] = "flash_attention_2") -> str:
-    """Register the hybrid backend (idempotent) and return its name. Its masks are SDPA's: transformers
-    builds them per layer type (full and sliding-window, block-diagonal from restarting position ids)."""
-    import functools
-
+def register_hybrid_attention() -> str:
+    """Register the hybrid backend (idempotent) and return its name: SDPA for every attention layer that
+    `use_hybrid_attention` does not hand to flash-attn, with `hybrid_mask`'s masks."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    AttentionInterface.register(HYBRID, functools.partial(hybrid_attention_forward, sliding=sliding))
-    AttentionMaskInterface.register(HYBRID, sdpa_mask)
+    AttentionInterface.register(HYBRID, sdpa_attention_forward)
+    AttentionMaskInterface.register(HYBRID, hybrid_mask)
     return HYBRID
+
+
+def use_hybrid_attention(model: torch.nn.Module, sliding: str = "flash_attention_2") -> int:
+    """Hand the sliding-window attention layers (head_dim 256) to flash-attn: each gets its own copy of the
+    config naming that backend, which is where a transformers attention layer looks its function up (and
+    flash-attn its kernel); the global layers (head_dim 512, beyond flash-attn) keep the model's SDPA.
+    `sliding`: a registered attention backend (tests pass a reference). Returns the layers handed over."""
+    import copy
+
+    handed = 0
+    for module in model.modules():
+        if getattr(module, "is_sliding", False) and hasattr(module, "config"):
+            module.config = copy.copy(module.config)
+            module.config._attn_implementation = sliding
+            handed += 1
+    return handed
 
 
 def check_hybrid_layers(config: Any) -> None:

@@ -15,7 +15,12 @@ from dolphin_train.config.resolve import HYBRID, VARLEN, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
-from dolphin_train.model.attention import check_hybrid_layers, register_hybrid_attention, register_varlen_attention
+from dolphin_train.model.attention import (
+    check_hybrid_layers,
+    register_hybrid_attention,
+    register_varlen_attention,
+    use_hybrid_attention,
+)
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
@@ -180,6 +185,10 @@ def load_model(
             )
         except OSError as exc:
             raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
+    if runtime.attn_implementation == HYBRID:
+        handed = use_hybrid_attention(model)
+        log.info("gemma4_hybrid_attn_impl: %d sliding-window attention layers on flash-attn, the others on SDPA",
+                 handed)  # fmt: skip
     if cfg.liger_rms_norm_gated:
         fuse_gated_rms_norms(model, runtime)
     tokenizer = tok.tokenizer
