@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+GEMMA4_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+
 # Per template: the extra tokens its test tokenizer carries, its end-of-turn token ("eos": the tokenizer's),
 # and the conversation shapes it takes.
 FORMATS = {
@@ -54,6 +56,12 @@ FORMATS = {
         "system": True,
     },
     "gemma3n": {"tokens": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>", "system": True},
+    # No tool turns: Gemma 4 writes tool results inside the model turn that called the tool (structured calls).
+    "gemma4": {"tokens": GEMMA4_TOKENS, "end": "<turn|>", "system": True},
+    "gemma4_unified": {"tokens": GEMMA4_TOKENS, "end": "<turn|>", "system": True},
+    # Answers that carry a thought block (<|channel>thought ... <channel|>): the template leaves it out.
+    "gemma4 (thinking)": {"template": "gemma4", "tokens": GEMMA4_TOKENS, "end": "<turn|>", "system": True,
+                          "channel": True},
     "phi_3": {"tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>", "system": True},
     "phi_35": {"tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>", "system": True},
     "qwen_25": {"tokens": ["<|im_start|>", "<|im_end|>"], "end": "<|im_end|>", "system": True, "tools": True},
@@ -254,6 +262,8 @@ def conversation(rng: random.Random, shape: dict) -> list[dict[str, str]]:
             answer = (
                 f"<think>{rng.choice(['', chr(10)])}{_content(rng)}\n</think>{rng.choice(['', chr(10) * 2])}{answer}"
             )
+        if shape.get("channel") and rng.random() < 0.7:
+            answer = f"<|channel>thought\n{_content(rng)}<channel|>{rng.choice(['', chr(10)])}{answer}"
         messages.append({"role": "assistant", "content": answer})
     return messages
 
@@ -271,7 +281,8 @@ def build_tokenizer(out: Path, extra: list[str]) -> None:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
     tokenizer.save_pretrained(str(out))
     LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1).save_pretrained(str(out))  # fmt: skip
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                ).save_pretrained(str(out))  # fmt: skip
 
 
 AXOLOTL_DRIVER = r"""

@@ -64,6 +64,12 @@ TABLE: list[tuple[str, list, dict[str, Any]]] = [
                                                "unfrozen_parameters": ["^lm_head.weight$", "model.layers.1.*"]}),
     ("gemma3n LoRA", MESSAGES, {"chat_template": "gemma3n", "adapter": "lora", "lora_target_modules":
                                 "model.layers.[\\d]+.(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"}),
+    ("gemma4 31B QLoRA", MESSAGES, {"chat_template": "gemma4", "eot_tokens": ["<turn|>"], "adapter": "qlora",
+                                    "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_use_double_quant": True},
+                                    "gemma4_hybrid_attn_impl": True, "attn_implementation": "flash_attention_2",
+                                    "plugins": [LIGER_PLUGIN], "liger_rms_norm_gated": True}),
+    ("gemma4 unified LoRA", MESSAGES, {"chat_template": "gemma4_unified", "eot_tokens": ["<turn|>"],
+                                       "adapter": "lora", "gemma4_hybrid_attn_impl": True}),
     ("phi-3 alpaca:phi", ALPACA, {"chat_template": "phi_3", "resize_token_embeddings_to_32x": True,
                                   "eval_table_size": 0, "eval_max_new_tokens": 128, "eval_table_max_new_tokens": 64,
                                   "datasets": [{"type": "alpaca:phi"}], "bfloat16": True, "bf16": "auto"}),
@@ -174,7 +180,7 @@ def test_an_unknown_key_is_refused_even_when_empty() -> None:
                                                                       "has no plugin system"),
         ({"attn_implementation": "sage"}, "not supported; instead: flash_attention: true"),
         ({"xformers_attention": True, "flash_attention": True}, "xformers_attention with another attention backend"),
-        ({"chat_template": "gemma4"}, "unknown chat template"),
+        ({"chat_template": "qwen3_5"}, "unknown chat template"),
         ({"unfrozen_parameters": ["^model.embed_tokens.weight$[:32000]"]}, "row ranges of a parameter are not "
                                                                            "supported"),
         ({"liger_kernel": False, "liger_rope": True}, "liger_kernel: false, but the LigerPlugin or liger_* keys"),

@@ -204,3 +204,30 @@ def test_eot_tokens_choose_the_trained_end_token(tmp_path: Path, llama3_dir: str
     assert trained(chosen) == "Hello."  # <|end|> is no end-of-turn token now; <|assistant|> never follows an answer
     with pytest.raises(DataError, match="eot_tokens: 'two words' is not a single token"):
         _prepare(_config(tmp_path / "c", llama3_dir, rows, eot_tokens=["two words"], **keys))
+
+
+def test_gemma4_prompts_thinking_and_tool_turns(tmp_path: Path, llama3_dir: str) -> None:
+    """Gemma 4's published prompt format: a served prompt opens an empty thought block unless thinking is asked
+    for (then `<|think|>` heads the system turn); an answer's thought block is left out of the history; a plain
+    tool turn has no place in the format (results go inside the calling model turn) and is refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
+    jinja = NAMED_TEMPLATES["gemma4"].jinja
+
+    def render(messages: list[dict], **kw) -> str:
+        text = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False, **kw)
+        return text.removeprefix("<|begin_of_text|>")
+
+    chat = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"},
+            {"role": "assistant", "content": "<|channel>thought\nsay hi<channel|>\nHello."}]  # fmt: skip
+    assert render(chat) == "<|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello.<turn|>\n"
+    prompt = render(chat[1:2], add_generation_prompt=True)
+    assert prompt == "<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    thinking = render(chat[1:2], add_generation_prompt=True, enable_thinking=True)
+    assert thinking == "<|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Let me look."},
+                          {"role": "tool", "content": "42"}, {"role": "assistant", "content": "42."}]}]  # fmt: skip
+    cfg = _config(tmp_path, llama3_dir, rows, chat_template="gemma4")
+    with pytest.raises(DataError, match="writes tool results inside the model turn"):
+        _prepare(cfg)

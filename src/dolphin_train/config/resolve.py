@@ -16,6 +16,8 @@ from dolphin_train.errors import EnvironmentProblem
 log = logging.getLogger(__name__)
 
 VARLEN = "dolphin_varlen"  # PyTorch's varlen flash attention, registered with transformers by model/attention.py
+# `gemma4_hybrid_attn_impl`: flash-attn for sliding-window layers, SDPA for global ones (model/attention.py)
+HYBRID = "dolphin_gemma4_hybrid"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ XFORMERS_NOTE = (
 def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
     """Pick the attention backend. Packed rows stay exact with every choice: flash-attn and transformers'
     SDPA path both derive sequence boundaries from the restarting position ids."""
+    if cfg.gemma4_hybrid_attn_impl:
+        return resolve_hybrid_attention(machine)
     if "xformers" in (cfg.attn_implementation, cfg.attention) or cfg.xformers_attention:
         return "sdpa", XFORMERS_NOTE
     if cfg.attn_implementation:
@@ -65,6 +69,17 @@ def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
     if cfg.sdp_attention:
         return "sdpa", "sdp_attention: true: PyTorch SDPA (block-diagonal mask when packed)"
     return "sdpa", "PyTorch SDPA (block-diagonal mask when packed)"
+
+
+def resolve_hybrid_attention(machine: Machine) -> tuple[str, str]:
+    """`gemma4_hybrid_attn_impl`: the split needs flash-attn; without it SDPA serves every layer (head_dim 512
+    included), which is what the split would give the global layers anyway."""
+    if machine.flash_attn:
+        return HYBRID, ("gemma4_hybrid_attn_impl: flash-attn for the sliding-window layers, PyTorch SDPA for the "
+                        "global layers (head_dim above flash-attn's 256; block-diagonal mask when packed)")  # fmt: skip
+    reason = "no CUDA device" if machine.device != "cuda" else "flash-attn is not installed"
+    return "sdpa", (f"gemma4_hybrid_attn_impl: {reason}, so every layer runs PyTorch SDPA "
+                    "(block-diagonal mask when packed), which serves the global layers' head_dim too")  # fmt: skip
 
 
 def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSettings:

@@ -91,6 +91,8 @@ TEMPLATE_NAMES = (
     "gemma",
     "gemma3",
     "gemma3n",
+    "gemma4",
+    "gemma4_unified",
     "phi_3",
     "phi_35",
     "qwen_25",
@@ -104,6 +106,36 @@ TEMPLATE_NAMES = (
 )
 TOKENIZER_DEFAULT = "tokenizer_default"
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
+
+# transformers' BitsAndBytesConfig parameters that `bnb_config_kwargs` may set, with the values each takes
+# (listed here so that validating a config needs no import of transformers; a test checks they agree). The
+# quantisation itself (`load_in_4bit`/`load_in_8bit`) is chosen by the top-level keys.
+_DTYPES = ("bfloat16", "float16", "float32")
+BNB_CONFIG_VALUES: dict[str, tuple[type, ...] | tuple[str, ...]] = {
+    "llm_int8_threshold": (int, float),
+    "llm_int8_skip_modules": (list,),
+    "llm_int8_enable_fp32_cpu_offload": (bool,),
+    "llm_int8_has_fp16_weight": (bool,),
+    "bnb_4bit_compute_dtype": _DTYPES,
+    "bnb_4bit_quant_type": ("nf4", "fp4"),
+    "bnb_4bit_use_double_quant": (bool,),
+    "bnb_4bit_quant_storage": ("uint8", *_DTYPES),
+}
+BNB_TOP_LEVEL = ("load_in_4bit", "load_in_8bit")
+
+
+def _bnb_value_problem(name: str, value: Any) -> str | None:
+    allowed = BNB_CONFIG_VALUES[name]
+    if all(isinstance(a, str) for a in allowed):
+        return None if value in allowed else f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}"
+    if isinstance(value, bool) and bool not in allowed:
+        return f"{name}: {value!r} is not a number"
+    if not isinstance(value, allowed):  # type: ignore[arg-type]
+        return f"{name}: {value!r} is not a {' or '.join(t.__name__ for t in allowed)}"  # type: ignore[union-attr]
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        return f"{name}: {value!r} must be a list of module names"
+    return None
+
 
 # axolotl's plugins that map onto what dolphin-train does itself.
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
@@ -394,6 +426,16 @@ class Config(_Strict):
         "bf16/fp16, quant storage set for ZeRO-3 sharding); needs `adapter: qlora`.",
         "model",
     )
+    bnb_config_kwargs: dict[str, Any] | None = key(
+        None,
+        "bitsandbytes settings over the ones `load_in_4bit`/`load_in_8bit` choose, as transformers' "
+        "`BitsAndBytesConfig` names them: `bnb_4bit_use_double_quant`, `bnb_4bit_quant_type` (`nf4`, `fp4`), "
+        "`bnb_4bit_compute_dtype`, `bnb_4bit_quant_storage`, `llm_int8_threshold`, `llm_int8_skip_modules`, "
+        "`llm_int8_has_fp16_weight`, `llm_int8_enable_fp32_cpu_offload`. Keys that contradict the config "
+        "(a compute dtype other than bf16/fp16's, a storage dtype under DeepSpeed/FSDP, 4-bit keys with "
+        "`load_in_8bit`) are refused; `plan` counts the quantisation constants they imply.",
+        "model",
+    )
     adapter: Literal["lora", "qlora"] | None = key(
         None,
         "Train a LoRA adapter (`lora`) or a LoRA over 4-bit base weights (`qlora`) instead of all weights.",
@@ -445,6 +487,15 @@ class Config(_Strict):
         "model",
         unsupported=True,
     )
+    gemma4_hybrid_attn_impl: bool = key(
+        False,
+        "Gemma 4's global-attention layers have head_dim 512, more than flash-attn serves (256): run the "
+        "sliding-window layers under flash-attn (`attn_implementation: flash_attention_2`, the default with this "
+        "key) and the global layers under PyTorch SDPA, with a block-diagonal mask when rows are packed. On a "
+        "machine without flash-attn (or without CUDA) every layer runs SDPA, as the log says. The model must "
+        "mix sliding-window and global layers.",
+        "model",
+    )
     flash_attention: bool = key(
         False,
         "Use flash-attn 2 varlen kernels when installed on a CUDA machine; otherwise the best available "
@@ -490,6 +541,15 @@ class Config(_Strict):
     )
     liger_rope: bool | None = key(None, "Liger's rotary-embedding kernel (with `liger_kernel`, on CUDA).", "model")
     liger_rms_norm: bool | None = key(None, "Liger's RMSNorm kernel (with `liger_kernel`, on CUDA).", "model")
+    liger_rms_norm_gated: bool | None = key(
+        None,
+        "A fused RMSNorm + SiLU-gate kernel for the gated RMSNorm layers of linear-attention models (transformers' "
+        "`...RMSNormGated` modules: Qwen 3.5, Qwen3-Next, Mamba-2 hybrids), as axolotl fuses them: each such layer "
+        "is compiled with torch.compile, which fuses the normalisation and the gate into one kernel (with "
+        "`liger_kernel`, on CUDA; Liger itself has no gated-RMSNorm kernel). A model without such layers (Gemma 4, "
+        "whose axolotl example sets it) has nothing to fuse: the log says so.",
+        "model",
+    )
     liger_layer_norm: bool | None = key(None, "Liger's LayerNorm kernel (with `liger_kernel`, on CUDA).", "model")
     liger_glu_activation: bool | None = key(
         None, "Liger's SwiGLU/GeGLU MLP kernel (with `liger_kernel`, on CUDA).", "model"
@@ -991,6 +1051,24 @@ class Config(_Strict):
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         raise ValueError(f"unknown chat template{hint}; known: {names}")
 
+    @field_validator("bnb_config_kwargs")
+    @classmethod
+    def _known_bnb_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        problems = []
+        for name, setting in (value or {}).items():
+            if name in BNB_TOP_LEVEL:
+                problems.append(f"{name}: set the top-level `{name}` key instead")
+            elif name not in BNB_CONFIG_VALUES:
+                close = difflib.get_close_matches(name, BNB_CONFIG_VALUES, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                known = ", ".join(BNB_CONFIG_VALUES)
+                problems.append(f"{name}: not a BitsAndBytesConfig setting{hint}; known: {known}")
+            elif problem := _bnb_value_problem(name, setting):
+                problems.append(problem)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
     @field_validator("attn_implementation")
     @classmethod
     def _known_attention(cls, value: str | None) -> str | None:
@@ -1102,6 +1180,7 @@ class Config(_Strict):
         if self.load_in_4bit and self.adapter == "lora":
             problems.append("load_in_4bit: true with adapter: lora; use adapter: qlora")
         problems += self._loftq_problems()
+        problems += self._bnb_problems()
         if self.lora_target_linear and self.names_output_head:
             problems.append("lora_target_linear: true adapts every linear layer but the output head, and lm_head "
                             "cannot be added to it: list every module in lora_target_modules instead")  # fmt: skip
@@ -1129,9 +1208,16 @@ class Config(_Strict):
         forced = ATTENTION_NAMES.get(self.attn_implementation or "", self.attn_implementation)
         if self.attention and self.attn_implementation and ATTENTION_NAMES[self.attention] != forced:
             problems.append("attention and attn_implementation disagree: set one")
+        if self.gemma4_hybrid_attn_impl and (
+            self.attention_backend not in (None, "flash_attention_2") or self.xformers_attention
+        ):
+            chosen = self.attention_backend or "xformers"
+            problems.append(f"gemma4_hybrid_attn_impl runs the sliding-window layers under flash_attention_2, but "
+                            f"attention is set to {chosen}: remove one of them")  # fmt: skip
         if self.xformers_attention and (self.flash_attention or self.attention_backend not in (None, "sdpa")):
             problems.append("xformers_attention with another attention backend: choose one")
         asks_liger = LIGER_PLUGIN in (self.plugins or []) or any(self.liger_kernel_config.values())
+        asks_liger = asks_liger or bool(self.liger_rms_norm_gated)
         if self.liger_kernel is False and asks_liger:
             problems.append("liger_kernel: false, but the LigerPlugin or liger_* keys ask for Liger's kernels")
         for old, liger in (("flash_attn_fuse_mlp", "liger_glu_activation"), ("flash_attn_rms_norm", "liger_rms_norm"),
@@ -1290,6 +1376,28 @@ class Config(_Strict):
         if self.train_on_inputs:
             problems.append(f"{asked} with train_on_inputs: true: every token is trained, so no turn has a prompt "
                             "to generate from")  # fmt: skip
+        return problems
+
+    def _bnb_problems(self) -> list[str]:
+        """`bnb_config_kwargs` that would contradict another key (or configure nothing)."""
+        kwargs = self.bnb_config_kwargs or {}
+        if not kwargs:
+            return []
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return ["bnb_config_kwargs: configures bitsandbytes quantisation, but neither load_in_4bit nor "
+                    "load_in_8bit is set"]  # fmt: skip
+        problems = []
+        four_bit = [k for k in kwargs if k.startswith("bnb_4bit_")]
+        if self.load_in_8bit and four_bit:
+            problems.append(f"bnb_config_kwargs: {', '.join(four_bit)} apply to load_in_4bit, not load_in_8bit")
+        wanted = "bfloat16" if self.bf16 is True or self.bfloat16 else "float16" if self.fp16 or self.float16 else None
+        asked = kwargs.get("bnb_4bit_compute_dtype")
+        if asked and wanted and asked != wanted:
+            problems.append(f"bnb_config_kwargs: bnb_4bit_compute_dtype: {asked} contradicts the {wanted} "
+                            "precision set by bf16/fp16: remove it (the compute dtype follows bf16/fp16)")  # fmt: skip
+        if "bnb_4bit_quant_storage" in kwargs and (self.deepspeed or self.fsdp):
+            problems.append("bnb_config_kwargs: bnb_4bit_quant_storage is the compute dtype under DeepSpeed/FSDP "
+                            "(so the 4-bit weights shard like the others): remove it")  # fmt: skip
         return problems
 
     def _lisa_problems(self) -> list[str]:

@@ -248,9 +248,34 @@ FALCON_H1 = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Gemma 4: `<|turn>role\n ... <turn|>\n` turns, the assistant is `model`, contents trimmed. The system text
+# (first turn only) gets its own turn, headed by `<|think|>` when the prompt asks for thinking
+# (`enable_thinking`); an answer's thought blocks (`<|channel>...<channel|>`) are left out of the history; an
+# answer right after another answer continues the same model turn. A generation prompt without thinking
+# opens an empty thought block. Tool results belong inside the model turn that called the tool (structured
+# tool calls, which these rows do not carry), so a plain `tool` turn is refused.
+GEMMA4 = (
+    "{{ bos_token }}{% set thinking = enable_thinking is defined and enable_thinking %}"
+    "{% set has_system = messages and messages[0].role in ('system', 'developer') %}"
+    "{% if thinking or has_system %}<|turn>system\n{% if thinking %}<|think|>\n{% endif %}"
+    "{% if has_system %}{{ messages[0].content | trim }}{% endif %}<turn|>\n{% endif %}"
+    "{% set ns = namespace(previous='', text='') %}"
+    "{% for message in (messages[1:] if has_system else messages) %}"
+    "{% if message.role == 'tool' %}{{ raise_exception('the gemma4 chat template writes tool results inside the "
+    "model turn that called the tool; rows with plain tool turns are not supported') }}{% endif %}"
+    "{% if message.role == 'assistant' %}{% if ns.previous != 'assistant' %}<|turn>model\n{% endif %}"
+    "{% set ns.text = '' %}{% for part in message.content.split('<channel|>') %}"
+    "{% set ns.text = ns.text + part.split('<|channel>')[0] %}{% endfor %}{{ ns.text | trim }}"
+    "{% else %}<|turn>{{ message.role }}\n{{ message.content | trim }}{% endif %}<turn|>\n"
+    "{% set ns.previous = message.role %}{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% if not thinking %}<|channel>thought\n<channel|>{% endif %}"
+    "{% endif %}"
+)
+
 _LLAMA3_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 _CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 _PHI_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_GEMMA4_MARKERS = ("<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>")
 
 NAMED_TEMPLATES: dict[str, NamedTemplate] = {
     "llama3": NamedTemplate(LLAMA3, ("<|eot_id|>",), _LLAMA3_MARKERS),
@@ -259,6 +284,8 @@ NAMED_TEMPLATES: dict[str, NamedTemplate] = {
     "gemma": NamedTemplate(GEMMA, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),
     "gemma3": NamedTemplate(GEMMA3, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),
     "gemma3n": NamedTemplate(GEMMA3, ("<end_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),  # same text turns
+    "gemma4": NamedTemplate(GEMMA4, ("<turn|>",), _GEMMA4_MARKERS),
+    "gemma4_unified": NamedTemplate(GEMMA4, ("<turn|>",), _GEMMA4_MARKERS),  # the same text turns
     "phi_3": NamedTemplate(PHI_3, ("<|end|>",), _PHI_MARKERS),
     "phi_35": NamedTemplate(PHI_35, ("<|end|>",), _PHI_MARKERS),
     "qwen_25": NamedTemplate(QWEN_25, ("<|im_end|>",), _CHATML_MARKERS),

@@ -33,23 +33,26 @@ def compute_dtype(runtime: RuntimeSettings) -> Any:
 
 def quantization_config(cfg: Config, runtime: RuntimeSettings) -> Any:
     """bitsandbytes settings for `load_in_4bit` (NF4 + double quantisation, the QLoRA recipe) or
-    `load_in_8bit`. The 4-bit storage dtype is the compute dtype under DeepSpeed or FSDP, so ZeRO-3 and
-    FSDP can shard the quantised weights like any other parameter."""
+    `load_in_8bit`, with `bnb_config_kwargs` over them (as axolotl merges them). The 4-bit storage dtype is
+    the compute dtype under DeepSpeed or FSDP, so ZeRO-3 and FSDP can shard the quantised weights like any
+    other parameter."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
 
+    overrides = cfg.bnb_config_kwargs or {}  # checked against these settings when the config loaded
     if cfg.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **overrides)
     dtype = compute_dtype(runtime)
     storage = dtype if (cfg.deepspeed or cfg.fsdp) else "uint8"
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=storage,
-    )
+    settings = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": dtype,
+        "bnb_4bit_quant_storage": storage,
+    }
+    return BitsAndBytesConfig(**{**settings, **overrides})
 
 
 def _module_name(model: Any, module: Any) -> str | None:
@@ -164,7 +167,23 @@ def new_adapter(cfg: Config, model: Any, new_token_ids: list[int], announce: boo
     from peft import get_peft_model
 
     settings = lora_config(cfg, model, embedding_training(cfg, model, new_token_ids, announce))
-    return _with_our_forwards(cfg, get_peft_model(model, settings))
+    try:
+        adapted = get_peft_model(model, settings)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        raise DolphinError(no_target_message(cfg, model)) from None
+    return _with_our_forwards(cfg, adapted)
+
+
+def no_target_message(cfg: Config, model: Any) -> str:
+    """lora_target_modules that match no module (e.g. a regex written for a multimodal checkpoint's
+    `model.language_model.layers...` over a text-only one's `model.layers...`): say what the names look like."""
+    import torch
+
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return (f"lora_target_modules: {cfg.lora_target_modules!r} matches no module of {type(model).__name__}; its "
+            f"linear layers are named like {', '.join(linear[:3])}")  # fmt: skip
 
 
 def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int], resuming: bool = False) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dolphin_train.config.resolve import VARLEN
+from dolphin_train.config.resolve import HYBRID, VARLEN
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -97,3 +97,56 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, no_mask)
     return VARLEN
+
+
+def hybrid_mask(*args: Any, local_size: int | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """`gemma4_hybrid_attn_impl`'s masks, one per layer type (transformers builds each once per forward): the
+    sliding-window layers run flash-attn, which takes a padding mask or none (sequence boundaries come from
+    the position ids); the global layers run SDPA, which takes the causal mask, block-diagonal when rows are
+    packed. transformers names the window (`local_size`) only when it builds the sliding-window mask."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    if local_size is not None:
+        return flash_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_hybrid_attention() -> str:
+    """Register the hybrid backend (idempotent) and return its name: SDPA for every attention layer that
+    `use_hybrid_attention` does not hand to flash-attn, with `hybrid_mask`'s masks."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(HYBRID, sdpa_attention_forward)
+    AttentionMaskInterface.register(HYBRID, hybrid_mask)
+    return HYBRID
+
+
+def use_hybrid_attention(model: torch.nn.Module, sliding: str = "flash_attention_2") -> int:
+    """Hand the sliding-window attention layers (head_dim 256) to flash-attn: each gets its own copy of the
+    config naming that backend, which is where a transformers attention layer looks its function up (and
+    flash-attn its kernel); the global layers (head_dim 512, beyond flash-attn) keep the model's SDPA.
+    `sliding`: a registered attention backend (tests pass a reference). Returns the layers handed over."""
+    import copy
+
+    handed = 0
+    for module in model.modules():
+        if getattr(module, "is_sliding", False) and hasattr(module, "config"):
+            module.config = copy.copy(module.config)
+            module.config._attn_implementation = sliding
+            handed += 1
+    return handed
+
+
+def check_hybrid_layers(config: Any) -> None:
+    """`gemma4_hybrid_attn_impl` splits sliding-window from global layers: a model without both has nothing
+    to split (the key is refused rather than ignored)."""
+    from dolphin_train.errors import DolphinError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or ())
+    if "sliding_attention" not in kinds or len(kinds) < 2:
+        raise DolphinError(
+            f"gemma4_hybrid_attn_impl: the model ({getattr(config, 'model_type', '?')}) does not mix sliding-window "
+            "and global attention layers (its config has no such layer_types): remove the key"
+        )

@@ -11,11 +11,16 @@ import logging
 from typing import Any
 
 from dolphin_train.config.load import missing_local_model
-from dolphin_train.config.resolve import VARLEN, RuntimeSettings
+from dolphin_train.config.resolve import HYBRID, VARLEN, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
-from dolphin_train.model.attention import register_varlen_attention
+from dolphin_train.model.attention import (
+    check_hybrid_layers,
+    register_hybrid_attention,
+    register_varlen_attention,
+    use_hybrid_attention,
+)
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
@@ -158,6 +163,10 @@ def load_model(
     cls = model_class(cfg)
     if runtime.attn_implementation == VARLEN:
         register_varlen_attention()
+    if cfg.gemma4_hybrid_attn_impl:
+        check_hybrid_layers(config)
+    if runtime.attn_implementation == HYBRID:
+        register_hybrid_attention()
     kwargs = {"dtype": load_dtype(cfg, runtime), "attn_implementation": runtime.attn_implementation}
     quantization = quantization_config(cfg, runtime)
     if quantization is not None:
@@ -176,6 +185,12 @@ def load_model(
             )
         except OSError as exc:
             raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
+    if runtime.attn_implementation == HYBRID:
+        handed = use_hybrid_attention(model)
+        log.info("gemma4_hybrid_attn_impl: %d sliding-window attention layers on flash-attn, the others on SDPA",
+                 handed)  # fmt: skip
+    if cfg.liger_rms_norm_gated:
+        fuse_gated_rms_norms(model, runtime)
     tokenizer = tok.tokenizer
     rows = model.get_input_embeddings().weight.shape[0]
     if embedding_rows(rows, len(tokenizer), cfg.resize_token_embeddings_to_32x) != rows:
@@ -229,6 +244,28 @@ def compile_layers(model: Any, cfg: Config, runtime: RuntimeSettings) -> int:
         layer.compile(backend=backend, dynamic=not fixed_shape, mode=cfg.torch_compile_mode)
     log.info("torch.compile: %d decoder layers (%s shapes); the first step includes the compilation",
              len(layers), "fixed" if fixed_shape else "dynamic")  # fmt: skip
+    return len(layers)
+
+
+def gated_rms_norms(model: Any) -> list[Any]:
+    """The gated RMSNorm layers (RMSNorm of the input times SiLU of a gate) of linear-attention models."""
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNormGated")]
+
+
+def fuse_gated_rms_norms(model: Any, runtime: RuntimeSettings, **compile_options: Any) -> int:
+    """`liger_rms_norm_gated`: each gated RMSNorm layer compiled in place, so the normalisation, the weight and
+    the SiLU gate run as one fused kernel instead of six elementwise passes over float32 copies. Returns the
+    layers compiled (none off CUDA, where there is no Triton kernel to fuse into; tests pass `backend`)."""
+    layers = gated_rms_norms(model)
+    if not layers:
+        log.info("liger_rms_norm_gated: %s has no gated RMSNorm layers, nothing to fuse", type(model).__name__)
+        return 0
+    if runtime.device != "cuda" and not compile_options:
+        log.info("liger_rms_norm_gated: the fused gated RMSNorm needs CUDA; %d layers stay as they are", len(layers))
+        return 0
+    for layer in layers:
+        layer.compile(**compile_options)
+    log.info("liger_rms_norm_gated: %d gated RMSNorm layers fused (torch.compile)", len(layers))
     return len(layers)
 
 

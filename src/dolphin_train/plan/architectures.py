@@ -29,6 +29,15 @@ _MISTRAL_7B = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096
 _QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
               "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
               "max_position_embeddings": 32768, "tie_word_embeddings": False}  # fmt: skip
+# Gemma 4 31B (dense): five sliding-window layers (head_dim 256) per global one (head_dim 512, keys doubling as
+# values); the multimodal checkpoint's text tower, so module names are `model.language_model.layers...` as
+# loaded (30.7B parameters, the published count).
+_GEMMA4_31B = {"model_type": "gemma4", "text_config": {
+    "vocab_size": 262144, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+    "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4, "head_dim": 256,
+    "global_head_dim": 512, "attention_k_eq_v": True, "sliding_window": 1024, "max_position_embeddings": 262144,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 10, "hidden_size_per_layer_input": 0,
+    "num_kv_shared_layers": 0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True}}  # fmt: skip
 
 # Hub ids (lower case, without the owner) -> published architecture hyper-parameters.
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -47,6 +56,8 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mistral-7b-v0.3": {**_MISTRAL_7B, "vocab_size": 32768},
     "qwen2.5-7b": _QWEN25_7B,
     "qwen2.5-7b-instruct": _QWEN25_7B,
+    "gemma-4-31b": _GEMMA4_31B,
+    "gemma-4-31b-it": _GEMMA4_31B,
 }
 
 
@@ -63,12 +74,17 @@ def known_architecture(model_id: str) -> dict[str, Any] | None:
     return KNOWN_ARCHITECTURES.get(_key(model_id))
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (a multimodal one, like Gemma 4's, nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def rows_after_added_tokens(config: Any, added: int, to_32x: bool = False) -> int:
     """Embedding rows once `added` tokens are added, when the tokenizer itself is not at hand (a grown matrix
     rounded up to a multiple of 32 with `resize_token_embeddings_to_32x`, as `model/load.py` grows it)."""
     from dolphin_train.model.load import embedding_rows
 
-    rows = int(config.vocab_size)
+    rows = int(text_config(config).vocab_size)
     return embedding_rows(rows, KNOWN_TOKENIZER_SIZES.get(config.model_type, rows) + added, to_32x)
 
 

@@ -39,7 +39,8 @@ FRAGMENTATION = 0.07  # reserved-but-unallocated share of PyTorch's caching allo
 # On the CPU: the autograd graph, the Trainer's and the allocator's bookkeeping; measured as the constant
 # part of the gap between these estimates and the peak resident memory of tiny runs (tests/test_plan.py).
 CPU_RUNTIME = 80 * 2**20
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales, float32 scale of scales
+NF4_BLOCK = 64  # values per bitsandbytes 4-bit block (its absmax scale)
+DOUBLE_QUANT_BLOCK = 256  # block scales per float32 second-level scale, with double quantisation
 INT8_BYTES_PER_PARAM = 1.0
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Optimizer state bytes per trainable parameter as a multiple of the parameter's own bytes, or absolute.
@@ -127,11 +128,22 @@ class ParameterInventory:
     embeddings_trained: str = ""  # with an adapter: "rows" (of added tokens), "in full", "rows and in full" or ""
 
 
+def four_bit_bytes_per_param(double_quant: bool, block: int = NF4_BLOCK) -> float:
+    """Bytes per value of a bitsandbytes 4-bit weight: the 4-bit codes and each block's scale, a float32, or
+    with double quantisation (`bnb_4bit_use_double_quant`) an 8-bit code plus a float32 scale per
+    `DOUBLE_QUANT_BLOCK` block scales."""
+    if double_quant:
+        return 0.5 + 1 / block + 4 / (block * DOUBLE_QUANT_BLOCK)
+    return 0.5 + 4 / block
+
+
 def _stored_bytes(param: Any) -> int:
-    """Bytes of a weight as training stores it: bitsandbytes' quantised weights at their packed size."""
+    """Bytes of a weight as training stores it: bitsandbytes' quantised weights at their packed size (the
+    parameter says whether its block scales are themselves quantised, and its block size)."""
     kind = type(param).__name__
     if kind == "Params4bit":
-        return int(param.numel() * NF4_BYTES_PER_PARAM)
+        double = bool(getattr(param, "compress_statistics", True))
+        return int(param.numel() * four_bit_bytes_per_param(double, getattr(param, "blocksize", None) or NF4_BLOCK))
     if kind == "Int8Params":
         return int(param.numel() * INT8_BYTES_PER_PARAM)
     return param.numel() * param.element_size()

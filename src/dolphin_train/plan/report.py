@@ -100,7 +100,7 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     """Shapes and vocabulary; `loaded` is the run's LoadedTokenizer when training calls this."""
     from dolphin_train.model.load import embedding_rows
     from dolphin_train.model.tokenizer import token_ids_said
-    from dolphin_train.plan.architectures import model_config_for_plan, rows_after_added_tokens
+    from dolphin_train.plan.architectures import model_config_for_plan, rows_after_added_tokens, text_config
 
     config, source = model_config_for_plan(cfg)
     note = "the run's tokenizer"
@@ -110,7 +110,7 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     said = token_ids_said(loaded, cfg) if loaded is not None else ""
 
     if tokenizer is not None:
-        rows = embedding_rows(int(config.vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
+        rows = embedding_rows(int(text_config(config).vocab_size), len(tokenizer), cfg.resize_token_embeddings_to_32x)
     else:  # tokens renamed by added_tokens_overrides take no new row
         overrides = cfg.added_tokens_overrides or {}
         added = [t for t in cfg.tokens if t not in overrides.values()]

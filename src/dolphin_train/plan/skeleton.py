@@ -17,6 +17,7 @@ from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.model.adapters import new_adapter, prepare_base_for_adapter, quantization_config
 from dolphin_train.model.load import freeze_except, load_dtype
+from dolphin_train.plan.architectures import text_config
 from dolphin_train.plan.trace import register_trace_attention
 
 QUANTISED_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' parameter classes
@@ -28,7 +29,8 @@ def build_meta_model(
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model_config)
-    config.vocab_size = max(int(config.vocab_size), vocab_rows)  # what resizing to the tokenizer gives
+    text = text_config(config)
+    text.vocab_size = max(int(text.vocab_size), vocab_rows)  # what resizing to the tokenizer gives
     dtype = load_dtype(cfg, runtime)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
