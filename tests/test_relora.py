@@ -82,6 +82,8 @@ def test_axolotl_relora_keys_validate(tmp_path: Path) -> None:
         ({"relora": False}, "relora_prune_ratio: no effect without relora: true"),
         ({"jagged_restart_anneal_steps": True}, "not true"),
         ({"relora_prune_ratio": 1.5}, "relora_prune_ratio"),
+        ({"jagged_restart_steps": None, "relora_steps": 150}, "relora_steps: unknown key (axolotl renamed it "
+                                                              "`jagged_restart_steps`)"),
     ],
 )  # fmt: skip
 def test_combinations_that_cannot_work_are_refused(tmp_path: Path, keys: dict, says: str) -> None:
