@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from dolphin_train.config.schema import Config
-from dolphin_train.errors import DolphinError
+from dolphin_train.errors import ConfigError, DolphinError
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,12 @@ class ReLoRA(TrainerCallback):
         ratio = cfg.relora_prune_ratio
         if ratio is None:
             ratio = FULL_RESET_RATIO if method == "reset" else DEFAULT_PRUNE_RATIO
-        assert cfg.jagged_restart_steps  # the config requires it with relora
+        every = cfg.jagged_restart_steps
+        if not every:  # the config refuses relora without it; a Config built otherwise says so here
+            raise ConfigError(["relora: true restarts LoRA every jagged_restart_steps steps: set jagged_restart_steps"])
         log.info("ReLoRA: LoRA merged and restarted every %d steps; %s pruning of %.1f%% of its optimizer states",
-                 cfg.jagged_restart_steps, method, 100 * ratio)  # fmt: skip
-        return cls(cfg.jagged_restart_steps, ratio, method, bool(cfg.relora_cpu_offload), cfg.seed, resume_from)
+                 every, method, 100 * ratio)  # fmt: skip
+        return cls(every, ratio, method, bool(cfg.relora_cpu_offload), cfg.seed, resume_from)
 
     def restart(self, model: Any, optimizer: Any, step: int) -> None:
         """Merge, restart LoRA and prune its optimizer states: the restart that opens step `step + 1`."""
