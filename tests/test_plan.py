@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, tiny_config, write_config
 from dolphin_train.cli import main
@@ -191,6 +192,16 @@ def test_an_adapter_plan_says_what_it_trains(capsys: pytest.CaptureFixture) -> N
     out = " ".join(out.replace("│", " ").split())
     assert "qlora r=64, 4-bit base + the 2 new tokens' input embedding rows, the head in full" in out
     assert "New tokens were added" not in out  # the training log line stays out of the plan
+
+
+def test_a_relora_plan_says_when_it_restarts_and_what_it_saves(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "configs/phi2-qlora.yml").read_text())
+    raw.update(relora=True, jagged_restart_steps=150)
+    path = tmp_path / "relora.yml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(path), "--gpu-memory", "24GB"]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "merged into the base and restarted every 150 steps" in out and "the output is the merged model" in out
 
 
 # ---- the plan and a training run decide alike -----------------------------------------------------------

@@ -94,6 +94,7 @@ def make_trainer(
     from dolphin_train.train.collator import ChatCollator
     from dolphin_train.train.generation_eval import GenerationEval, require_metric_packages
     from dolphin_train.train.outputs import KeepLoftQBase
+    from dolphin_train.train.schedule import jagged_restarts
     from dolphin_train.train.trainer import DolphinTrainer
 
     # TrainingArguments first: under DeepSpeed ZeRO-3 they must exist before the model is built so that
@@ -125,6 +126,7 @@ def make_trainer(
         throughput=_throughput_meter(cfg, runtime, model),
         optimizer_in_backward=_parameter_optimizer(cfg),
         generation_eval=GenerationEval(cfg, tok.tokenizer) if cfg.generates_at_evaluation else None,
+        lr_multiplier=jagged.multiplier if (jagged := jagged_restarts(cfg)) else None,
     )
     _use_our_console(trainer)
     if cfg.llmcompressor:
@@ -314,6 +316,10 @@ def set_up_run(cfg: Config) -> Run:
     trainer = make_trainer(cfg, runtime, tok, rows, schedule, resuming=resume is not None)
     if metrics:
         trainer.add_callback(metrics)
+    if cfg.relora:
+        from dolphin_train.train.relora import ReLoRA
+
+        trainer.add_callback(ReLoRA.from_config(cfg, resume))
     return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned, metrics)
 
 
@@ -406,6 +412,10 @@ def _train_run(run: Run, show: Any) -> dict[str, Any]:
         return summary
     if run.rows.eval is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
+    if cfg.relora:  # the base weights changed at every restart: an adapter alone would not describe them
+        from dolphin_train.train.relora import merged_model
+
+        trainer.model = merged_model(trainer.model)
     save_final_model(trainer, cfg.output_dir)
     if cfg.llmcompressor and is_main:
         from dolphin_train.train.sparsity import save_recipe

@@ -212,6 +212,11 @@ def _merged_union_errors(problems: list[str]) -> list[str]:
             for head, reasons in merged.items()]  # fmt: skip
 
 
+# Keys older axolotl versions read that today's axolotl no longer accepts, under their new names.
+RENAMED_IN_AXOLOTL = {"relora_steps": "jagged_restart_steps", "relora_warmup_steps": "jagged_restart_warmup_steps",
+                      "relora_anneal_steps": "jagged_restart_anneal_steps"}  # fmt: skip
+
+
 def _describe_error(err: Mapping[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBERS.match(p)))
     where = _format_loc(loc)
@@ -219,6 +224,8 @@ def _describe_error(err: Mapping[str, Any]) -> str:
     if kind == "extra_forbidden":
         name = loc[-1]
         known = documented_fields(_model_at(loc[:-1]))
+        if name in RENAMED_IN_AXOLOTL:
+            return f"{where}: unknown key (axolotl renamed it `{RENAMED_IN_AXOLOTL[name]}`)"
         return f"{where}: unknown key{suggest(name, known)}"
     if kind == "missing":
         return f"{where}: required key is missing"

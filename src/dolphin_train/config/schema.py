@@ -24,6 +24,10 @@ IN_BACKWARD_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_8bit", 
 CausalLMMetric = Literal["sacrebleu", "chrf", "ter", "perplexity", "comet"]
 DEFAULT_CAUSAL_LM_METRICS = ("sacrebleu", "ter", "chrf")
 
+# Optimizers whose moments ReLoRA prunes (torch's exp_avg/exp_avg_sq, bitsandbytes' state1/state2).
+RELORA_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+                     "paged_adamw_32bit")  # fmt: skip
+
 SECTIONS = ("model", "data", "training", "distributed", "logging")
 
 # Optimizers by their transformers names. A curated list (rather than transformers' own enum) keeps
@@ -844,6 +848,49 @@ class Config(_Strict):
         "Where LISA finds the decoder layers: a dotted path from the model, e.g. `model.layers` (default: the "
         "model's longest list of modules, its decoder layers).",
     )
+    relora: bool | None = key(
+        None,
+        "ReLoRA (arXiv:2307.05695): every `jagged_restart_steps` optimizer steps, merge the LoRA update into the "
+        "base weights (a 4-bit base dequantised, added to and re-quantised), start LoRA again (A drawn anew, B "
+        "zero) and prune its optimizer states (`relora_prune_ratio`), with the jagged learning-rate schedule: a "
+        "sum of low-rank updates reaches a high-rank one. Needs `adapter: lora` or `qlora` with Adam "
+        "(`adamw_torch`, `adamw_torch_fused`, bitsandbytes' AdamW); no DeepSpeed, FSDP, 8-bit base or DoRA. "
+        "Checkpoints after the first restart also hold the adapted layers' base weights "
+        "(`relora_base.safetensors`, for resuming); the final output is the whole merged model (a 4-bit base "
+        "dequantised), not an adapter.",
+    )
+    relora_prune_ratio: float | None = key(
+        None,
+        "Fraction of each LoRA parameter's Adam moments zeroed at every ReLoRA restart (default 0.9; 0.999 with "
+        "`relora_prune_method: reset`). bitsandbytes' 8-bit moments are pruned by their values.",
+        ge=0.0,
+        le=1.0,
+    )
+    relora_prune_method: Literal["magnitude", "random", "reset"] | None = key(
+        None,
+        "How ReLoRA prunes the moments: `magnitude` (default) zeroes the smallest, `random` a random fraction, "
+        "`reset` a random 99.9% unless `relora_prune_ratio` says otherwise (the paper's reset). Random draws "
+        "depend on `seed` and the restart.",
+    )
+    relora_cpu_offload: bool | None = key(
+        None, "Do ReLoRA's merge arithmetic (the update and the float32 sum) in CPU memory, to spare GPU memory."
+    )
+    jagged_restart_steps: int | None = key(
+        None,
+        "Optimizer steps between two ReLoRA restarts; on its own, the period of the jagged learning-rate "
+        "schedule: the configured schedule multiplied by a factor that falls to 0.001 at each restart, rises "
+        "back over `jagged_restart_warmup_steps` and falls over `jagged_restart_anneal_steps` before the next.",
+        ge=1,
+    )
+    jagged_restart_warmup_steps: int | bool | None = key(
+        None, "Warmup steps after each jagged restart (default 10; 0 or `false` too means 10, as in axolotl).", ge=0
+    )
+    jagged_restart_anneal_steps: int | bool | None = key(
+        None,
+        "Steps of the fall before each jagged restart after the first; the factor is (steps left)/(this), "
+        "so 1, the default (also for 0 or `false`), means none.",
+        ge=0,
+    )
     chunked_cross_entropy: bool | None = key(
         None,
         "Compute the loss from hidden states in chunks, only at trained positions, so the full logits "
@@ -1031,6 +1078,14 @@ class Config(_Strict):
     def _known_optimizer(cls, value: str) -> str:
         if value not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer; allowed: {', '.join(OPTIMIZERS)}")
+        return value
+
+    @field_validator("jagged_restart_warmup_steps", "jagged_restart_anneal_steps")
+    @classmethod
+    def _steps_or_false(cls, value: int | bool | None) -> int | bool | None:
+        # axolotl's example writes `false` for "the default"; `true` has no meaning
+        if value is True:
+            raise ValueError("a number of steps is expected (or false for the default), not true")
         return value
 
     @field_validator("lr_scheduler")
@@ -1227,6 +1282,7 @@ class Config(_Strict):
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
         problems += self._lisa_problems()
+        problems += self._relora_problems()
         inductor = self.torch_compile is not False and self.torch_compile_backend in (None, "inductor")
         if self.torch_compile_mode and not inductor:
             problems.append("torch_compile_mode applies to layers compiled with the inductor backend: set "
@@ -1431,6 +1487,31 @@ class Config(_Strict):
             return ["peft.loftq_config with peft_use_dora: DoRA's magnitudes would be taken from the weights "
                     "before LoftQ replaced them; use one of them"]  # fmt: skip
         return []
+
+    def _relora_problems(self) -> list[str]:
+        if not self.relora:
+            stray = [k for k in ("relora_prune_ratio", "relora_prune_method") if getattr(self, k) is not None]
+            stray += ["relora_cpu_offload"] if self.relora_cpu_offload else []
+            if not self.jagged_restart_steps:
+                stray += [k for k in ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps") if getattr(self, k)]
+            return [f"{', '.join(stray)}: no effect without relora: true (and jagged_restart_steps)"] if stray else []
+        problems = []
+        if not self.jagged_restart_steps:
+            problems.append("relora: true restarts LoRA every jagged_restart_steps steps: set jagged_restart_steps")
+        if self.adapter not in ("lora", "qlora"):
+            problems.append(f"relora: true merges and restarts a LoRA adapter: set adapter: lora or qlora (it is "
+                            f"{self.adapter or 'not set'})")  # fmt: skip
+        clashes = {"deepspeed": self.deepspeed, "fsdp": self.fsdp, "load_in_8bit": self.load_in_8bit,
+                   "peft_use_dora": self.peft_use_dora, "optimizer_in_backward": self.optimizer_in_backward,
+                   "peft.loftq_config": self.loftq}
+        named = [k for k, v in clashes.items() if v]  # fmt: skip
+        if named:
+            problems.append(f"relora: true merges whole unsharded 16-bit or 4-bit base weights with a plain LoRA "
+                            f"update: it cannot be combined with {', '.join(named)}")  # fmt: skip
+        if self.optimizer not in RELORA_OPTIMIZERS:
+            problems.append(f"relora: true prunes Adam's moments at each restart; optimizer: {self.optimizer} is not "
+                            f"one it knows: use one of {', '.join(RELORA_OPTIMIZERS)}")  # fmt: skip
+        return problems
 
     def _memory_mode_problems(self) -> list[str]:
         problems = []

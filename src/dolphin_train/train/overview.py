@@ -80,6 +80,9 @@ def run_overview(
         "eval every", f"{schedule.eval_steps} steps" if schedule.eval_steps else ("epoch" if rows.eval else "never")
     )
     t.add_row("checkpoint every", f"{schedule.save_steps} steps" if schedule.save_steps else "epoch")
+    if cfg.jagged_restart_steps:
+        merged = "LoRA merged into the base and restarted, " if cfg.relora else ""
+        t.add_row("restarts", f"every {cfg.jagged_restart_steps} steps: {merged}learning rate warmed up again")
     t.add_row("precision", runtime.precision + (" + tf32" if runtime.tf32 else "")
               + (", bf16 weights (no float32 master copy)" if cfg.bfloat16 else "")
               + (" -> fp16 weights and arithmetic (no mixed precision)" if cfg.float16 else ""))  # fmt: skip

@@ -75,3 +75,42 @@ def compute_schedule(cfg: Config, rows: int, world_size: int, has_eval: bool) ->
         eval_steps = cfg.eval_steps or (max(1, steps_per_epoch // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     save_steps = cfg.save_steps or (max(1, steps_per_epoch // cfg.saves_per_epoch) if cfg.saves_per_epoch else None)
     return TrainingSchedule(batch, rows, micro_batches, steps_per_epoch, total, warmup, eval_steps, save_steps)
+
+
+# axolotl's defaults for the jagged schedule, and its lowest multiplier (its default `cosine_min_lr_ratio`).
+DEFAULT_RESTART_WARMUP = 10
+DEFAULT_RESTART_ANNEAL = 1
+JAGGED_MIN_SCALE = 0.001
+
+
+@dataclass(frozen=True)
+class JaggedRestarts:
+    """`jagged_restart_steps`: the learning rate multiplied by a factor that falls to JAGGED_MIN_SCALE at each
+    restart, rises back over `warmup` steps after it and, from the first restart on, falls over `anneal` steps
+    before the next one (axolotl's jagged schedule, same steps and values)."""
+
+    every: int
+    warmup: int = DEFAULT_RESTART_WARMUP
+    anneal: int = DEFAULT_RESTART_ANNEAL
+    min_scale: float = JAGGED_MIN_SCALE
+
+    def multiplier(self, step: int) -> float:
+        """The factor on the configured schedule's learning rate for optimizer step `step` (0-based)."""
+        if step < self.every - self.anneal:
+            return 1.0  # the first cycle: the configured warmup only
+        into_cycle = step % self.every
+        if into_cycle < self.warmup:
+            t = into_cycle / self.warmup
+        elif into_cycle > self.every - self.anneal:
+            t = min(1.0, (self.every - into_cycle) / self.anneal)
+        else:
+            t = 1.0
+        return self.min_scale + (1 - self.min_scale) * t
+
+
+def jagged_restarts(cfg: Config) -> JaggedRestarts | None:
+    if not cfg.jagged_restart_steps:
+        return None
+    # `0` (or axolotl's `false`) means the default, as in axolotl
+    return JaggedRestarts(cfg.jagged_restart_steps, cfg.jagged_restart_warmup_steps or DEFAULT_RESTART_WARMUP,
+                          cfg.jagged_restart_anneal_steps or DEFAULT_RESTART_ANNEAL)  # fmt: skip

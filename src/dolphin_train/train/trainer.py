@@ -28,6 +28,17 @@ def trained_targets(labels: torch.Tensor) -> int:
     return int(labels[..., 1:].ne(IGNORE_INDEX).sum())
 
 
+def multiplied_schedule(scheduler: Any, multiplier: Callable[[int], float]) -> Any:
+    """transformers' schedules are LambdaLR: the same schedule with each factor multiplied by `multiplier`.
+    Its state (the step) is saved and resumed as the plain schedule's is."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR):
+        raise TypeError(f"a learning-rate multiplier needs a LambdaLR schedule, not {type(scheduler).__name__}")
+    factors = [lambda step, f=f: f(step) * multiplier(step) for f in scheduler.lr_lambdas]
+    return LambdaLR(scheduler.optimizer, factors)
+
+
 class LossTally:
     """Summed loss and trained-token count of the batches one process evaluated."""
 
@@ -61,10 +72,12 @@ class DolphinTrainer(Trainer):
         throughput: ThroughputMeter | None = None,
         optimizer_in_backward: Callable[..., Any] | None = None,
         generation_eval: GenerationEval | None = None,
+        lr_multiplier: Callable[[int], float] | None = None,
         **kwargs: Any,
     ) -> None:
         self.optimizer_in_backward = optimizer_in_backward
         self.generation_eval = generation_eval
+        self.lr_multiplier = lr_multiplier
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
@@ -84,6 +97,14 @@ class DolphinTrainer(Trainer):
                                                  self.args.learning_rate, self.args.weight_decay, decay,
                                                  eager=self.args.device.type == "cpu")  # fmt: skip
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The configured schedule, times `lr_multiplier(step)` where one is given (the jagged restarts)."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and self.lr_multiplier is not None:
+            self.lr_scheduler = multiplied_schedule(scheduler, self.lr_multiplier)
+        return self.lr_scheduler
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.throughput is not None:
