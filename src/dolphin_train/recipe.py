@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def make_trainer(
     args = build_training_arguments(cfg, runtime, schedule, liger)
     model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
     if cfg.fp8:
-        convert_to_float8(model)
+        convert_to_float8(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather)
     if runtime.compile:  # after float8: its scaling then compiles into the layers
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
@@ -120,6 +121,7 @@ def make_trainer(
         chunked_head=_chunked_loss_head(cfg, model, liger_fuses_loss(liger)),
         throughput=_throughput_meter(cfg, runtime, model),
         optimizer_in_backward=_parameter_optimizer(cfg),
+        lr_schedule=_cosine_then_constant(cfg, schedule),
     )
     _use_our_console(trainer)
     if cfg.lisa_n_layers:
@@ -140,6 +142,16 @@ def _use_our_console(trainer: Any) -> None:
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     trainer.add_callback(TrainingConsole(bar=bars_wanted()))
+
+
+def _cosine_then_constant(cfg: Config, schedule: TrainingSchedule) -> Any:
+    """`cosine_constant_lr_ratio`'s schedule (train/schedule.py), or None for transformers' own."""
+    if not (cfg.cosine_constant_lr_ratio and cfg.cosine_min_lr_ratio is not None):
+        return None
+    from dolphin_train.train.schedule import cosine_then_constant_schedule
+
+    return partial(cosine_then_constant_schedule, warmup=schedule.warmup_steps, min_ratio=cfg.cosine_min_lr_ratio,
+                   constant_ratio=cfg.cosine_constant_lr_ratio)  # fmt: skip
 
 
 def _parameter_optimizer(cfg: Config) -> Any:

@@ -58,9 +58,11 @@ class DolphinTrainer(Trainer):
         chunked_head: ChunkedLossHead | None = None,
         throughput: ThroughputMeter | None = None,
         optimizer_in_backward: Callable[..., Any] | None = None,
+        lr_schedule: Callable[[Any, int], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.optimizer_in_backward = optimizer_in_backward
+        self.lr_schedule = lr_schedule
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
@@ -80,6 +82,14 @@ class DolphinTrainer(Trainer):
                                                  self.args.learning_rate, self.args.weight_decay, decay,
                                                  eager=self.args.device.type == "cpu")  # fmt: skip
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """`lr_schedule(optimizer, steps)`: a schedule transformers does not have (`cosine_constant_lr_ratio`);
+        the Trainer's own otherwise."""
+        if self.lr_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = self.lr_schedule(optimizer or self.optimizer, num_training_steps)
+        return self.lr_scheduler
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.throughput is not None:
