@@ -4,6 +4,7 @@ loss as its conversations alone, and the counts the plan and `inspect` report.""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def test_next_fit_keeps_the_order_and_packs_every_item_once() -> None:
     assert [i for b in bins for i in b] == list(range(len(lengths)))  # in order, each once
     assert all(sum(int(lengths[i]) for i in b) <= 512 for b in bins)
     # Next fit: a row closes only when the next conversation does not fit in it.
-    assert all(sum(int(lengths[i]) for i in a) + int(lengths[b[0]]) > 512 for a, b in zip(bins, bins[1:]))
+    assert all(sum(int(lengths[i]) for i in a) + int(lengths[b[0]]) > 512 for a, b in itertools.pairwise(bins))
     assert len(bins) >= len(pack_conversations(lengths, 512, seed=0).bins)  # best fit packs tighter
     with pytest.raises(ValueError, match="exceeds"):
         next_fit(np.array([3, 600]), 512)
