@@ -80,3 +80,9 @@ def test_compiled_flex_attention_forward_equals_sdpa_and_uses_the_kwargs(monkeyp
     # its own arguments). transformers' block-mask builder compiles separately.
     assert ("flex_core", kwargs) in seen and not any(fn == "flex_attention" for fn, _ in seen), seen
     assert transformers_flex.WrappedFlexAttention._is_flex_compiled is False  # not transformers' default compile
+    # Inside a compiled decoder layer (`torch_compile`), the attention stays its own compiled graph.
+    for layer in flex.model.layers:
+        layer.compile(backend="eager", dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(flex(input_ids=ids, position_ids=positions).logits, expected, atol=1e-5, rtol=1e-5)
+    assert [kw for fn, kw in seen if fn == "flex_core"] == [kwargs]  # compiled once, with the user's arguments
