@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config, write_config
 from dolphin_train.config.load import validate_mapping
 from dolphin_train.config.resolve import resolve_runtime
-from dolphin_train.errors import DolphinError
+from dolphin_train.errors import ConfigError, DolphinError
 from dolphin_train.train.arguments import build_training_arguments
 from dolphin_train.train.control import resolve_resume
 from dolphin_train.train.schedule import compute_schedule
@@ -23,6 +23,16 @@ def test_save_only_model_reaches_the_training_arguments() -> None:
         cfg = validate_mapping({**BASE, "save_only_model": value})
         args = build_training_arguments(cfg, resolve_runtime(cfg), compute_schedule(cfg, 10, 1, has_eval=False))
         assert args.save_only_model is value
+
+
+def test_save_only_model_refused_with_sharded_fsdp_checkpoints() -> None:
+    """transformers refuses the pair when the Trainer starts; here at load, naming the keys."""
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}
+    with pytest.raises(ConfigError, match="state_dict_type: FULL_STATE_DICT"):
+        validate_mapping({**BASE, **fsdp, "save_only_model": True})
+    validate_mapping({**BASE, **fsdp})
+    validate_mapping({**BASE, "fsdp_version": 2, "fsdp_config": {"fsdp_state_dict_type": "FULL_STATE_DICT"},
+                      "save_only_model": True})  # fmt: skip
 
 
 def _checkpoint(root: Path, step: int, full: bool) -> Path:

@@ -1060,6 +1060,10 @@ class Config(_Strict):
         problems += self._lisa_problems()
         problems += self._schedule_problems() + self._packing_order_problems()
         problems += self._fp8_problems() + self._flex_compile_problems()
+        if self.save_only_model and "SHARDED" in str((self.fsdp_config or {}).get("state_dict_type", "")).upper():
+            problems.append("save_only_model writes the whole model's weights, which FSDP's sharded checkpoints "
+                            "do not: set fsdp_config's state_dict_type: FULL_STATE_DICT, or remove "
+                            "save_only_model")  # fmt: skip
         inductor = self.torch_compile is not False and self.torch_compile_backend in (None, "inductor")
         if self.torch_compile_mode and not inductor:
             problems.append("torch_compile_mode applies to layers compiled with the inductor backend: set "
