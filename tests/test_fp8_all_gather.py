@@ -70,3 +70,45 @@ def test_the_example_config_keys_validate() -> None:
 def test_refused_without_fp8_and_fsdp2(keys: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="needs fp8: true and FSDP2"):
         validate_mapping({**BASE, **keys, "fp8_enable_fsdp_float8_all_gather": True})
+
+
+def test_fsdp2_gathers_float8_weights_on_the_cpu(tmp_path: Any) -> None:
+    """One process over gloo: FSDP2 shards the converted layers and gathers them in float8 (emulated), with the
+    loss of the same float8 layers unsharded; after an optimizer step the callback precomputes each weight's
+    scale, as torchao's float8 cast would compute it (float8's largest value / the weight's largest value)."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dolphin_train.model.load import convert_to_float8, float8_config
+    from dolphin_train.train.float8_scales import Float8ScalesForFsdp
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    reference, sharded = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    sharded.load_state_dict(reference.state_dict())
+    same_recipe = dataclasses.replace(float8_config(True, emulate=True), enable_fsdp_float8_all_gather=False)
+    convert_to_float8_training(reference, config=same_recipe, module_filter_fn=lambda m, n: "lm_head" not in n)
+    convert_to_float8(sharded, emulate=True, fsdp_float8_all_gather=True)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        weight = sharded.model.layers[0].mlp.up_proj.weight
+        assert isinstance(weight._local_tensor, WeightWithDynamicFloat8CastTensor)  # FSDP2 calls its float8 cast
+        ids = torch.randint(0, 256, (2, 32))
+        loss = sharded(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        torch.optim.SGD(sharded.parameters(), lr=0.1).step()
+        Float8ScalesForFsdp().on_optimizer_step(None, None, None, model=sharded)
+        expected = torch.finfo(torch.float8_e4m3fn).max / weight.full_tensor().abs().max().double()
+        assert float(weight._local_tensor._precomputed_scale) == pytest.approx(float(expected), rel=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -124,6 +124,10 @@ def make_trainer(
         lr_schedule=_cosine_then_constant(cfg, schedule),
     )
     _use_our_console(trainer)
+    if cfg.fp8_enable_fsdp_float8_all_gather:
+        from dolphin_train.train.float8_scales import Float8ScalesForFsdp
+
+        trainer.add_callback(Float8ScalesForFsdp())
     if cfg.lisa_n_layers:
         from dolphin_train.train.lisa import LayerwiseSampling
 
