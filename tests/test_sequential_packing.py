@@ -108,9 +108,23 @@ def test_curriculum_keeps_the_files_order_through_mixing_split_and_packing(curri
     assert bins == next_fit(np.asarray(prepared.train["length"]), cfg.sequence_len)
     packed_tokens = sum(len(rows.train[i]["input_ids"]) for i in range(len(rows.train)))
     assert packed_tokens == sum(prepared.train["length"]) == rows.train_layout.total_tokens
-    # The Trainer reads the rows in order too.
+    # The Trainer reads the rows in order too: its batches are the packed rows, first to last.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dolphin_train.train.trainer import DolphinTrainer
+
     args = build_training_arguments(cfg, resolve_runtime(cfg), compute_schedule(cfg, len(rows.train), 1, False))
     assert args.train_sampling_strategy == "sequential"
+    tiny = LlamaConfig(vocab_size=len(tok.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model = LlamaForCausalLM(tiny)
+    collator = ChatCollator(tok.tokenizer.pad_token_id)
+    trainer = DolphinTrainer(model=model, args=args, train_dataset=rows.train, eval_dataset=rows.eval,
+                             data_collator=collator)
+    seen = [ids for batch in trainer.get_train_dataloader() for ids in batch["input_ids"].tolist()]
+    assert [ids[: len(rows.train[i]["input_ids"])] for i, ids in enumerate(seen)] == [
+        rows.train[i]["input_ids"] for i in range(len(rows.train))
+    ]
 
 
 def test_without_curriculum_the_packed_rows_are_shuffled(curriculum: tuple[Any, Any, Any]) -> None:
