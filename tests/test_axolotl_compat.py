@@ -304,6 +304,7 @@ def test_auto_resume_from_checkpoints_finds_the_latest(tmp_path: Path) -> None:
     assert resolve_resume(cfg) is None  # nothing yet: start fresh
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    (tmp_path / "checkpoint-3" / "rng_state.pth").write_bytes(b"")  # a full checkpoint, not weights only
     assert resolve_resume(cfg) == str(tmp_path / "checkpoint-3")
     assert resolve_resume(validate_mapping({**BASE, "output_dir": str(tmp_path)})) is None
 

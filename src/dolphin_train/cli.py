@@ -200,6 +200,7 @@ def cmd_preprocess(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dolphin_train.config.load import load_config
     from dolphin_train.data.inspect import labelled_example, statistics_table
+    from dolphin_train.data.packing import PackingOrder
     from dolphin_train.recipe import open_prepared_data
 
     cfg = load_config(args.config, overrides)
@@ -207,7 +208,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     console = _console()
     for i in range(min(args.n, len(prepared.train))):
         console.print(labelled_example(tok.tokenizer, prepared.train[i], i, args.ids))
-    console.print(statistics_table(prepared, cfg.sequence_len, cfg.seed))
+    console.print(statistics_table(prepared, cfg.sequence_len, cfg.seed, PackingOrder.from_config(cfg)))
     return 0
 
 

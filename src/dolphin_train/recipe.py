@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def make_trainer(
     require_metric_packages(cfg)  # before the model's load, not at the first evaluation
     model = load_model(cfg, runtime, tok, weights_from_checkpoint=resuming)
     if cfg.fp8:
-        convert_to_float8(model)
+        convert_to_float8(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather)
     if runtime.compile:  # after float8: its scaling then compiles into the layers
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
@@ -127,6 +128,7 @@ def make_trainer(
         optimizer_in_backward=_parameter_optimizer(cfg),
         generation_eval=GenerationEval(cfg, tok.tokenizer) if cfg.generates_at_evaluation else None,
         lr_multiplier=jagged.multiplier if (jagged := jagged_restarts(cfg)) else None,
+        lr_schedule=_cosine_then_constant(cfg, schedule),
     )
     _use_our_console(trainer)
     if cfg.llmcompressor:
@@ -135,6 +137,10 @@ def make_trainer(
         trainer.add_callback(KeepZeros(model, cfg.llmcompressor.targets))
     if cfg.loftq is not None or has_loftq_base(cfg.lora_model_dir):
         trainer.add_callback(KeepLoftQBase(model))
+    if cfg.fp8_enable_fsdp_float8_all_gather:
+        from dolphin_train.train.float8_scales import Float8ScalesForFsdp
+
+        trainer.add_callback(Float8ScalesForFsdp())
     if cfg.lisa_n_layers:
         from dolphin_train.train.lisa import LayerwiseSampling
 
@@ -153,6 +159,16 @@ def _use_our_console(trainer: Any) -> None:
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
     trainer.add_callback(TrainingConsole(bar=bars_wanted()))
+
+
+def _cosine_then_constant(cfg: Config, schedule: TrainingSchedule) -> Any:
+    """`cosine_constant_lr_ratio`'s schedule (train/schedule.py), or None for transformers' own."""
+    if not (cfg.cosine_constant_lr_ratio and cfg.cosine_min_lr_ratio is not None):
+        return None
+    from dolphin_train.train.schedule import cosine_then_constant_schedule
+
+    return partial(cosine_then_constant_schedule, warmup=schedule.warmup_steps, min_ratio=cfg.cosine_min_lr_ratio,
+                   constant_ratio=cfg.cosine_constant_lr_ratio)  # fmt: skip
 
 
 def _parameter_optimizer(cfg: Config) -> Any:

@@ -19,6 +19,10 @@ VARLEN = "dolphin_varlen"  # PyTorch's varlen flash attention, registered with t
 # `gemma4_hybrid_attn_impl`: flash-attn for sliding-window layers, SDPA for global ones (model/attention.py)
 HYBRID = "dolphin_gemma4_hybrid"
 
+# transformers' flex attention compiled with `flex_attn_compile_kwargs` (model/attention.py); the name holds
+# "flex_attention" so that transformers runs its flex-attention support checks and builds the flex block mask.
+FLEX_COMPILED = "dolphin_flex_attention"
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -96,6 +100,8 @@ def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSetti
     if cfg.fp8 and not machine.fp8:
         raise EnvironmentProblem("fp8: true needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L40S)")
     attn, note = resolve_attention(cfg, machine)
+    if attn == "flex_attention" and cfg.flex_attn_compile_kwargs is not None:
+        attn, note = FLEX_COMPILED, f"{note}; compiled with flex_attn_compile_kwargs {cfg.flex_attn_compile_kwargs}"
     launcher = "single process" if machine.world_size == 1 else f"distributed ({machine.world_size} processes)"
     return RuntimeSettings(
         device=machine.device,

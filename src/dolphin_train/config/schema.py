@@ -155,6 +155,9 @@ FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_
 ATTENTION_NAMES = {"flash": "flash_attention_2", "sdp": "sdpa", "sdpa": "sdpa", "eager": "eager",
                    "flex": "flex_attention", "xformers": "sdpa"}  # fmt: skip
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "dolphin_varlen")
+# `torch.compile` arguments that `flex_attn_compile_kwargs` may set (a test checks them against torch.compile).
+FLEX_COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+FLEX_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Parameter-name patterns of `unfrozen_parameters`, as axolotl reads them: a dot is a literal dot (unless
 # followed by `+`), and the pattern matches from the start of the name.
@@ -530,6 +533,15 @@ class Config(_Strict):
         "`flex_attention`; `xformers`: `sdpa`).",
         "model",
     )
+    flex_attn_compile_kwargs: dict[str, Any] | None = key(
+        None,
+        "With `attn_implementation: flex_attention`: the `torch.compile` arguments for flex attention ("
+        + ", ".join(f"`{k}`" for k in FLEX_COMPILE_KEYS)
+        + "), e.g. `{dynamic: false, mode: max-autotune-no-cudagraphs}`; transformers compiles it with the "
+        "defaults otherwise. With `torch_compile`, the attention then runs as its own compiled graph inside each "
+        "compiled layer.",
+        "model",
+    )
     liger_kernel: bool = key(
         True,
         "Use Liger's Triton kernels on a CUDA machine where `liger-kernel` is installed (its fused linear "
@@ -710,7 +722,11 @@ class Config(_Strict):
         "`true` keeps them as tokens, for data that means them.",
         "data",
     )
-    shuffle_merged_datasets: bool = key(True, "Shuffle the mixed datasets with `seed`.", "data")
+    shuffle_merged_datasets: bool = key(
+        True,
+        "Shuffle the mixed datasets with `seed` (not with `curriculum_sampling`, which keeps their order).",
+        "data",
+    )
     dataset_prepared_path: str = key(
         "last_run_prepared",
         "Directory for the tokenized-data cache; each preparation lives in a subdirectory named by a "
@@ -742,6 +758,20 @@ class Config(_Strict):
         "conversation; attention never crosses conversations).",
         "data",
     )
+    sample_packing_sequentially: bool = key(
+        False,
+        "Pack by next fit in dataset order (each conversation joins the current row, or starts a new one when "
+        "it does not fit) instead of best fit by length: conversations keep their order within and across "
+        "rows, for a few percent more rows. With `curriculum_sampling`, training sees the data in file order.",
+        "data",
+    )
+    curriculum_sampling: bool = key(
+        False,
+        "Train on the rows in dataset order, not shuffled (curriculum learning): the datasets are not "
+        "shuffled when mixed (the held-out split keeps the order too) and the Trainer reads rows in order. "
+        "With `sample_packing`, needs `sample_packing_sequentially` (best-fit packing reorders the rows).",
+        "data",
+    )
     eval_sample_packing: bool | None = key(
         None, "Pack the evaluation set too (default: same as `sample_packing`).", "data"
     )
@@ -771,6 +801,21 @@ class Config(_Strict):
     learning_rate: float = key(2e-5, "Peak learning rate.", gt=0)
     lr_scheduler: str = key("cosine", f"Learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}.")
     lr_scheduler_kwargs: dict[str, Any] | None = key(None, "Extra arguments for the scheduler.")
+    cosine_min_lr_ratio: float | None = key(
+        None,
+        "With `lr_scheduler: cosine`: decay to `learning_rate` x this ratio instead of 0 (transformers' "
+        "`cosine_with_min_lr` schedule, its `min_lr_rate`); 1.0 keeps the learning rate constant after warmup.",
+        ge=0,
+        le=1,
+    )
+    cosine_constant_lr_ratio: float | None = key(
+        None,
+        "With `cosine_min_lr_ratio`: the cosine reaches its minimum after this fraction of all steps and the "
+        "learning rate stays there to the end (e.g. 0.8: constant over the last 20%). 0 reads as unset, as in "
+        "axolotl: the decay spans the whole run.",
+        ge=0,
+        le=1,
+    )
     warmup_steps: int | None = key(None, "Linear warmup, in optimizer steps.", ge=0)
     warmup_ratio: float | None = key(None, "Linear warmup, as a fraction of all steps.", ge=0, lt=1)
     weight_decay: float = key(0.0, "Decoupled weight decay.", ge=0)
@@ -809,6 +854,13 @@ class Config(_Strict):
         "each row of activations and each column of weights scaled to the float8 range on its own), on GPUs "
         "with compute capability 8.9 or newer (H100, H200, L40S). Full fine-tuning; the output head stays "
         "bf16. Faster matrix products for a small loss in precision (the GPU check compares the loss curve).",
+    )
+    fp8_enable_fsdp_float8_all_gather: bool = key(
+        False,
+        "With `fp8: true` and FSDP2: FSDP gathers the sharded weights in float8 rather than bf16 (half the "
+        "all-gather traffic; torchao's `enable_fsdp_float8_all_gather`). This needs one scale per weight, so "
+        "the float8 layers use tensorwise scaling instead of rowwise.",
+        "distributed",
     )
     torch_compile: bool | Literal["auto"] = key(
         False,
@@ -957,6 +1009,13 @@ class Config(_Strict):
     saves_per_epoch: int | None = key(None, "Checkpoints per epoch.", "logging", ge=1)
     save_steps: int | None = key(None, "Checkpoint every N steps (instead of `saves_per_epoch`).", "logging", ge=1)
     save_total_limit: int | None = key(None, "Keep at most this many checkpoints.", "logging", ge=1)
+    save_only_model: bool = key(
+        False,
+        "Checkpoints hold the model weights only (no optimizer, scheduler or random-number state): smaller "
+        "and faster to write, but a run cannot resume from them (`resume_from_checkpoint` refuses such a "
+        "checkpoint rather than restart the optimizer from zero); use one as `base_model` instead.",
+        "logging",
+    )
     eval_batch_size: int | None = key(
         None, "Rows per device per evaluation forward pass (default: `micro_batch_size`).", "logging", ge=1
     )
@@ -1283,6 +1342,12 @@ class Config(_Strict):
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
         problems += self._lisa_problems()
         problems += self._relora_problems()
+        problems += self._schedule_problems() + self._packing_order_problems()
+        problems += self._fp8_problems() + self._flex_compile_problems()
+        if self.save_only_model and "SHARDED" in str((self.fsdp_config or {}).get("state_dict_type", "")).upper():
+            problems.append("save_only_model writes the whole model's weights, which FSDP's sharded checkpoints "
+                            "do not: set fsdp_config's state_dict_type: FULL_STATE_DICT, or remove "
+                            "save_only_model")  # fmt: skip
         inductor = self.torch_compile is not False and self.torch_compile_backend in (None, "inductor")
         if self.torch_compile_mode and not inductor:
             problems.append("torch_compile_mode applies to layers compiled with the inductor backend: set "
@@ -1511,6 +1576,53 @@ class Config(_Strict):
         if self.optimizer not in RELORA_OPTIMIZERS:
             problems.append(f"relora: true prunes Adam's moments at each restart; optimizer: {self.optimizer} is not "
                             f"one it knows: use one of {', '.join(RELORA_OPTIMIZERS)}")  # fmt: skip
+
+    def _schedule_problems(self) -> list[str]:
+        problems = []
+        if self.cosine_min_lr_ratio is not None and self.lr_scheduler != "cosine":
+            problems.append(f"cosine_min_lr_ratio shapes the cosine schedule, but lr_scheduler is {self.lr_scheduler}: "
+                            "set lr_scheduler: cosine (or remove cosine_min_lr_ratio)")  # fmt: skip
+        if self.cosine_constant_lr_ratio is not None and self.cosine_min_lr_ratio is None:
+            problems.append("cosine_constant_lr_ratio holds the learning rate at the cosine's minimum: set "
+                            "cosine_min_lr_ratio too (e.g. 0.1)")  # fmt: skip
+        if self.cosine_constant_lr_ratio and self.lr_scheduler_kwargs:
+            problems.append("cosine_constant_lr_ratio builds its own schedule, which takes no lr_scheduler_kwargs: "
+                            "remove one of them")  # fmt: skip
+        return problems
+
+    def _packing_order_problems(self) -> list[str]:
+        problems = []
+        if self.sample_packing_sequentially and not self.sample_packing:
+            problems.append("sample_packing_sequentially: no effect without sample_packing: true")
+        if self.curriculum_sampling and self.sample_packing and not self.sample_packing_sequentially:
+            problems.append("curriculum_sampling keeps the rows in order, but sample_packing groups them by length: "
+                            "set sample_packing_sequentially: true too")  # fmt: skip
+        return problems
+
+    def _fp8_problems(self) -> list[str]:
+        if not self.fp8_enable_fsdp_float8_all_gather:
+            return []
+        fsdp_version = (self.fsdp_config or {}).get("version", self.fsdp_version or 2)
+        if not (self.fp8 and self.fsdp and fsdp_version == 2):
+            return ["fp8_enable_fsdp_float8_all_gather gathers FSDP2's float8 weights: it needs fp8: true and FSDP2 "
+                    "(fsdp_version: 2 with fsdp_config)"]  # fmt: skip
+        return []
+
+    def _flex_compile_problems(self) -> list[str]:
+        if self.flex_attn_compile_kwargs is None:
+            return []
+        problems = []
+        if self.attention_backend != "flex_attention":
+            problems.append("flex_attn_compile_kwargs compiles flex attention: set attn_implementation: "
+                            "flex_attention (or remove flex_attn_compile_kwargs)")  # fmt: skip
+        mode = self.flex_attn_compile_kwargs.get("mode")
+        if mode is not None and mode not in FLEX_COMPILE_MODES:
+            problems.append(f"flex_attn_compile_kwargs: mode {mode!r} is not a torch.compile mode (one of "
+                            f"{', '.join(FLEX_COMPILE_MODES)})")  # fmt: skip
+        unknown = sorted(set(self.flex_attn_compile_kwargs) - set(FLEX_COMPILE_KEYS))
+        if unknown:
+            problems.append(f"flex_attn_compile_kwargs: {', '.join(unknown)} is not a torch.compile argument here "
+                            f"(use {', '.join(FLEX_COMPILE_KEYS)})")  # fmt: skip
         return problems
 
     def _memory_mode_problems(self) -> list[str]:

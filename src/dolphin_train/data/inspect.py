@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from dolphin_train.data.encode import IGNORE_INDEX
-from dolphin_train.data.packing import pack_conversations
+from dolphin_train.data.packing import PackingOrder, pack_conversations
 from dolphin_train.data.prepare import PreparedData
 from dolphin_train.terminal import bars_wanted
 
@@ -34,14 +34,15 @@ def labelled_example(tokenizer: Any, row: dict[str, Any], index: int, show_ids: 
     return Group(heading, highlighted_example(tokenizer, row["input_ids"], row["labels"], show_ids))
 
 
-def statistics_table(prepared: PreparedData, sequence_len: int, seed: int) -> Any:
+def statistics_table(prepared: PreparedData, sequence_len: int, seed: int, order: PackingOrder | None = None) -> Any:
+    order = order or PackingOrder()
     lengths = np.asarray(prepared.train["length"], dtype=np.int64)
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
-    layout = pack_conversations(lengths, sequence_len, seed, progress=bars_wanted())
+    layout = pack_conversations(lengths, sequence_len, seed, bars_wanted(), order)
     table = prepared.report.table()  # the preparation report, then the shape of the training rows
     table.add_row("length p50 / p90 / p99 / max", f"{p50:,} / {p90:,} / {p99:,} / {int(lengths.max()):,}")
     table.add_row(
-        f"packing at {sequence_len} tokens",
+        f"packing at {sequence_len} tokens" + (" (next fit, in order)" if order.sequential else ""),
         f"{len(layout.bins):,} rows (lower bound {layout.lower_bound_rows:,}), {layout.efficiency:.2%} full",
     )
     return table

@@ -76,6 +76,24 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, progress: bool = Fal
     return bins.bins
 
 
+def next_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Assign item indices to bins in their order: each item joins the current bin, or closes it and opens
+    the next when it does not fit (`sample_packing_sequentially`). Order is kept within and across bins;
+    only the current bin is ever open, so it fills less well than best fit."""
+    sizes = np.asarray(lengths)
+    if len(sizes) and int(np.max(sizes)) > capacity:
+        raise ValueError(f"an item of {int(np.max(sizes))} tokens exceeds the bin capacity {capacity}")
+    bins: list[list[int]] = []
+    free = 0
+    for idx, size in enumerate(sizes.tolist()):
+        if not bins or size > free:
+            bins.append([])
+            free = capacity
+        bins[-1].append(idx)
+        free -= size
+    return bins
+
+
 @dataclass(frozen=True)
 class PackingLayout:
     """Which conversations share each packed row (`bins`: conversation indices per row, in training order)."""
@@ -94,12 +112,30 @@ class PackingLayout:
         return -(-self.total_tokens // self.capacity)
 
 
-def pack_conversations(lengths: np.ndarray, capacity: int, seed: int, progress: bool = False) -> PackingLayout:
-    """Best-fit-decreasing bins in a seeded random order (so long rows are not all at the start)."""
-    bins = best_fit_decreasing(lengths, capacity, progress)
-    rng = np.random.default_rng(seed)
-    shuffled = [bins[i] for i in rng.permutation(len(bins))]
-    return PackingLayout(shuffled, capacity, int(np.sum(lengths)))
+@dataclass(frozen=True)
+class PackingOrder:
+    """How conversations are packed: next fit in their order (`sample_packing_sequentially`) or best fit by
+    length, and whether the rows keep their order (`curriculum_sampling`) or are shuffled with the seed."""
+
+    sequential: bool = False
+    in_order: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PackingOrder:
+        return cls(cfg.sample_packing_sequentially, cfg.curriculum_sampling)
+
+
+def pack_conversations(
+    lengths: np.ndarray, capacity: int, seed: int, progress: bool = False, order: PackingOrder | None = None
+) -> PackingLayout:
+    """Best-fit-decreasing bins (or next-fit ones) in a seeded random order, so long rows are not all at the
+    start; in their own order with `order.in_order`."""
+    order = order or PackingOrder()
+    bins = next_fit(lengths, capacity) if order.sequential else best_fit_decreasing(lengths, capacity, progress)
+    if not order.in_order:
+        rng = np.random.default_rng(seed)
+        bins = [bins[i] for i in rng.permutation(len(bins))]
+    return PackingLayout(bins, capacity, int(np.sum(lengths)))
 
 
 class PackedRows:
@@ -179,7 +215,8 @@ def build_training_rows(cfg: Config, prepared: PreparedData) -> TrainingRows:
         if not packed:
             return SingleRows(dataset), None
         lengths = np.asarray(dataset["length"], dtype=np.int64)
-        layout = pack_conversations(lengths, cfg.sequence_len, seed, progress=is_main_process() and bars_wanted())
+        progress = is_main_process() and bars_wanted()
+        layout = pack_conversations(lengths, cfg.sequence_len, seed, progress, PackingOrder.from_config(cfg))
         return PackedRows(dataset, layout), layout
 
     train, train_layout = rows(prepared.train, cfg.sample_packing, cfg.seed)

@@ -89,6 +89,7 @@ def data_fingerprint(cfg: Config, tokenizer: Any, sources: list[Source]) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": sources_fingerprint(sources),
         **({"dataset_exact_deduplication": True} if cfg.dataset_exact_deduplication else {}),
+        **({"curriculum_sampling": True} if cfg.curriculum_sampling else {}),  # the rows' order
     }
     return hashlib.sha256(json.dumps(token_keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -196,7 +197,7 @@ def _tokenize(cfg: Config, tokenizer: Any, sources: list[Source], work_dir: Path
     if canonical is None or len(canonical) == 0:
         empty = f" ({', '.join(loaded.empty_files)} empty)" if loaded.empty_files else ""
         raise DataError(f"the datasets hold no usable rows{empty}")
-    if cfg.shuffle_merged_datasets and len(cfg.datasets) > 1:
+    if cfg.shuffle_merged_datasets and len(cfg.datasets) > 1 and not cfg.curriculum_sampling:
         canonical = canonical.shuffle(seed=cfg.seed)
     encoder = ConversationEncoder(
         tokenizer,
@@ -301,7 +302,8 @@ def _split(cfg: Config, dataset: Any) -> tuple[Any, Any | None]:
             f"val_set_size: {cfg.val_set_size} leaves no rows for training or evaluation ({len(dataset)} rows "
             "kept): lower it, or set 0 for no evaluation set"
         )
-    split = dataset.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
+    # Curriculum learning keeps the order: the evaluation rows are then the last ones.
+    split = dataset.train_test_split(test_size=size, seed=cfg.seed, shuffle=not cfg.curriculum_sampling)
     return split["train"], split["test"]
 
 

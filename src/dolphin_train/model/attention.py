@@ -1,4 +1,5 @@
-"""PyTorch's own variable-length flash attention as a transformers attention backend.
+"""Our transformers attention backends: PyTorch's own variable-length flash attention, and flex attention
+compiled with the user's torch.compile arguments.
 
 Why our own code: on a CUDA machine without the flash-attn package, packed rows would otherwise fall
 back to SDPA with a dense block-diagonal mask (quadratic memory in the row length). PyTorch 2.10+ ships
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dolphin_train.config.resolve import HYBRID, VARLEN
+from dolphin_train.config.resolve import FLEX_COMPILED, HYBRID, VARLEN
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -150,3 +151,45 @@ def check_hybrid_layers(config: Any) -> None:
             f"gemma4_hybrid_attn_impl: the model ({getattr(config, 'model_type', '?')}) does not mix sliding-window "
             "and global attention layers (its config has no such layer_types): remove the key"
         )
+
+
+class _TrainingFlag:
+    """What transformers' flex-attention function reads from the attention module (whether it trains),
+    without the module itself: each layer is its own module, and a compiled function that took it would
+    recompile for every layer."""
+
+    def __init__(self, training: bool) -> None:
+        self.training = training
+
+
+def compiled_flex_attention(compile_kwargs: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """transformers' flex attention compiled with `compile_kwargs` (`flex_attn_compile_kwargs`). transformers
+    compiles `flex_attention` once with fixed arguments; here the whole attention function is compiled with
+    the user's, and transformers then calls the uncompiled kernel inside it (it does so while compiling)."""
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    def flex_core(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, training: bool,
+                  **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        return flex_attention_forward(_TrainingFlag(training), query, key, value, attention_mask, **kwargs)
+
+    compiled = torch.compile(flex_core, **compile_kwargs)
+
+    # Not traced into a compiled decoder layer (`torch_compile`): there it would be compiled with the layer's
+    # settings; this way it runs as its own graph, compiled with the user's arguments.
+    @torch.compiler.disable
+    def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        return compiled(query, key, value, attention_mask, module.training, **kwargs)
+
+    return forward
+
+
+def register_compiled_flex_attention(compile_kwargs: dict[str, Any]) -> str:
+    """Register flex attention compiled with `compile_kwargs` (with transformers' flex block mask) and return
+    its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flex_attention_mask
+
+    AttentionInterface.register(FLEX_COMPILED, compiled_flex_attention(compile_kwargs))
+    AttentionMaskInterface.register(FLEX_COMPILED, flex_attention_mask)
+    return FLEX_COMPILED

@@ -11,12 +11,13 @@ import logging
 from typing import Any
 
 from dolphin_train.config.load import missing_local_model
-from dolphin_train.config.resolve import HYBRID, VARLEN, RuntimeSettings
+from dolphin_train.config.resolve import FLEX_COMPILED, HYBRID, VARLEN, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
 from dolphin_train.model.attention import (
     check_hybrid_layers,
+    register_compiled_flex_attention,
     register_hybrid_attention,
     register_varlen_attention,
     use_hybrid_attention,
@@ -167,6 +168,8 @@ def load_model(
         check_hybrid_layers(config)
     if runtime.attn_implementation == HYBRID:
         register_hybrid_attention()
+    if runtime.attn_implementation == FLEX_COMPILED:
+        register_compiled_flex_attention(cfg.flex_attn_compile_kwargs or {})
     kwargs = {"dtype": load_dtype(cfg, runtime), "attn_implementation": runtime.attn_implementation}
     quantization = quantization_config(cfg, runtime)
     if quantization is not None:
@@ -207,14 +210,28 @@ def load_model(
     return model
 
 
-def convert_to_float8(model: Any, emulate: bool = False) -> int:
-    """torchao's float8 training on the decoder's linear layers (rowwise scaling); the output head and layers
-    whose sizes are not multiples of 16 (the float8 kernels' tile) stay in bf16. `emulate`: float8 numerics
-    without float8 hardware (the CPU tests). Returns the layers converted."""
+def float8_config(fsdp_float8_all_gather: bool = False, emulate: bool = False) -> Any:
+    """torchao's float8 training settings: rowwise scaling (each row of activations and column of weights
+    scaled on its own: the more accurate recipe), or with `fp8_enable_fsdp_float8_all_gather` tensorwise
+    scaling with FSDP2 gathering the weights already in float8 (one scale per weight is what lets a shard
+    be cast before the gather). `emulate`: float8 numerics without float8 hardware (the CPU tests)."""
     import dataclasses
 
+    from torchao.float8 import Float8LinearConfig
+
+    if fsdp_float8_all_gather:
+        tensorwise = Float8LinearConfig.from_recipe_name("tensorwise")
+        base = dataclasses.replace(tensorwise, enable_fsdp_float8_all_gather=True)
+    else:
+        base = Float8LinearConfig.from_recipe_name("rowwise")
+    return dataclasses.replace(base, emulate=emulate)
+
+
+def convert_to_float8(model: Any, emulate: bool = False, fsdp_float8_all_gather: bool = False) -> int:
+    """torchao's float8 training on the decoder's linear layers (`float8_config`); the output head and layers
+    whose sizes are not multiples of 16 (the float8 kernels' tile) stay in bf16. Returns the layers converted."""
     import torch
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     head = model.get_output_embeddings()
     converted = []
@@ -224,9 +241,10 @@ def convert_to_float8(model: Any, emulate: bool = False) -> int:
         converted.extend([name] if ok else [])
         return ok
 
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=emulate)
+    config = float8_config(fsdp_float8_all_gather, emulate)
     convert_to_float8_training(model, config=config, module_filter_fn=eligible)
-    log.info("fp8: %d linear layers compute in float8 (rowwise scaling)", len(converted))
+    scaling = "tensorwise scaling, FSDP2 gathers float8 weights" if fsdp_float8_all_gather else "rowwise scaling"
+    log.info("fp8: %d linear layers compute in float8 (%s)", len(converted), scaling)
     return len(converted)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
-from dolphin_train.errors import DolphinError
+from dolphin_train.errors import DolphinError, EnvironmentProblem
 from dolphin_train.train.environment import deepspeed_on_cpu
 from dolphin_train.train.schedule import TrainingSchedule
 
@@ -97,10 +97,27 @@ def checkpointing_kwargs(cfg: Config, runtime: RuntimeSettings) -> dict[str, Any
     return kwargs
 
 
+def scheduler_settings(cfg: Config) -> tuple[str, dict[str, Any] | None]:
+    """transformers' scheduler name and arguments. `cosine_min_lr_ratio` is transformers' `cosine_with_min_lr`
+    (its `min_lr_rate`); with `cosine_constant_lr_ratio` as well, DolphinTrainer builds the schedule itself
+    (train/schedule.py) and these stay as the description of its decay."""
+    if cfg.cosine_min_lr_ratio is None:
+        return cfg.lr_scheduler, cfg.lr_scheduler_kwargs
+    return "cosine_with_min_lr", {**(cfg.lr_scheduler_kwargs or {}), "min_lr_rate": cfg.cosine_min_lr_ratio}
+
+
 def _checkpointing_argument(arguments_class: Any) -> str:
     """transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`."""
     params = inspect.signature(arguments_class.__init__).parameters
     return "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+
+
+def _sequential_sampling(arguments_class: Any) -> str:
+    """Curriculum learning: the Trainer reads the rows in their order (packed rows are in order too:
+    data/packing.py). transformers' own sampler option, which older releases lack."""
+    if "train_sampling_strategy" not in inspect.signature(arguments_class.__init__).parameters:
+        raise EnvironmentProblem("curriculum_sampling needs transformers' train_sampling_strategy: upgrade it")
+    return "sequential"
 
 
 def build_training_arguments(
@@ -116,13 +133,17 @@ def build_training_arguments(
             "adam_beta1": cfg.adam_beta1,
             "adam_beta2": cfg.adam_beta2,
             "adam_epsilon": cfg.adam_epsilon,
-            "lr_scheduler_kwargs": cfg.lr_scheduler_kwargs,
             "save_total_limit": cfg.save_total_limit,
         }.items()
         if v is not None
     }
     if deepspeed_on_cpu(cfg, runtime):
         optional["accelerator_config"] = {"use_configured_state": True}  # built by the recipe's environment set-up
+    scheduler, scheduler_kwargs = scheduler_settings(cfg)
+    if scheduler_kwargs is not None:
+        optional["lr_scheduler_kwargs"] = scheduler_kwargs
+    if cfg.curriculum_sampling:
+        optional["train_sampling_strategy"] = _sequential_sampling(TrainingArguments)
     checkpointing = _checkpointing_argument(TrainingArguments)
     optional[checkpointing] = cfg.checkpointing
     if liger:
@@ -137,7 +158,7 @@ def build_training_arguments(
         num_train_epochs=cfg.num_epochs,
         max_steps=schedule.total_steps,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_type=scheduler,
         warmup_steps=schedule.warmup_steps,
         weight_decay=cfg.weight_decay,
         optim=cfg.optimizer,
@@ -158,6 +179,7 @@ def build_training_arguments(
         eval_on_start=has_eval,
         save_strategy="steps" if schedule.save_steps else "epoch",
         save_steps=schedule.save_steps or 500,
+        save_only_model=cfg.save_only_model,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=report_to(cfg),

@@ -67,6 +67,23 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     return removed
 
 
+def holds_training_state(path: Path) -> bool:
+    """Whether a checkpoint can continue a run: transformers writes the random-number state (next to the
+    optimizer and scheduler states) in every checkpoint except `save_only_model`'s weights-only ones."""
+    return any(path.glob("rng_state*.pth"))
+
+
+def refuse_weights_only(path: Path, value: object) -> None:
+    """Resuming from a weights-only checkpoint would silently restart the optimizer (Adam's moments from
+    zero, the learning rate at the start of its warmup) and the data order: refuse, saying what to do."""
+    if not holds_training_state(path):
+        raise DolphinError(
+            f"resume_from_checkpoint: {value}: {path} holds the model weights only (save_only_model: true), "
+            "without the optimizer, scheduler and random-number states a run continues from; start a new run "
+            f"from these weights with base_model: {path}, or remove the checkpoint"
+        )
+
+
 def resolve_resume(cfg: Config) -> str | None:
     """The checkpoint `resume_from_checkpoint` names: a directory, or the latest complete one in `output_dir`
     for `true` (which requires one) and `auto` or `auto_resume_from_checkpoints` (which start fresh without
@@ -82,12 +99,15 @@ def resolve_resume(cfg: Config) -> str | None:
             log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
         elif last is None:
             raise DolphinError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no complete checkpoint")
+        if last is not None:
+            refuse_weights_only(last, value)
         return str(last) if last else None
     path = Path(str(value))
     if not path.is_dir():
         raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
     if not checkpoint_is_complete(path):
         raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
+    refuse_weights_only(path, value)
     return str(path)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from dolphin_train.config.schema import Config
 
@@ -114,3 +116,24 @@ def jagged_restarts(cfg: Config) -> JaggedRestarts | None:
     # `0` (or axolotl's `false`) means the default, as in axolotl
     return JaggedRestarts(cfg.jagged_restart_steps, cfg.jagged_restart_warmup_steps or DEFAULT_RESTART_WARMUP,
                           cfg.jagged_restart_anneal_steps or DEFAULT_RESTART_ANNEAL)  # fmt: skip
+
+
+def cosine_then_constant_factor(step: int, warmup: int, total: int, min_ratio: float, constant_ratio: float) -> float:
+    """The learning-rate multiplier of `cosine_constant_lr_ratio`: linear warmup, a half cosine from 1 down to
+    `min_ratio` that ends at step `constant_ratio x total`, then `min_ratio` to the end (as axolotl's
+    warmup-decay-constant schedule; when the decay would end inside the warmup, the minimum follows it)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    decay_end = int(total * constant_ratio)
+    progress = min(1.0, (step - warmup) / max(1, decay_end - warmup)) if decay_end > warmup else 1.0
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cosine_then_constant_schedule(
+    optimizer: Any, total: int, warmup: int, min_ratio: float, constant_ratio: float
+) -> Any:
+    """`cosine_then_constant_factor` as a torch scheduler (what the Trainer steps and checkpoints)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, partial(cosine_then_constant_factor, warmup=warmup, total=total, min_ratio=min_ratio,
+                                       constant_ratio=constant_ratio))  # fmt: skip

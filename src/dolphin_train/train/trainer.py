@@ -73,11 +73,13 @@ class DolphinTrainer(Trainer):
         optimizer_in_backward: Callable[..., Any] | None = None,
         generation_eval: GenerationEval | None = None,
         lr_multiplier: Callable[[int], float] | None = None,
+        lr_schedule: Callable[[Any, int], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.optimizer_in_backward = optimizer_in_backward
         self.generation_eval = generation_eval
         self.lr_multiplier = lr_multiplier
+        self.lr_schedule = lr_schedule
         if chunked_head is not None:
             kwargs["compute_loss_func"] = loss_from_head
         super().__init__(*args, **kwargs)
@@ -99,9 +101,14 @@ class DolphinTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        """The configured schedule, times `lr_multiplier(step)` where one is given (the jagged restarts)."""
+        """The configured schedule: `lr_schedule(optimizer, steps)` where transformers has none
+        (`cosine_constant_lr_ratio`), else the Trainer's own; times `lr_multiplier(step)` where one is given
+        (the jagged restarts)."""
         created = self.lr_scheduler is None
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and self.lr_schedule is not None:
+            scheduler = self.lr_scheduler = self.lr_schedule(optimizer or self.optimizer, num_training_steps)
+        else:
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
         if created and self.lr_multiplier is not None:
             self.lr_scheduler = multiplied_schedule(scheduler, self.lr_multiplier)
         return self.lr_scheduler
