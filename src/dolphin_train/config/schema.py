@@ -1576,6 +1576,7 @@ class Config(_Strict):
         if self.optimizer not in RELORA_OPTIMIZERS:
             problems.append(f"relora: true prunes Adam's moments at each restart; optimizer: {self.optimizer} is not "
                             f"one it knows: use one of {', '.join(RELORA_OPTIMIZERS)}")  # fmt: skip
+        return problems
 
     def _schedule_problems(self) -> list[str]:
         problems = []
