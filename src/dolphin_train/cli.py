@@ -302,10 +302,15 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.num_processes and "WORLD_SIZE" not in os.environ:
         forwarded = ["train", args.config, *args.overrides_as_written]
         return relaunch_with_torchrun(args.num_processes, forwarded + (["-v"] if args.verbose else []))
-    from dolphin_train.recipe import run_training
-
     console = _console()
-    summary = run_training(cfg, show=console.print)
+    if cfg.use_ray:
+        from dolphin_train.ray_launch import run_with_ray
+
+        summary = run_with_ray(cfg)
+    else:
+        from dolphin_train.recipe import run_training
+
+        summary = run_training(cfg, show=console.print)
     if summary.get("interrupted"):
         resume = escape(resume_command(args))
         console.print(f"[bold yellow]Stopped[/] at step {summary['steps']}: checkpoint saved in "

@@ -1125,6 +1125,23 @@ class Config(_Strict):
         "default off: it costs a graph traversal per step.",
         "distributed",
     )
+    use_ray: bool = key(
+        False,
+        "Launch the run with Ray Train (axolotl's key): `dolphin-train CONFIG` starts `ray_num_workers` training "
+        "processes on the Ray cluster that RAY_ADDRESS names (a local one otherwise), joined in one process "
+        "group; `output_dir` must be storage every worker reaches. Needs `pip install 'dolphin-train[ray]'`.",
+        "distributed",
+    )
+    ray_num_workers: int | None = key(None, "Ray's training processes (default 1), one per GPU.", "distributed", ge=1)
+    ray_run_name: str | None = key(
+        None, "Name of the Ray run; Ray's own records go to `output_dir/ray/<name>`.", "distributed"
+    )
+    resources_per_worker: dict[str, float] | None = key(
+        None,
+        "Ray resources each worker holds (default `{GPU: 1}` where the launching machine has a GPU, else "
+        "`{CPU: 1}`); a `GPU` entry puts the workers on GPUs.",
+        "distributed",
+    )
     local_rank: int | None = key(
         None,
         "Set by the launcher (torchrun, accelerate); leave it empty in the file.",
@@ -1356,6 +1373,9 @@ class Config(_Strict):
             problems.append("early_stopping_patience watches the evaluation loss: set val_set_size")
         problems += self._lora_kernel_problems()
         problems += self._sparse_problems()
+        stray = [k for k in ("ray_num_workers", "ray_run_name", "resources_per_worker") if getattr(self, k)]
+        if stray and not self.use_ray:
+            problems.append(f"{', '.join(stray)}: no effect without use_ray: true")
         problems += self._generation_eval_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
