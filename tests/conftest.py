@@ -97,6 +97,18 @@ def tiny_config(tmp_path: Path, data: Path | None = None, **overrides: Any) -> d
     return cfg
 
 
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's tiny Llama, randomly initialised and saved, to stand in for a pretrained base."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
+    return path
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     import yaml
 

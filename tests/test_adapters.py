@@ -17,17 +17,6 @@ from dolphin_train.config.load import validate_mapping
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repository's tiny Llama, randomly initialised and saved, to stand in for a pretrained base."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
-    return path
-
-
 def _data(tmp_path: Path) -> Path:
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:24]]
     return write_jsonl(tmp_path / "data.jsonl", rows)

@@ -104,16 +104,6 @@ def test_a_loftq_initialised_model_starts_close_to_the_original() -> None:
     assert torch.linalg.norm(with_adapter - expected) < 0.6 * torch.linalg.norm(quantised_only - expected)
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
-    return path
-
-
 def _config(tmp_path: Path, base_dir: Path, **overrides: Any) -> Path:
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:24]]
     data = write_jsonl(tmp_path / "data.jsonl", rows)

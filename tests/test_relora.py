@@ -28,17 +28,6 @@ from dolphin_train.train.schedule import JaggedRestarts
 RELORA = {"adapter": "lora", "relora": True, "jagged_restart_steps": 4, "lora_r": 4, "lora_alpha": 8}
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repository's tiny Llama, randomly initialised and saved, to stand in for a pretrained base."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "configs/tiny/model")).save_pretrained(path)
-    return path
-
-
 def _lora_model(base_dir: Path, four_bit: bool = False) -> Any:
     """The tiny base with a LoRA adapter whose B is not zero (as after some training)."""
     from peft import LoraConfig, get_peft_model
