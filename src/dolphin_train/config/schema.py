@@ -1379,9 +1379,8 @@ class Config(_Strict):
         problems += self._generation_eval_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
-        stray = [k for k in ("otel_metrics_host", "otel_metrics_port") if getattr(self, k) is not None]
-        if stray and not self.use_otel_metrics:
-            problems.append(f"{', '.join(stray)}: no effect without use_otel_metrics: true")
+        if not self.use_otel_metrics:
+            problems += self._set_without(("otel_metrics_host", "otel_metrics_port"), "use_otel_metrics: true")
         if self.eot_tokens is not None and self.template_name == "chatml" and self.eot_tokens != ["<|im_end|>"]:
             problems.append("eot_tokens: chatml ends every turn with <|im_end|>; set [<|im_end|>] or remove it")
         if problems:
@@ -1541,10 +1540,14 @@ class Config(_Strict):
                             "(so the 4-bit weights shard like the others): remove it")  # fmt: skip
         return problems
 
+    def _set_without(self, keys: tuple[str, ...], switch: str) -> list[str]:
+        """The keys of `keys` that are set while the feature they configure (`switch`) is off."""
+        stray = [k for k in keys if getattr(self, k) is not None]
+        return [f"{', '.join(stray)}: no effect without {switch}"] if stray else []
+
     def _lisa_problems(self) -> list[str]:
         if not self.lisa_n_layers:
-            stray = [k for k in ("lisa_step_interval", "lisa_layers_attribute") if getattr(self, k) is not None]
-            return [f"{', '.join(stray)}: no effect without lisa_n_layers"] if stray else []
+            return self._set_without(("lisa_step_interval", "lisa_layers_attribute"), "lisa_n_layers")
         clashes = {"adapter": self.adapter, "deepspeed": self.deepspeed, "fsdp": self.fsdp,
                    "unfrozen_parameters": self.unfrozen_parameters, "optimizer_in_backward": self.optimizer_in_backward}
         named = [k for k, v in clashes.items() if v]  # fmt: skip

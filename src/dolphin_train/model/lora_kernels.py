@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dolphin_train.errors import EnvironmentProblem
 from dolphin_train.model.layers import decoder_layers
+from dolphin_train.model.quantised import dequantized, is_4bit, is_8bit
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def fusable(layer: torch.nn.Module) -> bool:
              and layer.lora_B[name].bias is None)  # fmt: skip
     base = layer.get_base_layer()
     frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-    return plain and frozen and not _is_8bit(base.weight)
+    return plain and frozen and not is_8bit(base.weight)
 
 
 def projection_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any, float]:
@@ -73,28 +74,15 @@ def projection_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any,
     return layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
 
 
-def _is_8bit(weight: torch.Tensor) -> bool:
-    return type(weight).__name__ == "Int8Params"
-
-
-def _is_4bit(weight: torch.Tensor) -> bool:
-    return type(weight).__name__ == "Params4bit"
-
-
 def _base_dtype(base: torch.nn.Module) -> torch.dtype:
     """The dtype the base layer multiplies in: a bitsandbytes 4-bit layer's compute dtype, else its weight's."""
     weight = base.weight
-    return (base.compute_dtype or weight.quant_state.dtype) if _is_4bit(weight) else weight.dtype
+    return (base.compute_dtype or weight.quant_state.dtype) if is_4bit(weight) else weight.dtype
 
 
 def _base_weight(base: torch.nn.Module) -> torch.Tensor:
     """The base layer's weight as it multiplies: dequantised when it is a bitsandbytes 4-bit weight."""
-    weight = base.weight
-    if _is_4bit(weight):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(_base_dtype(base))
-    return weight
+    return dequantized(base.weight).to(_base_dtype(base)) if is_4bit(base.weight) else base.weight
 
 
 def _dtypes(x: torch.Tensor, base: torch.nn.Module, a: torch.Tensor | None) -> tuple[torch.dtype, torch.dtype]:
@@ -210,7 +198,7 @@ def _mlp_projections_fusable(mlp: torch.nn.Module) -> bool:
         if isinstance(p, _lora_layer_class()):
             if not fusable(p):
                 return False
-        elif not isinstance(p, torch.nn.Linear) or p.weight.requires_grad or _is_8bit(p.weight):
+        elif not isinstance(p, torch.nn.Linear) or p.weight.requires_grad or is_8bit(p.weight):
             return False
     return True
 
@@ -256,13 +244,15 @@ def _swap_projections(layers: list[torch.nn.Module], names: tuple[str, ...], key
 
 
 def _swap_mlps(layers: list[torch.nn.Module]) -> int:
-    swapped = 0
+    swapped, checked = 0, set()
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
         if mlp is None or not all(hasattr(mlp, n) for n in (*MLP_NAMES, "act_fn")):
             continue
         if _mlp_projections_fusable(mlp):
-            _check_mlp_matches(mlp)
+            if type(mlp) not in checked:  # what is checked is the class's computation: once per class
+                _check_mlp_matches(mlp)
+                checked.add(type(mlp))
             mlp.__class__ = fused_mlp_class(type(mlp))
             swapped += 1
     if not swapped:

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import ConfigError, DolphinError
+from dolphin_train.model.quantised import dequantized, is_4bit
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +82,9 @@ def _base_weight(layer: Any) -> Any:
     return layer.get_base_layer().weight
 
 
-def is_4bit(weight: Any) -> bool:
-    return type(weight).__name__ == "Params4bit"
-
-
 def dequantized_base(layer: Any) -> torch.Tensor:
     """The layer's base weight in its own precision (a 4-bit weight dequantised by bitsandbytes)."""
-    weight = _base_weight(layer)
-    if not is_4bit(weight):
-        return weight.data
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return dequantized(_base_weight(layer))
 
 
 def set_base(layer: Any, full: torch.Tensor) -> None:
