@@ -41,3 +41,4 @@ def test_two_ray_workers_train_as_one_run(tmp_path: Path) -> None:
     assert (tmp_path / "out/model.safetensors").exists()
     assert (tmp_path / "out/ray/tiny").is_dir()
     assert "Done: 3 steps" in done.stdout
+    assert "(RayTrainWorker pid=" in done.stdout and "\x1b[" not in done.stdout  # plain text in a log file

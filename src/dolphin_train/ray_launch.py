@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     if world_size() > 1:
         raise EnvironmentProblem("use_ray: true: start one dolphin-train process (not torchrun or accelerate); "
                                  "Ray starts the ray_num_workers training processes")  # fmt: skip
+    if not sys.stdout.isatty():  # Ray colours its workers' line prefixes; a log file should get plain text
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     resources = worker_resources(cfg)
     workers = cfg.ray_num_workers or 1
     log.info("Ray: %d worker(s), each with %s", workers, resources)
