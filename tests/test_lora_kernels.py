@@ -65,20 +65,38 @@ def test_fused_lora_under_bf16_autocast_matches_peft() -> None:
     assert_same_training_signal(plain, fused, autocast=True, tolerance=2e-2)
 
 
-def test_fused_lora_over_a_4bit_base_matches_peft() -> None:
+@pytest.mark.parametrize("layout", ["standard", "cpu-packed"])
+def test_fused_lora_over_a_4bit_base_matches_peft(layout: str) -> None:
+    """Both of bitsandbytes' layouts, on any CPU: the packed one (what an evaluation pass leaves on an AVX-512
+    BF16 CPU unless repacking is off) is made explicitly in the fused model; peft's reference trains over the
+    same values in the standard layout (the packed kernel has no backward)."""
     import peft
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    from dolphin_train.model.quantised import four_bit_linears, keep_standard_layout, to_standard_layout
+
+    # 192, not 160: bitsandbytes packs only rows of whole 64-value blocks
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory := Path(__import__("tempfile").mkdtemp()))
     quantised = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     base = LlamaForCausalLM.from_pretrained(directory, quantization_config=quantised, dtype=torch.float32)
+    keep_standard_layout(base)  # as load_model does: the layout stays put whatever this CPU is
     settings = peft.LoraConfig(r=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
     plain = peft.get_peft_model(base, settings)
     fused = use_fused_lora(copy.deepcopy(plain), mlp=True, qkv=True, o=True)
     assert type(fused.base_model.model.model.layers[0].mlp).__name__ == "FusedLlamaMLP"
+    if layout == "cpu-packed":
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+        for model in (plain, fused):
+            for layer in four_bit_linears(model):
+                layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+                    layer.weight.data, layer.weight.quant_state
+                )
+        for layer in four_bit_linears(plain):
+            to_standard_layout(layer.weight)  # the same values, bfloat16 block scales included
     assert_same_training_signal(plain, fused, tolerance=1e-4)
 
 

@@ -22,6 +22,7 @@ from dolphin_train.model.attention import (
     register_varlen_attention,
     use_hybrid_attention,
 )
+from dolphin_train.model.quantised import keep_standard_layout
 from dolphin_train.model.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ def load_model(
             )
         except OSError as exc:
             raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
+    if quantization is not None:
+        keep_standard_layout(model)  # evaluation on an AVX-512 BF16 CPU must not repack what trains
     if runtime.attn_implementation == HYBRID:
         handed = use_hybrid_attention(model)
         log.info("gemma4_hybrid_attn_impl: %d sliding-window attention layers on flash-attn, the others on SDPA",

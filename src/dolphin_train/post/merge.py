@@ -61,7 +61,9 @@ def load_base(base: str, dtype_name: str, quantization: Any = None, trust_remote
     except OSError as exc:
         raise DolphinError(f"cannot load the base model {base!r}: {exc}") from None
     if quantization is not None:
-        model = model.dequantize().to(dtype)
+        from dolphin_train.model.quantised import dequantized_model
+
+        model = dequantized_model(model).to(dtype)
     return model
 
 
