@@ -104,10 +104,10 @@ def test_github_anchor_matches_githubs_rule() -> None:
     )
 
 
-# A snippet that runs on a CPU, in a few seconds, is marked by an HTML comment on the line before its fence;
+# A snippet that runs on a CPU, in a few seconds, is marked by an HTML comment line just before its fence;
 # `exit=N` when the snippet shows a failure. Snippets that need a GPU, the network or minutes are not marked.
-MARKER = re.compile(r"<!-- runs-on-cpu(?: exit=(\d+))? -->")
-SNIPPET = re.compile(r"<!-- runs-on-cpu(?: exit=(\d+))? -->\n```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
+MARKER = re.compile(r"^<!-- runs-on-cpu(?: exit=(\d+))? -->$", re.MULTILINE)
+SNIPPET = re.compile(r"^<!-- runs-on-cpu(?: exit=(\d+))? -->\n```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def _documents() -> list[Path]:
