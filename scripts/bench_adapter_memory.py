@@ -1,4 +1,4 @@
-"""Peak memory of full fine-tuning, LoRA and QLoRA on the CPU, for the README's adapter examples.
+"""Peak memory of full fine-tuning, LoRA and QLoRA on the CPU, for the adapter page's table (docs/adapters.md).
 
     python scripts/bench_adapter_memory.py
 

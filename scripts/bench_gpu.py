@@ -7,7 +7,7 @@ Every rung is a real run of the recipe (`set_up_run`, then `trainer.train()`) on
 synthetic conversations whose lengths follow the data-preparation benchmark's corpus (the Llama-3
 tokenizer, ChatML), with random weights made on the GPU. For each: trained (non-padding) tokens per second
 and MFU, both from the run's own logs after two warm-up steps (MFU counts the FLOPs each batch really
-computes: README, "Throughput"), hardware FLOPs utilisation where checkpointing recomputes, and peak
+computes: docs/training.md, "Throughput"), hardware FLOPs utilisation where checkpointing recomputes, and peak
 allocated memory. The ladder on the Llama-3.2-1B shape adds one lever at a time; then the Llama-3-8B shape
 in full fine-tuning and in QLoRA, the latter next to the plain transformers + peft path. It prints a
 Markdown table as it goes and stops starting rungs once `--budget` seconds are spent.

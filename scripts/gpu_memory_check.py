@@ -53,7 +53,7 @@ CASES: dict[str, dict[str, Any]] = {
 # embedding states for 8-bit optimizers against the same run (the embeddings trained in full, as then).
 CASES["8b-qlora-plain"] = {**CASES["8b-qlora"], "chunked_cross_entropy": False,
                            "lora_modules_to_save": ["embed_tokens", "lm_head"]}  # fmt: skip
-# The one-GPU targets of the README, each run in a process capped at the target card's memory
+# The one-GPU targets of docs/one-gpu.md, each run in a process capped at the target card's memory
 # (torch.cuda.set_per_process_memory_fraction), so that fitting is proven on a larger GPU.
 CASES["8b-qlora-8gib"] = {**CASES["8b-qlora"], "gradient_checkpointing": "offload", "cap_gib": 8}
 CASES["8b-qlora-16k"] = {**CASES["8b-qlora-8gib"], "sequence_len": 16384, "cap_gib": 24}

@@ -3,7 +3,7 @@
 
     python scripts/validate_examples.py AXOLOTL/examples [--families | --only 'llama-3|mistral'] [--all] [-v]
 
-`--families` keeps the model families of the README's count (FAMILIES below).
+`--families` keeps the model families of the count in docs/axolotl.md (FAMILIES below).
 
 By default only supervised fine-tuning configs of text models are counted: configs with `rl`, `reward_model`,
 `process_reward_model`, `pretraining_dataset`, `processor_type` (vision/audio), `qat`, `diffusion`, `ebft` or
@@ -68,7 +68,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--only", help="a regular expression the config's path must match (e.g. 'llama-3|mistral')")
-    parser.add_argument("--families", action="store_true", help="--only the families of the README's count")
+    parser.add_argument("--families", action="store_true", help="--only the families of the count in docs/axolotl.md")
     parser.add_argument("--all", action="store_true", help="count every config, not only text SFT ones")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every refusal in full")
     args = parser.parse_args()

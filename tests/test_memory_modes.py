@@ -1,6 +1,6 @@
 """Fitting more on one GPU: reserved tokens renamed instead of a larger vocabulary, checkpointing of every
 N-th layer, activation offloading, `auto` memory settings from the plan, and the plan's figures for the
-8B recipes the README quotes."""
+8B recipes docs/one-gpu.md quotes."""
 
 from __future__ import annotations
 

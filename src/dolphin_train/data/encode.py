@@ -1,4 +1,4 @@
-"""Canonical rows → token ids and labels, with the masking rule of the README's "Data" section.
+"""Canonical rows → token ids and labels, with the masking rule of docs/data.md (its "masking rule" section).
 
 Why our own code: the mask is where fine-tuning tools ship silent bugs. Each conversation is rendered
 once and tokenized once (batched, in Rust) with character offsets; a token is trained when its

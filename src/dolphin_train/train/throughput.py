@@ -3,7 +3,7 @@ model FLOPs utilisation (MFU) and, where checkpointing recomputes, hardware FLOP
 the console and in wandb alike. The Trainer counts each micro-batch's FLOPs before running it and adds
 these figures to each training log itself (`DolphinTrainer.log`), before any callback reads the log.
 
-FLOPs are counted from what each batch really holds (README, "Throughput"):
+FLOPs are counted from what each batch really holds (docs/training.md, "Throughput"):
 - dense: 6 per trained parameter and 4 per frozen one (forward, and the gradient of the activations;
   weight gradients only for trained weights), per non-padding token; the input embedding is a lookup;
 - attention: each conversation of n tokens attends causally, n²/2 query-key pairs per layer, 4·d FLOPs
