@@ -659,7 +659,8 @@ class Config(_Strict):
         False,
         "Run each LoRA-adapted gated MLP (Llama, Mistral, Qwen, Gemma) as one fused function that keeps half the "
         "activations the plain one keeps for the backward pass (same values and gradients; checked against the "
-        "model's own MLP before training). Needs `lora_dropout: 0`.",
+        "model's own MLP before training). Needs `lora_dropout: 0`. Where Liger's kernels apply, it runs in place "
+        "of Liger's SwiGLU/GeGLU (Liger's other kernels still apply).",
         "model",
     )
     lora_qkv_kernel: bool = key(
@@ -1476,6 +1477,9 @@ class Config(_Strict):
             problems.append(f"{kernels}: the fused functions apply no dropout: set lora_dropout: 0")
         if self.load_in_8bit:
             problems.append(f"{kernels}: not for 8-bit base weights; use load_in_4bit (adapter: qlora) or neither")
+        if self.lora_mlp_kernel and self.liger_kernel_config.get("swiglu"):
+            problems.append("lora_mlp_kernel: true and liger_glu_activation: true (or flash_attn_fuse_mlp) both "
+                            "replace the gated MLP's forward, and only one can run: keep one")  # fmt: skip
         if self.deepspeed or self.fsdp:
             problems.append(f"{kernels} with deepspeed/fsdp: not supported yet (the fused MLP reads its "
                             "projections' weights without calling them, where sharding gathers them)")  # fmt: skip

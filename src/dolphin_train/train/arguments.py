@@ -12,6 +12,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError, EnvironmentProblem
+from dolphin_train.model.kernel_choice import liger_mlp_settings, mlp_forward, use_liger
 from dolphin_train.train.environment import deepspeed_on_cpu
 from dolphin_train.train.schedule import TrainingSchedule
 
@@ -57,12 +58,13 @@ def report_to(cfg: Config) -> list[str] | str:
 
 
 def liger_settings(cfg: Config, runtime: RuntimeSettings, head_has_token_rows: bool = False) -> dict[str, bool] | None:
-    """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's fused
+    """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's MLP kernel
+    only where `mlp_forward` chose it (the fused LoRA MLP wins: model/kernel_choice.py). Liger's fused
     output head + loss reads the head's own weight, which lacks the trained rows of added tokens
     (`head_has_token_rows`): the chunked loss, which applies them, takes its place then."""
     if not use_liger(cfg, runtime):
         return None
-    settings = dict(cfg.liger_kernel_config)
+    settings = {**cfg.liger_kernel_config, **liger_mlp_settings(mlp_forward(cfg, runtime))}
     if head_has_token_rows:
         settings["fused_linear_cross_entropy"] = False
     return settings
@@ -70,13 +72,6 @@ def liger_settings(cfg: Config, runtime: RuntimeSettings, head_has_token_rows: b
 
 def liger_fuses_loss(settings: dict[str, bool] | None) -> bool:
     return settings is not None and settings.get("fused_linear_cross_entropy", True)
-
-
-def use_liger(cfg: Config, runtime: RuntimeSettings) -> bool:
-    """Liger's kernels where `liger_kernel` allows them and liger-kernel is installed on CUDA (applied by
-    transformers' `use_liger_kernel`); its fused linear cross-entropy never materialises the full logits
-    either. The `liger_*` keys (axolotl's LigerPlugin settings) pick the kernels."""
-    return cfg.liger_kernel and runtime.liger
 
 
 def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:

@@ -1,0 +1,147 @@
+"""The training-side code written for a GPU, run on the CPU through stand-ins: Liger beside the fused LoRA MLP
+(issue 22, D5), fp16 with the optimizer step in the backward pass (D6), the throughput meter without a device
+synchronisation per micro batch, the peak memory measured from the start of training, compiled layers under
+inductor with the shapes packing produces, the Trainer's activation offloading and the compiled in-backward
+optimizer step.
+
+The CUDA-only branches of src/ (found by `torch.cuda`, `device.type == "cuda"`, `runtime.device`, `is_available`)
+outside attention, each with the CPU test that runs the same code, or why none can:
+
+- Liger's kernels (`use_liger`, model/kernel_choice.py; the Trainer applies them at `train()`): a stand-in
+  liger_kernel package that patches as Liger 0.8 does, `test_liger_leaves_the_fused_lora_mlp_in_place`;
+  `plan` with Liger installed: `test_the_plan_counts_the_mlp_that_runs_under_liger`.
+- MFU/HFU throughput figures (recipe `_throughput_meter`, CUDA + bf16): the meter on meta tensors, whose values
+  no code can read, `test_counting_a_micro_batch_reads_no_value_from_the_device`.
+- the peak memory reset when training starts (`PeakMemoryFromTrainingStart`, CUDA only):
+  `test_peak_memory_is_measured_from_the_first_training_step` (a recording reset).
+- `torch_compile: auto` (on on CUDA) under inductor with packing's dynamic shapes:
+  `test_inductor_compiled_layers_on_packed_rows_of_changing_length`.
+- activation offloading (`checkpointing_kwargs` offloads on CUDA only): the Trainer's path with the pinned
+  copy replaced by an unpinned one, `test_the_trainer_offloads_the_checkpointed_layer_inputs`.
+- the compiled in-backward optimizer step (torchao's, `eager=False` off the CPU):
+  `test_the_compiled_in_backward_step_gives_the_eager_updates`.
+- fp16 mixed precision (`fp16: true` needs CUDA; the GradScaler): refused with `optimizer_in_backward`
+  (`test_fp16_with_optimizer_in_backward_is_refused`); the scaler itself: scripts/gpu_check.sh.
+- float8 training (torchao, capability 8.9+): emulated in tests/test_compile.py; the kernels: scripts/gpu_check.sh.
+- `liger_rms_norm_gated` (compiled on CUDA only): tests/test_gemma4.py passes a CPU backend to the same function.
+- `warn_if_memory_short` (before the model loads on CUDA): tests/test_plan.py, with a 64 MiB stand-in GPU.
+- NCCL collectives (FSDP, DeepSpeed, `Float8ScalesForFsdp`, the throughput all-reduce): the same code over gloo in
+  tests/test_fsdp.py and tests/test_deepspeed.py; NCCL itself has no stand-in.
+- No stand-in can run a Triton or CUDA kernel (Liger's, flash-attn's, bitsandbytes' CUDA 4-bit layout), pinned
+  memory or `torch.cuda.max_memory_allocated`: scripts/gpu_check.sh runs them, results in BENCHMARKS.md.
+
+The attention kernels (flash-attn, PyTorch's varlen attention) are in tests/test_gpu_paths_on_cpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import inspect
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from dolphin_train.config.load import validate_mapping
+from dolphin_train.config.resolve import RuntimeSettings
+
+LORA = {"adapter": "lora", "lora_target_linear": True, "lora_dropout": 0.0}
+CPU = RuntimeSettings("cpu", False, False, False, "sdpa", "", 1, "single process")
+GPU_WITH_LIGER = RuntimeSettings("cuda", False, False, False, "sdpa", "", 1, "single process", liger=True)
+
+
+# ---- D5: Liger and the fused LoRA MLP -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stand_in_liger(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A `liger_kernel` package that patches a model instance as Liger 0.8 does (read from its source): the
+    kernel choice passed as keyword arguments, kept where the model type's apply function takes them, and each
+    decoder layer's MLP given Liger's SwiGLU forward bound on the instance (`module.__dict__["forward"]`),
+    which wins over any class. Its SwiGLU computes in plain PyTorch and records that it ran."""
+    ran: list[str] = []
+
+    def swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        ran.append("liger swiglu")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def apply_to_llama(rope: bool = True, cross_entropy: bool = False, fused_linear_cross_entropy: bool = True,
+                       rms_norm: bool = True, swiglu: bool = True, model: Any = None) -> None:  # fmt: skip
+        base = getattr(model, model.base_model_prefix, model)
+        for layer in base.layers:
+            if swiglu:
+                layer.mlp.__dict__["forward"] = swiglu_forward.__get__(layer.mlp, type(layer.mlp))
+
+    def apply_to_instance(model: Any, **kwargs: Any) -> None:
+        apply = {"llama": apply_to_llama}[model.config.model_type]
+        apply(model=model, **{k: v for k, v in kwargs.items() if k in inspect.signature(apply).parameters})
+
+    package = types.ModuleType("liger_kernel")
+    package.__version__, package.__file__, package.__path__ = "0.8.5", "<stand-in>", []
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
+    submodule = types.ModuleType("liger_kernel.transformers")
+    submodule.__spec__ = importlib.machinery.ModuleSpec("liger_kernel.transformers", None)
+    submodule._apply_liger_kernel_to_instance = apply_to_instance
+    package.transformers = submodule
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", submodule)
+    return ran
+
+
+def _model_as_training_builds_it(cfg: Any) -> Any:
+    from dolphin_train.model.load import load_model
+    from dolphin_train.model.tokenizer import load_tokenizer
+
+    return load_model(cfg, CPU, load_tokenizer(cfg))
+
+
+def test_liger_leaves_the_fused_lora_mlp_in_place(tmp_path: Path, stand_in_liger: list[str]) -> None:
+    """`lora_mlp_kernel: true` with Liger on (its default on CUDA): the model set-up swaps in the fused MLP,
+    then the Trainer applies Liger at the start of `train()` with the settings `liger_settings` chose (as
+    `apply_liger_kernel` here). The fused MLP must be what runs: Liger's RMSNorm, RoPE and loss still apply,
+    its SwiGLU does not."""
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from dolphin_train.train.arguments import liger_settings
+
+    cfg = validate_mapping(tiny_config(tmp_path, **LORA, lora_mlp_kernel=True))
+    model = _model_as_training_builds_it(cfg)
+    settings = liger_settings(cfg, GPU_WITH_LIGER)
+    assert settings is not None  # Liger is applied: its other kernels still run
+    apply_liger_kernel(model, settings)
+    outputs: list[str] = []
+    mlps = [layer.mlp for layer in model.base_model.model.model.layers]
+    for mlp in mlps:
+        mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    assert stand_in_liger == []
+    assert outputs == ["FusedLoRAGatedMLPBackward"] * len(mlps)
+
+
+def test_liger_mlp_and_the_fused_lora_mlp_both_asked_for_is_refused(tmp_path: Path) -> None:
+    from dolphin_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora_mlp_kernel: true and liger_glu_activation: true"):
+        validate_mapping(tiny_config(tmp_path, **LORA, lora_mlp_kernel=True, liger_glu_activation=True))
+
+
+def test_the_plan_counts_the_mlp_that_runs_under_liger(tmp_path: Path, stand_in_liger: list[str]) -> None:
+    """Planned for a GPU with Liger installed: with `lora_mlp_kernel` the fused MLP runs and is counted, as
+    without Liger; without it Liger's SwiGLU runs (it keeps the gate and up projections, the plain MLP also
+    their activation) and is counted, between the two."""
+    from dolphin_train.plan.report import make_plan, parse_memory
+
+    def activations(**keys: Any) -> int:
+        raw = tiny_config(tmp_path, **LORA, **keys)
+        return make_plan(validate_mapping(raw), gpus=1, gpu_memory=parse_memory("80GB")).memory.activations
+
+    fused, fused_without_liger = activations(lora_mlp_kernel=True), activations(lora_mlp_kernel=True,
+                                                                                liger_kernel=False)  # fmt: skip
+    liger, plain = activations(), activations(liger_kernel=False)
+    assert fused == fused_without_liger
+    assert fused < liger < plain
