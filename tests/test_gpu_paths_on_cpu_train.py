@@ -145,3 +145,19 @@ def test_the_plan_counts_the_mlp_that_runs_under_liger(tmp_path: Path, stand_in_
     liger, plain = activations(), activations(liger_kernel=False)
     assert fused == fused_without_liger
     assert fused < liger < plain
+
+
+# ---- D6: fp16 and the optimizer step in the backward pass -----------------------------------------------------
+
+
+def test_fp16_with_optimizer_in_backward_is_refused(tmp_path: Path) -> None:
+    """fp16 mixed precision scales the loss (the Trainer's GradScaler) and unscales the gradients and skips a step
+    with inf/NaN gradients in `optimizer.step()`; the in-backward updates happen before that, on scaled
+    gradients with no check. Refused at load (exit 2), naming both keys."""
+    from dolphin_train.errors import ConfigError
+
+    raw = tiny_config(tmp_path, optimizer_in_backward=True, max_grad_norm=0.0, bf16=False, fp16=True)
+    with pytest.raises(ConfigError, match="fp16: true with optimizer_in_backward") as refused:
+        validate_mapping(raw)
+    assert refused.value.exit_code == 2
+    validate_mapping({**raw, "fp16": False})  # bf16 or float32: the gradients are the true ones

@@ -882,7 +882,8 @@ class Config(_Strict):
         "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "
         "gradient at once: full gradients are never held (for full fine-tuning on one GPU, with `bfloat16: "
         "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
-        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
+        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`, and not `fp16` (whose loss scaling is undone only "
+        f"at the usual step); optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
     )
     lisa_n_layers: int | None = key(
         None,
@@ -1677,6 +1678,10 @@ class Config(_Strict):
                 problems.append(f"{why}, before the global gradient norm is known: set max_grad_norm: 0")
             if self.deepspeed or self.fsdp:
                 problems.append(f"{why}: it is a single-GPU mode; remove deepspeed/fsdp")
+            if self.fp16:
+                problems.append(f"fp16: true with optimizer_in_backward: fp16 scales the loss and unscales (and checks "
+                                f"for inf) only at the optimizer step, but {why}, from the scaled gradient: use bf16 "
+                                "(or float16, which scales nothing)")  # fmt: skip
             if self.optimizer not in IN_BACKWARD_OPTIMIZERS:
                 problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
                                 f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip
