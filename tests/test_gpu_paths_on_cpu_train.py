@@ -161,3 +161,43 @@ def test_fp16_with_optimizer_in_backward_is_refused(tmp_path: Path) -> None:
         validate_mapping(raw)
     assert refused.value.exit_code == 2
     validate_mapping({**raw, "fp16": False})  # bf16 or float32: the gradients are the true ones
+
+
+# ---- the throughput meter: no device synchronisation per micro batch -----------------------------------------
+
+
+def _packed_batch() -> dict[str, torch.Tensor]:
+    """Two rows of 16: conversations of 5 and 9 tokens then 2 of padding (positions restart, no trained label);
+    one of 16."""
+    position_ids = torch.tensor([[*range(5), *range(9), 0, 1], list(range(16))])
+    labels = torch.full((2, 16), -100)
+    labels[0, 1:5] = labels[0, 6:14] = labels[1, 1:] = 7
+    return {"position_ids": position_ids, "labels": labels}
+
+
+def test_counting_a_micro_batch_reads_no_value_from_the_device() -> None:
+    """On CUDA the Trainer hands `training_step` the batch already on the GPU: reading any value there (`.cpu()`,
+    `.item()`, `int()`) waits for the GPU to finish the previous micro batch. Meta tensors stand in for such a
+    batch: they have no values, so any read fails. The counts are read once per log, and are the exact ones."""
+    from dolphin_train.train.throughput import ModelFlops, ThroughputMeter
+
+    flops = ModelFlops(trained=1000, frozen=200, layer_params=900, layers=2, attention_width=32, checkpointed_layers=2)
+    on_device = ThroughputMeter(flops, peak=1e12)
+    for _ in range(3):
+        on_device.count_batch({k: v.to("meta") for k, v in _packed_batch().items()})
+    meter = ThroughputMeter(flops, peak=1e12)
+    for _ in range(3):
+        meter.count_batch(_packed_batch())
+    assert meter.counted_since_last_log() == (3 * (5 + 9 + 16), 3 * (25 + 81 + 256))
+    assert meter.counted_since_last_log() == (0, 0)  # read at a log, and counted afresh after it
+
+
+def test_transformers_does_not_count_tokens_each_micro_batch(tmp_path: Path) -> None:
+    """transformers' `include_num_input_tokens_seen` calls `.item()` on every micro batch's count; the meter
+    counts them instead."""
+    from dolphin_train.train.arguments import build_training_arguments
+    from dolphin_train.train.schedule import compute_schedule
+
+    cfg = validate_mapping(tiny_config(tmp_path))
+    args = build_training_arguments(cfg, CPU, compute_schedule(cfg, 100, 1, has_eval=False))
+    assert args.include_num_input_tokens_seen == "no"

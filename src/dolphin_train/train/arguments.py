@@ -186,7 +186,9 @@ def build_training_arguments(
         remove_unused_columns=False,
         # The loss is the mean over every trainable token of the global batch, on any number of processes.
         average_tokens_across_devices=True,
-        include_num_input_tokens_seen="non_padding",
+        # Tokens are counted by our throughput meter, read once per log: transformers' count reads each micro
+        # batch's back from the GPU, a wait for the device every micro batch.
+        include_num_input_tokens_seen="no",
         # Only the loss is needed from evaluation; gathering logits would cost tokens x vocabulary memory.
         prediction_loss_only=True,
         # Log the loss as it is: the default filter replaces NaN/inf by an average and hides divergence.
