@@ -201,3 +201,30 @@ def test_transformers_does_not_count_tokens_each_micro_batch(tmp_path: Path) -> 
     cfg = validate_mapping(tiny_config(tmp_path))
     args = build_training_arguments(cfg, CPU, compute_schedule(cfg, 100, 1, has_eval=False))
     assert args.include_num_input_tokens_seen == "no"
+
+
+# ---- peak memory: training's own, not the set-up's -------------------------------------------------------------
+
+
+def test_peak_memory_is_measured_from_the_first_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`peak_memory_mb` is the CUDA allocator's peak; the set-up (loading, LoftQ's SVDs, quantisation) peaks
+    higher than training can, so the peak is reset when training begins: once, after the model and the
+    Trainer's own set-up, before the first step."""
+    from dolphin_train.recipe import set_up_run
+
+    run = set_up_run(validate_mapping(tiny_config(tmp_path, max_steps=2, micro_batch_size=2)))
+    resets: list[int] = []
+    monkeypatch.setattr("dolphin_train.train.outputs.reset_peak_memory",
+                        lambda device: resets.append(run.trainer.state.global_step))  # fmt: skip
+    run.trainer.train()
+    assert resets == [0] and run.trainer.state.global_step == 2
+
+
+def test_the_peak_reset_is_cuda_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dolphin_train.train.outputs import reset_peak_memory
+
+    reset: list[str] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: reset.append(str(device)))
+    reset_peak_memory(torch.device("cpu"))  # the process's resident high-water mark cannot be reset
+    reset_peak_memory(torch.device("cuda", 0))
+    assert reset == ["cuda:0"]
