@@ -228,3 +228,61 @@ def test_the_peak_reset_is_cuda_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
     reset_peak_memory(torch.device("cpu"))  # the process's resident high-water mark cannot be reset
     reset_peak_memory(torch.device("cuda", 0))
     assert reset == ["cuda:0"]
+
+
+# ---- compiled layers under inductor, with the shapes packing produces ------------------------------------------
+
+
+def _packed_rows(length: int, seed: int) -> list[dict[str, list[int]]]:
+    """Two rows of conversations of random lengths, the longer `length` tokens: as packing without
+    `pad_to_sequence_len` gives them (the collator pads to the longest row, a multiple of 8)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for total in (length, max(1, length - rng.randint(1, 7))):
+        cut = sorted(rng.sample(range(1, total), min(2, total - 1)))
+        conversations = [b - a for a, b in zip([0, *cut], [*cut, total], strict=True)]
+        ids = [rng.randint(3, 2000) for _ in range(total)]
+        rows.append({"input_ids": ids, "labels": ids, "position_ids": [p for n in conversations for p in range(n)]})
+    return rows
+
+
+@pytest.mark.slow
+def test_inductor_compiled_layers_on_packed_rows_of_changing_length(tmp_path: Path) -> None:
+    """`torch_compile` as a GPU run has it (`auto` there): inductor, which generates code (C++ on the CPU, Triton
+    on CUDA), each decoder layer compiled by `compile_layers` with its lengths marked dynamic. 20 micro batches
+    of packed rows, each of another length, train through one compiled graph (shared by all the layers): no
+    recompilation, and the eager model's loss and gradients."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from dolphin_train.model.load import compile_layers
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.train.collator import ChatCollator
+
+    cfg = validate_mapping(tiny_config(tmp_path, sample_packing=True, torch_compile=True,
+                                       torch_compile_backend="inductor"))  # fmt: skip
+    tok = load_tokenizer(cfg)
+    model = _model_as_training_builds_it(cfg).train()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model, cfg, CPU)
+    collate = ChatCollator(tok.tokenizer.pad_token_id)
+    lengths = [8 * k for k in (11, 5, 13, 2, 20, 7, 16, 3, 9, 18, 1, 14, 6, 19, 10, 4, 17, 12, 8, 15)]
+    for i, length in enumerate(lengths):
+        batch = collate(_packed_rows(length, seed=i))
+        assert batch["input_ids"].shape[1] == length
+        loss = model(**batch).loss
+        loss.backward()
+        if i < 2:  # the compiled layers compute what the eager ones do
+            reference = eager(**batch).loss
+            reference.backward()
+            assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+            for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
+                if p.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph: no recompilation
+    assert counters["frames"]["total"] == 1 and not counters["recompiles"]
