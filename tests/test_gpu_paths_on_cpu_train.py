@@ -286,3 +286,53 @@ def test_inductor_compiled_layers_on_packed_rows_of_changing_length(tmp_path: Pa
                     torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph: no recompilation
     assert counters["frames"]["total"] == 1 and not counters["recompiles"]
+
+
+# ---- activation offloading through the Trainer ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_trainer_offloads_the_checkpointed_layer_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`activation_offloading: true` asks transformers to keep each checkpointed layer's saved input in pinned
+    host memory (`offload` in the checkpointing options: on CUDA only, where there is a device to offload
+    from). Here the arguments a GPU run builds drive the Trainer on the CPU; the one CUDA part, pinning, is
+    replaced by a plain host copy that records what it holds. Every checkpointed layer's input goes through it,
+    and training gives exactly the losses of the run that keeps them in place."""
+    from dataclasses import replace
+
+    from torch.autograd.graph import save_on_cpu
+
+    from dolphin_train.recipe import set_up_run
+    from dolphin_train.train.arguments import build_training_arguments, checkpointing_kwargs
+    from dolphin_train.train.trainer import DolphinTrainer
+
+    offloaded: list[torch.Size] = []
+
+    class HostCopy(save_on_cpu):
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+            super().__init__(pin_memory=False, device_type=device_type)  # no pinned memory without a GPU
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: (offloaded.append(tensor.shape), pack(tensor))[1]
+
+    monkeypatch.setattr("transformers.modeling_utils.save_on_cpu", HostCopy)
+    keys = {"max_steps": 3, "micro_batch_size": 2, "sample_packing": True, "sequence_len": 256,
+            "gradient_checkpointing": True}  # fmt: skip
+
+    def losses(trainer: Any) -> list[float]:
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    in_place = set_up_run(validate_mapping(tiny_config(tmp_path / "in_place", **keys)))
+    expected = losses(in_place.trainer)
+    assert offloaded == []
+
+    cfg = validate_mapping(tiny_config(tmp_path / "offloaded", **keys, activation_offloading=True))
+    run = set_up_run(cfg)
+    gpu = replace(run.runtime, device="cuda")
+    assert checkpointing_kwargs(cfg, run.runtime) == {} and checkpointing_kwargs(cfg, gpu) == {"offload": True}
+    args = build_training_arguments(cfg, gpu, run.schedule)
+    trainer = DolphinTrainer(model=run.trainer.model, args=args, train_dataset=run.rows.train,
+                             data_collator=run.trainer.data_collator)  # fmt: skip
+    assert losses(trainer) == expected
+    layers, hidden = run.trainer.model.config.num_hidden_layers, run.trainer.model.config.hidden_size
+    assert len(offloaded) >= 3 * layers and all(shape[-1] == hidden for shape in offloaded)
