@@ -336,3 +336,41 @@ def test_the_trainer_offloads_the_checkpointed_layer_inputs(tmp_path: Path, monk
     assert losses(trainer) == expected
     layers, hidden = run.trainer.model.config.num_hidden_layers, run.trainer.model.config.hidden_size
     assert len(offloaded) >= 3 * layers and all(shape[-1] == hidden for shape in offloaded)
+
+
+# ---- the optimizer step in the backward pass, compiled as on a GPU ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_compiled_in_backward_step_gives_the_eager_updates() -> None:
+    """On a GPU each parameter's torchao 8-bit AdamW update is compiled (inductor); on the CPU the Trainer runs it
+    eagerly (`eager=True`: compiling costs more than it saves there). The compiled path, run here on the CPU,
+    gives the eager updates: the weights after three steps, and no gradient left behind. The weight is large
+    enough for 8-bit state (4096 values or more), the bias keeps float32 state."""
+    from dolphin_train.train.in_backward import OptimizerInBackward, parameter_optimizer
+
+    def trained(eager: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 128)
+        make = parameter_optimizer("adamw_torch_8bit", 1e-2, (0.9, 0.999), 1e-8)
+        optimizer = OptimizerInBackward(layer.named_parameters(), make, 1e-2, 0.1, {"weight"}, eager=eager)
+        inputs = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
+        for x in inputs:
+            layer(x).square().mean().backward()  # each parameter updated as its gradient completes
+            assert all(p.grad is None for p in layer.parameters())
+        optimizer.remove_hooks()
+        return {n: p.detach().clone() for n, p in layer.named_parameters()}
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = trained(eager=True)
+    assert not counters["stats"]["unique_graphs"]
+    compiled = trained(eager=False)
+    assert counters["stats"]["unique_graphs"] == 2  # the 8-bit state's update and the float32 one
+    for name, weight in eager.items():
+        torch.testing.assert_close(compiled[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(64, 128).weight.detach()
+    assert not torch.equal(compiled["weight"], start)  # it trained
