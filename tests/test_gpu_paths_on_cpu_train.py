@@ -4,31 +4,43 @@ synchronisation per micro batch, the peak memory measured from the start of trai
 inductor with the shapes packing produces, the Trainer's activation offloading and the compiled in-backward
 optimizer step.
 
-The CUDA-only branches of src/ (found by `torch.cuda`, `device.type == "cuda"`, `runtime.device`, `is_available`)
-outside attention, each with the CPU test that runs the same code, or why none can:
+The CUDA-only branches of src/ outside attention (found by grepping for `torch.cuda`, `is_available()`,
+`device == "cuda"`, `device.type`, `"nccl"`, `pin_memory`), each with the CPU test that runs the same code, or
+why none can (scripts/gpu_check.sh runs those; tests/test_gpu_train_paths.py and tests/test_gpu.py):
 
 - Liger's kernels (`use_liger`, model/kernel_choice.py; the Trainer applies them at `train()`): a stand-in
   liger_kernel package that patches as Liger 0.8 does, `test_liger_leaves_the_fused_lora_mlp_in_place`;
-  `plan` with Liger installed: `test_the_plan_counts_the_mlp_that_runs_under_liger`.
-- MFU/HFU throughput figures (recipe `_throughput_meter`, CUDA + bf16): the meter on meta tensors, whose values
-  no code can read, `test_counting_a_micro_batch_reads_no_value_from_the_device`.
-- the peak memory reset when training starts (`PeakMemoryFromTrainingStart`, CUDA only):
-  `test_peak_memory_is_measured_from_the_first_training_step` (a recording reset).
-- `torch_compile: auto` (on on CUDA) under inductor with packing's dynamic shapes:
-  `test_inductor_compiled_layers_on_packed_rows_of_changing_length`.
-- activation offloading (`checkpointing_kwargs` offloads on CUDA only): the Trainer's path with the pinned
-  copy replaced by an unpinned one, `test_the_trainer_offloads_the_checkpointed_layer_inputs`.
-- the compiled in-backward optimizer step (torchao's, `eager=False` off the CPU):
+  `plan` with Liger installed: `test_the_plan_counts_the_mlp_that_runs_under_liger`. Liger's Triton kernels
+  themselves: no stand-in.
+- the throughput meter's counting (`count_batch` on batches already on the GPU; recipe `_throughput_meter` adds
+  MFU on CUDA + bf16): meta tensors, whose values cannot be read,
+  `test_counting_a_micro_batch_reads_no_value_from_the_device`; MFU's arithmetic: tests/test_throughput.py.
+- the peak memory reset when training begins (outputs `reset_peak_memory`, CUDA only): the callback's place in
+  a training run, `test_peak_memory_is_measured_from_the_first_training_step`, and its CUDA call with a
+  recording stand-in, `test_the_peak_reset_is_cuda_s_own`; `torch.cuda.max_memory_allocated`: no stand-in.
+- `torch_compile` (`auto`: on on CUDA) with inductor and packing's dynamic shapes:
+  `test_inductor_compiled_layers_on_packed_rows_of_changing_length` (C++ code on the CPU; Triton: no stand-in).
+- activation offloading (arguments `checkpointing_kwargs` offloads on CUDA only), and the other CUDA-only
+  TrainingArguments (`dataloader_pin_memory`, `tf32`): the arguments a GPU run builds drive the Trainer in
+  `test_the_trainer_offloads_the_checkpointed_layer_inputs`, pinning replaced by a plain host copy.
+- the in-backward optimizer step compiled (trainer `eager=self.args.device.type == "cpu"`):
   `test_the_compiled_in_backward_step_gives_the_eager_updates`.
-- fp16 mixed precision (`fp16: true` needs CUDA; the GradScaler): refused with `optimizer_in_backward`
-  (`test_fp16_with_optimizer_in_backward_is_refused`); the scaler itself: scripts/gpu_check.sh.
-- float8 training (torchao, capability 8.9+): emulated in tests/test_compile.py; the kernels: scripts/gpu_check.sh.
-- `liger_rms_norm_gated` (compiled on CUDA only): tests/test_gemma4.py passes a CPU backend to the same function.
-- `warn_if_memory_short` (before the model loads on CUDA): tests/test_plan.py, with a 64 MiB stand-in GPU.
-- NCCL collectives (FSDP, DeepSpeed, `Float8ScalesForFsdp`, the throughput all-reduce): the same code over gloo in
-  tests/test_fsdp.py and tests/test_deepspeed.py; NCCL itself has no stand-in.
-- No stand-in can run a Triton or CUDA kernel (Liger's, flash-attn's, bitsandbytes' CUDA 4-bit layout), pinned
-  memory or `torch.cuda.max_memory_allocated`: scripts/gpu_check.sh runs them, results in BENCHMARKS.md.
+- fp16 mixed precision (resolve: `fp16: true` needs CUDA; the Trainer's GradScaler): with
+  `optimizer_in_backward`, refused at load, `test_fp16_with_optimizer_in_backward_is_refused`; the scaler
+  itself: no stand-in.
+- float8 training (torchao, capability 8.9+): emulated in tests/test_compile.py; its kernels: no stand-in.
+- LoftQ's SVD on the GPU when there is one (model/loftq.py): the same function on the CPU, tests/test_loftq.py.
+- `liger_rms_norm_gated` (model/load.py, compiled on CUDA only): tests/test_gemma4.py passes a CPU backend.
+- what the machine can do (config/machine.py `Machine.detect`) and the settings resolved from it
+  (config/resolve.py): `Machine` stand-ins for a GPU machine in tests/test_gemma4.py and tests/test_compile.py;
+  `plan`'s GPU arithmetic (plan/memory.py) runs anywhere, tests/test_plan.py; `warn_if_memory_short` and
+  `memory_budget` (recipe): tests/test_plan.py with a 64 MiB stand-in GPU.
+- NCCL (process_group.py's backend and `set_device`, the collectives of control.py and throughput.py, FSDP,
+  DeepSpeed, `Float8ScalesForFsdp`, Ray's GPU resources): the same code over gloo in tests/test_fsdp.py,
+  tests/test_deepspeed.py, tests/test_distributed_loss.py, tests/test_ray.py; NCCL itself: no stand-in.
+  peft's CUDA-only gather under ZeRO-3 (adapters `_zero3_without_cuda`): the CPU branch only.
+- bitsandbytes on CUDA (its CUDA 4-bit layout and kernels, read by model/quantised.py): no stand-in runs them;
+  the CPU layouts are read in the CPU tests of the fused LoRA functions and ReLoRA.
 
 The attention kernels (flash-attn, PyTorch's varlen attention) are in tests/test_gpu_paths_on_cpu.py.
 """
@@ -39,6 +51,7 @@ import importlib.machinery
 import inspect
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +72,7 @@ GPU_WITH_LIGER = RuntimeSettings("cuda", False, False, False, "sdpa", "", 1, "si
 
 
 @pytest.fixture
-def stand_in_liger(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def stand_in_liger(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """A `liger_kernel` package that patches a model instance as Liger 0.8 does (read from its source): the
     kernel choice passed as keyword arguments, kept where the model type's apply function takes them, and each
     decoder layer's MLP given Liger's SwiGLU forward bound on the instance (`module.__dict__["forward"]`),
@@ -90,7 +103,12 @@ def stand_in_liger(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     package.transformers = submodule
     monkeypatch.setitem(sys.modules, "liger_kernel", package)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", submodule)
-    return ran
+    from transformers.utils.import_utils import is_liger_kernel_available
+
+    is_liger_kernel_available.cache_clear()  # transformers remembers whether the package is there
+    yield ran
+    monkeypatch.undo()
+    is_liger_kernel_available.cache_clear()
 
 
 def _model_as_training_builds_it(cfg: Any) -> Any:
