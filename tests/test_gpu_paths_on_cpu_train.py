@@ -83,8 +83,19 @@ def stand_in_liger(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         ran.append("liger swiglu")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def fused_loss_forward(self: Any, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+        """Liger's fused output head + loss: it reads the head's weight (`lm_head.weight`), not its forward."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        ran.append("liger fused loss")
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        logits = F.linear(hidden, self.lm_head.weight).float()
+        return CausalLMOutputWithPast(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
+
     def apply_to_llama(rope: bool = True, cross_entropy: bool = False, fused_linear_cross_entropy: bool = True,
                        rms_norm: bool = True, swiglu: bool = True, model: Any = None) -> None:  # fmt: skip
+        if fused_linear_cross_entropy:
+            model.forward = types.MethodType(fused_loss_forward, model)
         base = getattr(model, model.base_model_prefix, model)
         for layer in base.layers:
             if swiglu:
@@ -136,16 +147,47 @@ def test_liger_leaves_the_fused_lora_mlp_in_place(tmp_path: Path, stand_in_liger
     mlps = [layer.mlp for layer in model.base_model.model.model.layers]
     for mlp in mlps:
         mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
-    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
-    assert stand_in_liger == []
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert stand_in_liger == ["liger fused loss"]  # Liger applied, but not its MLP
     assert outputs == ["FusedLoRAGatedMLPBackward"] * len(mlps)
 
 
-def test_liger_mlp_and_the_fused_lora_mlp_both_asked_for_is_refused(tmp_path: Path) -> None:
+def test_lora_on_the_output_head_trains_where_liger_applies(tmp_path: Path, stand_in_liger: list[str]) -> None:
+    """Liger's fused output head + loss computes the logits from `lm_head.weight`: with LoRA on the head
+    (`lm_head` in `lora_target_modules`) that is the frozen base weight, and the head's adapter would get no
+    gradient. Liger's other kernels still apply; its fused loss does not."""
+    from dataclasses import replace
+
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from dolphin_train.model.load import load_model
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.train.arguments import liger_settings
+
+    cfg = validate_mapping(tiny_config(tmp_path, adapter="lora", lora_dropout=0.0,
+                                       lora_target_modules=["q_proj", "v_proj", "lm_head"]))  # fmt: skip
+    # A tokenizer that has its template's tokens already (as Qwen's has ChatML's): none added, whose head rows
+    # peft could not train beside a LoRA-adapted head.
+    model = load_model(cfg, CPU, replace(load_tokenizer(cfg), new_token_ids=[]))
+    settings = liger_settings(cfg, GPU_WITH_LIGER)
+    assert settings is not None
+    apply_liger_kernel(model, settings)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    head = model.base_model.model.lm_head
+    assert head.lora_B["default"].weight.grad is not None and head.lora_B["default"].weight.grad.abs().sum() > 0
+    assert "liger fused loss" not in stand_in_liger
+
+
+def test_liger_kernels_that_cannot_run_as_asked_are_refused(tmp_path: Path) -> None:
     from dolphin_train.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lora_mlp_kernel: true and liger_glu_activation: true"):
         validate_mapping(tiny_config(tmp_path, **LORA, lora_mlp_kernel=True, liger_glu_activation=True))
+    with pytest.raises(ConfigError, match="liger_fused_linear_cross_entropy: true computes the logits from"):
+        validate_mapping(tiny_config(tmp_path, adapter="lora", lora_target_modules=["q_proj", "lm_head"],
+                                     liger_fused_linear_cross_entropy=True))  # fmt: skip
 
 
 def test_the_plan_counts_the_mlp_that_runs_under_liger(tmp_path: Path, stand_in_liger: list[str]) -> None:

@@ -581,7 +581,9 @@ class Config(_Strict):
     )
     liger_fused_linear_cross_entropy: bool | None = key(
         None,
-        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there).",
+        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there). It "
+        "reads the head's weight, not its forward: off where LoRA adapts `lm_head` or the head has trained rows of "
+        "added tokens.",
         "model",
     )
     resize_token_embeddings_to_32x: bool = key(
@@ -1359,6 +1361,10 @@ class Config(_Strict):
                 problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        if self.liger_fused_linear_cross_entropy and self.adapts_output_head:
+            problems.append("liger_fused_linear_cross_entropy: true computes the logits from the output head's "
+                            "own weight, without the LoRA adapter lora_target_modules puts on lm_head: remove "
+                            "one")  # fmt: skip
         problems += self._lisa_problems()
         problems += self._relora_problems()
         problems += self._schedule_problems() + self._packing_order_problems()

@@ -60,12 +60,13 @@ def report_to(cfg: Config) -> list[str] | str:
 def liger_settings(cfg: Config, runtime: RuntimeSettings, head_has_token_rows: bool = False) -> dict[str, bool] | None:
     """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's MLP kernel
     only where `mlp_forward` chose it (the fused LoRA MLP wins: model/kernel_choice.py). Liger's fused
-    output head + loss reads the head's own weight, which lacks the trained rows of added tokens
-    (`head_has_token_rows`): the chunked loss, which applies them, takes its place then."""
+    output head + loss reads the head's own weight (`lm_head.weight`), not its forward: that weight lacks the
+    trained rows of added tokens (`head_has_token_rows`: the chunked loss, which applies them, takes its place
+    then) and a LoRA adapter on the head (`adapts_output_head`: the plain loss, through the adapter)."""
     if not use_liger(cfg, runtime):
         return None
     settings = {**cfg.liger_kernel_config, **liger_mlp_settings(mlp_forward(cfg, runtime))}
-    if head_has_token_rows:
+    if head_has_token_rows or cfg.adapts_output_head:
         settings["fused_linear_cross_entropy"] = False
     return settings
 
