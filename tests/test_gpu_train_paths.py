@@ -101,6 +101,30 @@ def test_liger_with_and_without_the_fused_lora_mlp(tmp_path: Path, fused_mlp: bo
         assert _saved_bytes(lambda m, t: m(t), stand_in.base_model.model.model.layers[0].mlp, x) == kept
 
 
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_lora_on_the_output_head_trains_under_liger(tmp_path: Path) -> None:
+    """Liger's fused loss reads `lm_head.weight`: with LoRA on the head it is turned off, and the head's adapter
+    gets its gradient."""
+    from dataclasses import replace
+
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.load import load_model
+    from dolphin_train.model.tokenizer import load_tokenizer
+    from dolphin_train.train.arguments import liger_settings
+
+    cfg = validate_mapping(tiny_config(tmp_path, adapter="lora", lora_dropout=0.0, bf16=True,
+                                       lora_target_modules=["q_proj", "v_proj", "lm_head"]))  # fmt: skip
+    runtime = resolve_runtime(cfg)
+    model = load_model(cfg, runtime, replace(load_tokenizer(cfg), new_token_ids=[])).to("cuda").train()
+    apply_liger_kernel(model, liger_settings(cfg, runtime))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**_batch()).loss.backward()
+    grad = model.base_model.model.lm_head.lora_B["default"].weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
 def test_compiled_layers_on_packed_rows_of_changing_length(tmp_path: Path) -> None:
     """Inductor generating Triton kernels, lengths marked dynamic: 20 micro batches, each of another length,
     through one graph, with the eager loss."""
