@@ -1,8 +1,8 @@
 """The training-side code written for a GPU, run on the CPU through stand-ins: Liger beside the fused LoRA MLP
-(issue 22, D5), fp16 with the optimizer step in the backward pass (D6), the throughput meter without a device
-synchronisation per micro batch, the peak memory measured from the start of training, compiled layers under
-inductor with the shapes packing produces, the Trainer's activation offloading and the compiled in-backward
-optimizer step.
+(issue 22, D5) and beside LoRA on the output head, fp16 with the optimizer step in the backward pass (D6), the
+throughput meter without a device synchronisation per micro batch, the peak memory measured from the start of
+training, compiled layers under inductor with the shapes packing produces, the Trainer's activation offloading
+and the compiled in-backward optimizer step.
 
 The CUDA-only branches of src/ outside attention (found by grepping for `torch.cuda`, `is_available()`,
 `device == "cuda"`, `device.type`, `"nccl"`, `pin_memory`), each with the CPU test that runs the same code, or
@@ -10,8 +10,8 @@ why none can (scripts/gpu_check.sh runs those; tests/test_gpu_train_paths.py and
 
 - Liger's kernels (`use_liger`, model/kernel_choice.py; the Trainer applies them at `train()`): a stand-in
   liger_kernel package that patches as Liger 0.8 does, `test_liger_leaves_the_fused_lora_mlp_in_place`;
-  `plan` with Liger installed: `test_the_plan_counts_the_mlp_that_runs_under_liger`. Liger's Triton kernels
-  themselves: no stand-in.
+  `plan` with Liger installed: `test_the_plan_counts_the_mlp_that_runs_under_liger`; its fused loss beside LoRA
+  on the head: `test_lora_on_the_output_head_trains_where_liger_applies`. Liger's Triton kernels: no stand-in.
 - the throughput meter's counting (`count_batch` on batches already on the GPU; recipe `_throughput_meter` adds
   MFU on CUDA + bf16): meta tensors, whose values cannot be read,
   `test_counting_a_micro_batch_reads_no_value_from_the_device`; MFU's arithmetic: tests/test_throughput.py.
