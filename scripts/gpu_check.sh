@@ -3,7 +3,11 @@
 #   bash scripts/gpu_check.sh            (carry .whl, made here by scripts/gpu_wheels.sh)
 # 1. installs what the machine's image lacks from the wheels in .whl/;
 # 2. the GPU tests: attention backends against each conversation alone, the chunked loss under autocast,
-#    activation offloading and Liger against the plain path, float8's loss curve against bf16;
+#    activation offloading and Liger against the plain path, float8's loss curve against bf16
+#    (tests/test_gpu.py); Liger with and without the fused LoRA MLP (which MLP runs, and the activations it
+#    keeps against what the plan counts), compiled layers (inductor/Triton) over 20 lengths without a
+#    recompilation, the compiled in-backward optimizer step, the throughput meter under CUDA's sync debug
+#    mode, the peak memory from the start of training (tests/test_gpu_train_paths.py);
 # 3. the memory plan against real `dolphin-train train` runs, the one-GPU targets each in a process capped
 #    at the target card's memory (GPU_MEMORY_CASES picks them, see scripts/gpu_memory_check.py);
 # 4. the throughput ladder (scripts/bench_gpu.py: each lever's share on the Llama-3.2-1B shape, then 8B);
@@ -35,11 +39,12 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
-stage tests "${GPU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-stage memory "${GPU_MEMORY_S:-180}" python3 scripts/gpu_memory_check.py \
+stage tests "${GPU_TESTS_S:-160}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+  tests/test_gpu_train_paths.py
+stage memory "${GPU_MEMORY_S:-160}" python3 scripts/gpu_memory_check.py \
   --cases "${GPU_MEMORY_CASES:-8b-qlora-8gib,8b-full-1gpu,8b-qlora-16k}" --out "$OUT/memory.json" --timeout 120
 tar czf "$OUT/train_logs.tgz" /tmp/dolphin-memory-check/*/train.log 2>/dev/null
-stage bench "${GPU_BENCH_S:-150}" python3 scripts/bench_gpu.py --steps 6 --budget "${GPU_BENCH_BUDGET_S:-105}" \
+stage bench "${GPU_BENCH_S:-110}" python3 scripts/bench_gpu.py --steps 6 --budget "${GPU_BENCH_BUDGET_S:-70}" \
   --root /tmp/dolphin-memory-check --out "$OUT/bench.json"
 stage lora_kernels "${GPU_KERNELS_S:-40}" python3 scripts/bench_lora_kernels.py --tokens 4096 --qlora
 echo "== summary"

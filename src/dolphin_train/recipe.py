@@ -94,7 +94,7 @@ def make_trainer(
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
     from dolphin_train.train.collator import ChatCollator
     from dolphin_train.train.generation_eval import GenerationEval, require_metric_packages
-    from dolphin_train.train.outputs import KeepLoftQBase
+    from dolphin_train.train.outputs import KeepLoftQBase, PeakMemoryFromTrainingStart
     from dolphin_train.train.schedule import jagged_restarts
     from dolphin_train.train.trainer import DolphinTrainer
 
@@ -131,6 +131,7 @@ def make_trainer(
         lr_schedule=_cosine_then_constant(cfg, schedule),
     )
     _use_our_console(trainer)
+    trainer.add_callback(PeakMemoryFromTrainingStart())
     if cfg.llmcompressor:
         from dolphin_train.train.sparsity import KeepZeros
 

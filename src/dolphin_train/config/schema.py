@@ -581,7 +581,9 @@ class Config(_Strict):
     )
     liger_fused_linear_cross_entropy: bool | None = key(
         None,
-        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there).",
+        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there). It "
+        "reads the head's weight, not its forward: off where LoRA adapts `lm_head` or the head has trained rows of "
+        "added tokens.",
         "model",
     )
     resize_token_embeddings_to_32x: bool = key(
@@ -659,7 +661,8 @@ class Config(_Strict):
         False,
         "Run each LoRA-adapted gated MLP (Llama, Mistral, Qwen, Gemma) as one fused function that keeps half the "
         "activations the plain one keeps for the backward pass (same values and gradients; checked against the "
-        "model's own MLP before training). Needs `lora_dropout: 0`.",
+        "model's own MLP before training). Needs `lora_dropout: 0`. Where Liger's kernels apply, it runs in place "
+        "of Liger's SwiGLU/GeGLU (Liger's other kernels still apply).",
         "model",
     )
     lora_qkv_kernel: bool = key(
@@ -881,7 +884,8 @@ class Config(_Strict):
         "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "
         "gradient at once: full gradients are never held (for full fine-tuning on one GPU, with `bfloat16: "
         "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
-        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
+        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`, and not `fp16` (whose loss scaling is undone only "
+        f"at the usual step); optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
     )
     lisa_n_layers: int | None = key(
         None,
@@ -1357,6 +1361,10 @@ class Config(_Strict):
                 problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        if self.liger_fused_linear_cross_entropy and self.adapts_output_head:
+            problems.append("liger_fused_linear_cross_entropy: true computes the logits from the output head's "
+                            "own weight, without the LoRA adapter lora_target_modules puts on lm_head: remove "
+                            "one")  # fmt: skip
         problems += self._lisa_problems()
         problems += self._relora_problems()
         problems += self._schedule_problems() + self._packing_order_problems()
@@ -1476,6 +1484,9 @@ class Config(_Strict):
             problems.append(f"{kernels}: the fused functions apply no dropout: set lora_dropout: 0")
         if self.load_in_8bit:
             problems.append(f"{kernels}: not for 8-bit base weights; use load_in_4bit (adapter: qlora) or neither")
+        if self.lora_mlp_kernel and self.liger_kernel_config.get("swiglu"):
+            problems.append("lora_mlp_kernel: true and liger_glu_activation: true (or flash_attn_fuse_mlp) both "
+                            "replace the gated MLP's forward, and only one can run: keep one")  # fmt: skip
         if self.deepspeed or self.fsdp:
             problems.append(f"{kernels} with deepspeed/fsdp: not supported yet (the fused MLP reads its "
                             "projections' weights without calling them, where sharding gathers them)")  # fmt: skip
@@ -1673,6 +1684,10 @@ class Config(_Strict):
                 problems.append(f"{why}, before the global gradient norm is known: set max_grad_norm: 0")
             if self.deepspeed or self.fsdp:
                 problems.append(f"{why}: it is a single-GPU mode; remove deepspeed/fsdp")
+            if self.fp16:
+                problems.append(f"fp16: true with optimizer_in_backward: fp16 scales the loss and unscales (and checks "
+                                f"for inf) only at the optimizer step, but {why}, from the scaled gradient: use bf16 "
+                                "(or float16, which scales nothing)")  # fmt: skip
             if self.optimizer not in IN_BACKWARD_OPTIMIZERS:
                 problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
                                 f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError
+from dolphin_train.model.kernel_choice import fused_lora_mlp
 from dolphin_train.model.lora_kernels import use_fused_lora
 from dolphin_train.model.token_rows import use_lean_token_rows
 
@@ -213,4 +214,4 @@ def apply_adapter(cfg: Config, model: Any, new_token_ids: list[int], resuming: b
 def _with_our_forwards(cfg: Config, model: Any) -> Any:
     """The lean token rows always; the fused LoRA functions where the config asks for them."""
     model = use_lean_token_rows(model)
-    return use_fused_lora(model, mlp=cfg.lora_mlp_kernel, qkv=cfg.lora_qkv_kernel, o=cfg.lora_o_kernel)
+    return use_fused_lora(model, mlp=fused_lora_mlp(cfg), qkv=cfg.lora_qkv_kernel, o=cfg.lora_o_kernel)

@@ -70,6 +70,36 @@ class _FlashLikeAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
+class _LigerLikeGlu(torch.autograd.Function):
+    """What Liger's SwiGLU/GeGLU kernel keeps for its backward pass: the gate and up projections (it recomputes
+    the activation and their product)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: Any) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never run: the trace has no backward pass
+        raise NotImplementedError
+
+
+def _liger_like_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_LigerLikeGlu.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+
+
+def use_liger_like_mlps(model: Any) -> int:
+    """Give each gated MLP what Liger's MLP kernel keeps, bound on the instance as Liger binds its own forward.
+    Returns the MLPs changed."""
+    changed = 0
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            mlp.__dict__["forward"] = _liger_like_mlp_forward.__get__(mlp, type(mlp))
+            changed += 1
+    return changed
+
+
 def _trace_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
     return _FlashLikeAttention.apply(query, key, value), None
 

@@ -12,6 +12,7 @@ from typing import Any
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import DolphinError, EnvironmentProblem
+from dolphin_train.model.kernel_choice import liger_mlp_settings, mlp_forward, use_liger
 from dolphin_train.train.environment import deepspeed_on_cpu
 from dolphin_train.train.schedule import TrainingSchedule
 
@@ -57,26 +58,21 @@ def report_to(cfg: Config) -> list[str] | str:
 
 
 def liger_settings(cfg: Config, runtime: RuntimeSettings, head_has_token_rows: bool = False) -> dict[str, bool] | None:
-    """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's fused
-    output head + loss reads the head's own weight, which lacks the trained rows of added tokens
-    (`head_has_token_rows`): the chunked loss, which applies them, takes its place then."""
+    """The Liger kernels to apply (transformers' `liger_kernel_config`), or None for none. Liger's MLP kernel
+    only where `mlp_forward` chose it (the fused LoRA MLP wins: model/kernel_choice.py). Liger's fused
+    output head + loss reads the head's own weight (`lm_head.weight`), not its forward: that weight lacks the
+    trained rows of added tokens (`head_has_token_rows`: the chunked loss, which applies them, takes its place
+    then) and a LoRA adapter on the head (`adapts_output_head`: the plain loss, through the adapter)."""
     if not use_liger(cfg, runtime):
         return None
-    settings = dict(cfg.liger_kernel_config)
-    if head_has_token_rows:
+    settings = {**cfg.liger_kernel_config, **liger_mlp_settings(mlp_forward(cfg, runtime))}
+    if head_has_token_rows or cfg.adapts_output_head:
         settings["fused_linear_cross_entropy"] = False
     return settings
 
 
 def liger_fuses_loss(settings: dict[str, bool] | None) -> bool:
     return settings is not None and settings.get("fused_linear_cross_entropy", True)
-
-
-def use_liger(cfg: Config, runtime: RuntimeSettings) -> bool:
-    """Liger's kernels where `liger_kernel` allows them and liger-kernel is installed on CUDA (applied by
-    transformers' `use_liger_kernel`); its fused linear cross-entropy never materialises the full logits
-    either. The `liger_*` keys (axolotl's LigerPlugin settings) pick the kernels."""
-    return cfg.liger_kernel and runtime.liger
 
 
 def cpu_without_deepspeed(cfg: Config, runtime: RuntimeSettings) -> bool:
@@ -191,7 +187,9 @@ def build_training_arguments(
         remove_unused_columns=False,
         # The loss is the mean over every trainable token of the global batch, on any number of processes.
         average_tokens_across_devices=True,
-        include_num_input_tokens_seen="non_padding",
+        # Tokens are counted by our throughput meter, read once per log: transformers' count reads each micro
+        # batch's back from the GPU, a wait for the device every micro batch.
+        include_num_input_tokens_seen="no",
         # Only the loss is needed from evaluation; gathering logits would cost tokens x vocabulary memory.
         prediction_loss_only=True,
         # Log the loss as it is: the default filter replaces NaN/inf by an average and hides divergence.

@@ -37,7 +37,8 @@ def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by PyTorch on CUDA; peak resident memory of the process on the CPU."""
+    """Peak GPU memory allocated by PyTorch on CUDA, since training began (`PeakMemoryFromTrainingStart`);
+    peak resident memory of the process on the CPU (loading included: Linux's high-water mark is not reset)."""
     import torch
 
     if torch.cuda.is_available():
@@ -59,6 +60,22 @@ def _peak_resident_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: Any) -> None:
+    """The CUDA allocator's peak statistics start again from what is allocated now."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class PeakMemoryFromTrainingStart(TrainerCallback):
+    """`peak_memory_mb` measures training: the set-up before it (loading, quantising, LoftQ's SVDs, DeepSpeed's
+    initialisation) can peak higher than any step, and would otherwise be what is reported."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        reset_peak_memory(args.device)
 
 
 def peak_reserved_mb() -> float:

@@ -85,25 +85,32 @@ def model_flops(model: Any, checkpointed_layers: int = 0) -> ModelFlops:
     return ModelFlops(trained, frozen, layer_params, len(layers), heads * head_dim, checkpointed_layers)
 
 
-def conversation_lengths(position_ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(non-padding tokens, sum of each conversation's length squared) of a batch. Conversations start where
-    the position ids restart; a segment with no trained token is padding (every real conversation has
-    one: rows without are dropped when the data is prepared)."""
-    flat = position_ids.reshape(-1).cpu()
-    trained = labels.reshape(-1).cpu() != IGNORE_INDEX
+def conversation_lengths(position_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(non-padding tokens, sum of each conversation's length squared) of a batch, as 0-dim tensors on the
+    batch's device: computed there with fixed-size operations, so no value is read back (on a GPU a read waits
+    for all queued work). Conversations start where the position ids restart; a segment with no trained token is
+    padding (every real conversation has one: rows without are dropped when the data is prepared)."""
+    flat = position_ids.reshape(-1)
+    trained = (labels.reshape(-1) != IGNORE_INDEX).long()
     row_len = position_ids.shape[-1]
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1] + 1
     starts[::row_len] = True
     segment = torch.cumsum(starts, 0) - 1
-    lengths = torch.bincount(segment)
-    real = torch.bincount(segment, weights=trained.float()) > 0
-    kept = lengths[real]
-    return int(kept.sum()), int((kept * kept).sum())
+    # At most one segment per token: per-segment sums in a tensor of the batch's size (bincount would size its
+    # output from the largest segment id, a value read from the device).
+    lengths = torch.zeros_like(segment).scatter_add_(0, segment, torch.ones_like(segment))
+    real = torch.zeros_like(segment).scatter_add_(0, segment, trained) > 0
+    kept = torch.where(real, lengths, torch.zeros_like(lengths))
+    return kept.sum(), (kept * kept).sum()
 
 
 class ThroughputMeter(TrainerCallback):
-    """Measures each logging interval. A callback only to learn when training starts (or resumes)."""
+    """Measures each logging interval. A callback only to learn when training starts (or resumes).
+
+    It counts the tokens itself (transformers' own count, `include_num_input_tokens_seen`, reads each micro
+    batch's count back from the GPU, waiting for it): each micro batch's tokens and squared conversation lengths
+    are summed where the batch is, and read once per log."""
 
     def __init__(
         self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False
@@ -115,12 +122,10 @@ class ThroughputMeter(TrainerCallback):
         self.first_step_seconds: float | None = None
         self._first_step = 0
         self._time = time.perf_counter()
-        self._tokens = 0
-        self._model_flops = self._hardware_flops = 0.0
+        self._counted: torch.Tensor | None = None  # [tokens, sum of squared lengths] since the last log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
-        self._model_flops = self._hardware_flops = 0.0
+        self._time, self._counted = time.perf_counter(), None
         self._first_step = state.global_step
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -129,40 +134,43 @@ class ThroughputMeter(TrainerCallback):
             if state.is_world_process_zero:
                 log.info("First step, with torch.compile's compilation: %.1f s (left out of tokens/s and MFU)",
                          self.first_step_seconds)  # fmt: skip
-            self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
-            self._model_flops = self._hardware_flops = 0.0
+            self._time, self._counted = time.perf_counter(), None
 
     def count_batch(self, inputs: dict[str, Any]) -> None:
-        """This process's micro-batch, before it runs (CPU tensors: no device synchronisation)."""
-        if self.flops is None or "position_ids" not in inputs:
+        """This process's micro-batch, before it runs: its tokens and squared conversation lengths added up on
+        the batch's device (the GPU on CUDA), never read back here (see `counted_since_last_log`)."""
+        if "position_ids" not in inputs:
             return
         tokens, squares = conversation_lengths(inputs["position_ids"], inputs["labels"])
-        model, hardware = self.flops.of_batch(tokens, squares)
-        self._model_flops += model
-        self._hardware_flops += hardware
+        counted = torch.stack([tokens, squares])
+        self._counted = counted if self._counted is None else self._counted + counted.to(self._counted.device)
 
-    def _flops_of_all_processes(self) -> tuple[float, float]:
+    def counted_since_last_log(self) -> tuple[int, int]:
+        """(tokens, sum of squared conversation lengths) of the micro-batches counted since the last call,
+        summed over the processes: the one read of the counts from the device."""
         import torch.distributed as dist
 
-        found = torch.tensor([self._model_flops, self._hardware_flops], dtype=torch.float64)
+        counted = self._counted if self._counted is not None else torch.zeros(2, dtype=torch.long)
+        self._counted = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
-                found = found.cuda()
-            dist.all_reduce(found)
-        return float(found[0]), float(found[1])
+                counted = counted.cuda()
+            dist.all_reduce(counted)
+        tokens, squares = counted.tolist()
+        return tokens, squares
 
     def figures(self, state: Any) -> dict[str, float]:
         """tokens_per_second (and mfu, hfu) since the previous training log. Every process calls this at each
-        training log (the FLOPs are summed over them)."""
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen  # tokens: all processes, no padding
-        seconds, new_tokens = now - self._time, tokens - self._tokens
-        self._time, self._tokens = now, tokens
-        model, hardware = self._flops_of_all_processes() if self.flops and self.peak else (0.0, 0.0)
-        self._model_flops = self._hardware_flops = 0.0
-        if seconds <= 0 or new_tokens <= 0:
+        training log (the counts are summed over them). FLOPs are linear in the token and squared-length
+        sums, so the sums of all micro batches give their FLOPs."""
+        now = time.perf_counter()
+        seconds, self._time = now - self._time, now
+        tokens, squares = self.counted_since_last_log()
+        if seconds <= 0 or tokens <= 0:
             return {}
-        found: dict[str, float] = {"tokens_per_second": round(new_tokens / seconds)}
+        found: dict[str, float] = {"tokens_per_second": round(tokens / seconds)}
         if self.flops and self.peak:
+            model, hardware = self.flops.of_batch(tokens, squares)
             found["mfu"] = round(model / seconds / (self.peak * self.world_size), 4)
             if hardware > model:
                 found["hfu"] = round(hardware / seconds / (self.peak * self.world_size), 4)
