@@ -120,9 +120,25 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+def log_handler(verbose: bool, on_terminal: bool) -> logging.Handler:
+    """The one handler every log line goes through: the level said once, then the message; the logger's name
+    only with -v. On a terminal rich draws the level in its own column; in a log file each message is one
+    plain line, never wrapped or padded to a terminal's width."""
+    message = "%(name)s: %(message)s" if verbose else "%(message)s"
+    if on_terminal:
+        from rich.logging import RichHandler
 
+        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        message = "%(levelname)-8s " + message
+    # Set here, never left to logging.basicConfig: it gives a handler without a formatter its own
+    # "LEVEL:name:message", which rich would print after its level column (the level said twice).
+    handler.setFormatter(logging.Formatter(message))
+    return handler
+
+
+def setup_logging(verbose: bool) -> None:
     from dolphin_train import terminal
     from dolphin_train.process_group import is_main_process
 
@@ -132,11 +148,7 @@ def setup_logging(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Other ranks repeat what rank 0 says: only their warnings, unless -v (then each rank logs all).
     level = logging.DEBUG if verbose else logging.INFO if is_main_process() else logging.WARNING
-    if terminal.bars_wanted():
-        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
-    else:  # a log file: one plain line per message, never wrapped or padded to a terminal's width
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    handler = log_handler(verbose, on_terminal=terminal.bars_wanted())
     # Libraries log their warnings at import and along the way (optional kernels missing, deprecations):
     # only errors reach the console unless -v asks for more.
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
