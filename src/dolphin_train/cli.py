@@ -241,6 +241,18 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return PLAN_DOES_NOT_FIT if args.check and not plan.fits else 0
 
 
+def _refuse_a_run_still_training(adapter: str) -> None:
+    """A run training into the adapter's directory writes its adapter when it ends: what is there now is an
+    earlier run's, about to be replaced. Its checkpoints (complete as they are saved) can be merged."""
+    from dolphin_train.train.run_lock import OutputDirInUse, running_into
+
+    holder = running_into(adapter)
+    if holder is not None:
+        raise OutputDirInUse(f"{adapter} is the output_dir of a run still training ({holder.described()}): its "
+                             "adapter is written when that run ends. Merge then, or merge one of its checkpoints "
+                             f"(--adapter {adapter}/checkpoint-N)")  # fmt: skip
+
+
 def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from pathlib import Path
 
@@ -258,6 +270,7 @@ def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--{k}: config overrides need a CONFIG" for k in overrides], source="command line")
     if not base or not adapter:
         raise ConfigError(["give a CONFIG, or both --base and --adapter"], source="merge-lora")
+    _refuse_a_run_still_training(adapter)
     out = Path(args.out) if args.out else Path(adapter) / "merged"
     merge_lora(load_base(base, dtype or "float32", quantization, trust), adapter, out)
     print(f"Merged model: {out}")
