@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "train": "prepare the data (or reuse the cache) and train",
         "plan": "before launching: parameters, steps, and per-GPU memory (weights, gradients, optimizer, "
-        "activations, logits), whether it fits, and the change that would make it fit",
+        "activations, logits), whether it fits, and the changes that would make it fit, fastest first",
         "preprocess": "tokenize, mask and cache the datasets, then print the preparation report",
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
         "inspect": "show prepared examples with trained tokens highlighted, then length and packing statistics",
@@ -120,6 +120,15 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+class StdoutHandler(logging.StreamHandler):
+    """Plain lines to standard output as it is when each is logged (a caller may have replaced sys.stdout
+    since logging was set up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def log_handler(verbose: bool, on_terminal: bool) -> logging.Handler:
     """The one handler every log line goes through: the level said once, then the message; the logger's name
     only with -v. On a terminal rich draws the level in its own column; in a log file each message is one
@@ -130,7 +139,7 @@ def log_handler(verbose: bool, on_terminal: bool) -> logging.Handler:
 
         handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
     else:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = StdoutHandler(sys.stdout)
         message = "%(levelname)-8s " + message
     # Set here, never left to logging.basicConfig: it gives a handler without a formatter its own
     # "LEVEL:name:message", which rich would print after its level column (the level said twice).
