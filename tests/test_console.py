@@ -4,14 +4,22 @@ evaluation, and in a log file (no terminal) lines that carry the elapsed time an
 from __future__ import annotations
 
 import io
+import logging
+import re
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 
+from dolphin_train import terminal
+from dolphin_train.cli import setup_logging
 from dolphin_train.train.console import TrainingConsole, bar_postfix, duration, evaluation_line, training_line
 
 LOGS = {"loss": 1.234567, "learning_rate": 1.95e-4, "grad_norm": 1.254, "tokens_per_second": 5415.2, "mfu": 0.3124,
         "epoch": 0.5, "num_input_tokens_seen": 1000}  # fmt: skip
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _state(step: int = 0, main: bool = True) -> SimpleNamespace:
@@ -68,3 +76,59 @@ def test_other_processes_print_nothing(capsys: pytest.CaptureFixture[str]) -> No
     assert console.bar is None and out.getvalue() == ""
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.fixture
+def root_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """setup_logging replaces the root logger's handlers and sets a few variables: put them back after."""
+    root, ours = logging.getLogger(), logging.getLogger("dolphin_train")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
+    terminal.set_verbose(False)
+
+
+def _log_on_a_terminal(monkeypatch: pytest.MonkeyPatch, verbose: bool) -> str:
+    from rich.console import Console
+
+    monkeypatch.setattr(terminal, "bars_wanted", lambda: True)
+    setup_logging(verbose)
+    [handler] = logging.getLogger().handlers
+    out = io.StringIO()
+    handler.console = Console(file=out, force_terminal=True, width=200)  # a terminal, as rich sees one
+    logging.getLogger("dolphin_train.recipe").info("Attention: sdpa (PyTorch SDPA)")
+    return ANSI.sub("", out.getvalue())
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_on_a_terminal_a_log_line_says_its_level_once_then_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    [line] = _log_on_a_terminal(monkeypatch, verbose=False).splitlines()
+    assert line.rstrip() == "INFO     Attention: sdpa (PyTorch SDPA)"
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_on_a_terminal_the_loggers_name_only_with_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    [line] = _log_on_a_terminal(monkeypatch, verbose=True).splitlines()
+    assert line.startswith("INFO     dolphin_train.recipe: Attention: sdpa (PyTorch SDPA)")
+    assert line.count("INFO") == 1
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_in_a_log_file_one_plain_line_per_message(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setattr(terminal, "bars_wanted", lambda: False)
+    log = logging.getLogger("dolphin_train.recipe")
+    setup_logging(False)
+    log.info("Attention: sdpa (PyTorch SDPA)")
+    log.warning("a warning")
+    setup_logging(True)
+    log.info("Attention: sdpa (PyTorch SDPA)")
+    assert capsys.readouterr().out.splitlines() == [
+        "INFO     Attention: sdpa (PyTorch SDPA)",
+        "WARNING  a warning",
+        "INFO     dolphin_train.recipe: Attention: sdpa (PyTorch SDPA)",
+    ]

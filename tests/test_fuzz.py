@@ -102,6 +102,10 @@ def _file(tmp: Path, name: str, text: str = "x") -> None:
 CASES: list[Case] = [
     # ---- the config file itself (exit 2, naming the file) ---------------------------------------------
     _raw("alias-bomb", 2, ("{cfg}", "alias"), BOMB),
+    _raw("alias-contains-itself", 2, ("{cfg}", "line 1", "&x", "line 2", "*x", "contain itself"),
+         "model_config: &x\n  self: *x\n" + _good_yaml()),
+    _raw("alias-contains-itself-deeper", 2, ("{cfg}", "&a", "*a", "contain itself"), "a: &a [1, &b [2, *a]]\n"),
+    _raw("nested-too-deeply", 2, ("{cfg}", "nested too deeply"), "a: " + "[" * 3000 + "]" * 3000 + "\n"),
     _raw("utf16-config", 2, ("{cfg}", "UTF-16", "UTF-8"), _good_yaml().encode("utf-16")),
     _raw("utf32-config", 2, ("{cfg}", "UTF-32"), _good_yaml().encode("utf-32")),
     _raw("latin1-byte-in-config", 2, ("{cfg}", "line 3", "0xe9"), "base_model: m\n# ok\n# caf\xe9\n".encode("latin-1")),

@@ -73,3 +73,4 @@ def test_num_processes_relaunches_under_torchrun(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["steps"] == 2
     args = json.loads((tmp_path / "out/checkpoint-2/trainer_state.json").read_text())
     assert args["log_history"][0]["learning_rate"] < 3e-4 + 1e-12  # the override reached both processes
+    assert not (tmp_path / "out/.dolphin-train.lock").exists()  # rank 0 held the output_dir's lock, then let it go

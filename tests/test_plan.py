@@ -68,6 +68,55 @@ def test_a_plan_that_does_not_fit_names_a_change_that_does() -> None:
     assert plan.memory.activations_without_checkpointing > 10 * plan.memory.activations_with_checkpointing
 
 
+def test_on_one_48gb_gpu_the_single_gpu_path_comes_first_and_offload_last(capsys: pytest.CaptureFixture) -> None:
+    """The Dolphin recipe (ZeRO-3) on one 48 GB GPU: bf16 weights updated in the backward pass with an 8-bit
+    AdamW fits without offload and is proposed first; ZeRO-3 with everything offloaded comes last, with its
+    expected slowdown."""
+    from dolphin_train.plan.speed import CPU_ADAM_BYTES_PER_PARAM, CPU_MEMORY_BYTES_PER_S, GPU_FLOPS, PCIE_BYTES_PER_S
+
+    recipe = str(REPO / "configs/llama3-8b.yml")
+    plan = make_plan(load_config(recipe), gpus=1, gpu_memory=parse_memory("48GB"))
+    assert not plan.fits and len(plan.fixes) >= 2
+    first = plan.fixes[0]
+    assert first.changes["optimizer_in_backward"] is True and first.changes["bfloat16"] is True
+    assert first.changes["deepspeed"] is None and not first.offloads and first.slowdown == 1.0
+    assert first.estimate.total <= plan.gpu_memory
+    offloads = [fix.offloads for fix in plan.fixes]
+    assert offloads == sorted(offloads) and offloads[-1]  # offload last
+    last = plan.fixes[-1]
+    assert last.changes == {"deepspeed": str(REPO / "deepspeed_configs/zero3_bf16_cpuoffload_all.json")}
+    # By the speed model: both compute 8 FLOPs per parameter per token (checkpointing); the offload adds per step
+    # 4 micro-batches x (16-bit weights in twice + 16-bit gradients out) over PCIe and Adam on the CPU, for
+    # 12 x 4096 tokens. The parameter count cancels (every parameter trains).
+    extra_per_param = 4 * (2 * 2 + 2) / PCIE_BYTES_PER_S + CPU_ADAM_BYTES_PER_PARAM / CPU_MEMORY_BYTES_PER_S
+    assert last.slowdown == pytest.approx(1 + GPU_FLOPS * extra_per_param / (8 * 12 * 4096), rel=1e-6)
+
+    assert main(["plan", recipe, "--gpus", "1", "--gpu-memory", "48GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1. --deepspeed null --bfloat16 true --optimizer adamw_torch_8bit --optimizer_in_backward true" in out
+    assert f"2. --deepspeed deepspeed_configs/zero3_bf16_cpuoffload_all.json {_gib(last)} GiB; expected " \
+           f"{last.slowdown:.1f}x the time per trained token of 1 (+{last.slowdown - 1:.0%}) (parameters and " \
+           "optimizer offloaded to CPU memory)" in out  # fmt: skip
+    assert "batch 3 rows per optimizer step per GPU (was 12)" in out and "no gradient clipping" in out
+
+
+def _gib(fix) -> str:
+    return f"{fix.estimate.total / GiB:.1f}"
+
+
+def test_the_speed_model_charges_recomputation_and_frozen_weights_as_flops() -> None:
+    from dolphin_train.config.load import validate_mapping
+    from dolphin_train.plan.speed import forward_backward_flops_per_token
+
+    def flops(**keys) -> float:
+        return forward_backward_flops_per_token(validate_mapping(tiny_config(Path("/unused"), **keys)), 1)
+
+    assert flops() == 6  # forward 2, backward 4
+    assert flops(gradient_checkpointing=True) == 8  # the forward pass again: a third more
+    assert flops(gradient_checkpointing=True, gradient_checkpointing_layers=2) == 7  # every 2nd layer
+    assert flops(adapter="lora") == 4  # a frozen base: the inputs' gradients only
+
+
 def test_zero3_divides_the_states_by_the_number_of_gpus() -> None:
     cfg = load_config(REPO / "configs/llama3-8b.yml", {})
     one, eight = (make_plan(cfg, gpus=n, gpu_memory=parse_memory("80GB")).memory for n in (1, 8))

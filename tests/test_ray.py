@@ -40,5 +40,6 @@ def test_two_ray_workers_train_as_one_run(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert (tmp_path / "out/model.safetensors").exists()
     assert (tmp_path / "out/ray/tiny").is_dir()
+    assert not (tmp_path / "out/.dolphin-train.lock").exists()  # the main worker held the lock, then let it go
     assert "Done: 3 steps" in done.stdout
     assert "(RayTrainWorker pid=" in done.stdout and "\x1b[" not in done.stdout  # plain text in a log file

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "train": "prepare the data (or reuse the cache) and train",
         "plan": "before launching: parameters, steps, and per-GPU memory (weights, gradients, optimizer, "
-        "activations, logits), whether it fits, and the change that would make it fit",
+        "activations, logits), whether it fits, and the changes that would make it fit, fastest first",
         "preprocess": "tokenize, mask and cache the datasets, then print the preparation report",
         "validate": "check the config and print it resolved (defaults shown, `auto` resolved here)",
         "inspect": "show prepared examples with trained tokens highlighted, then length and packing statistics",
@@ -120,9 +120,34 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+class StdoutHandler(logging.StreamHandler):
+    """Plain lines to standard output as it is when each is logged (a caller may have replaced sys.stdout
+    since logging was set up)."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def log_handler(verbose: bool, on_terminal: bool) -> logging.Handler:
+    """The one handler every log line goes through: the level said once, then the message; the logger's name
+    only with -v. On a terminal rich draws the level in its own column; in a log file each message is one
+    plain line, never wrapped or padded to a terminal's width."""
+    message = "%(name)s: %(message)s" if verbose else "%(message)s"
+    if on_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
+    else:
+        handler = StdoutHandler(sys.stdout)
+        message = "%(levelname)-8s " + message
+    # Set here, never left to logging.basicConfig: it gives a handler without a formatter its own
+    # "LEVEL:name:message", which rich would print after its level column (the level said twice).
+    handler.setFormatter(logging.Formatter(message))
+    return handler
+
+
+def setup_logging(verbose: bool) -> None:
     from dolphin_train import terminal
     from dolphin_train.process_group import is_main_process
 
@@ -132,11 +157,7 @@ def setup_logging(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Other ranks repeat what rank 0 says: only their warnings, unless -v (then each rank logs all).
     level = logging.DEBUG if verbose else logging.INFO if is_main_process() else logging.WARNING
-    if terminal.bars_wanted():
-        handler: logging.Handler = RichHandler(show_path=verbose, show_time=False, rich_tracebacks=verbose)
-    else:  # a log file: one plain line per message, never wrapped or padded to a terminal's width
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    handler = log_handler(verbose, on_terminal=terminal.bars_wanted())
     # Libraries log their warnings at import and along the way (optional kernels missing, deprecations):
     # only errors reach the console unless -v asks for more.
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
@@ -229,6 +250,18 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return PLAN_DOES_NOT_FIT if args.check and not plan.fits else 0
 
 
+def _refuse_a_run_still_training(adapter: str) -> None:
+    """A run training into the adapter's directory writes its adapter when it ends: what is there now is an
+    earlier run's, about to be replaced. Its checkpoints (complete as they are saved) can be merged."""
+    from dolphin_train.train.run_lock import OutputDirInUse, running_into
+
+    holder = running_into(adapter)
+    if holder is not None:
+        raise OutputDirInUse(f"{adapter} is the output_dir of a run still training ({holder.described()}): its "
+                             "adapter is written when that run ends. Merge then, or merge one of its checkpoints "
+                             f"(--adapter {adapter}/checkpoint-N)")  # fmt: skip
+
+
 def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from pathlib import Path
 
@@ -246,6 +279,7 @@ def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--{k}: config overrides need a CONFIG" for k in overrides], source="command line")
     if not base or not adapter:
         raise ConfigError(["give a CONFIG, or both --base and --adapter"], source="merge-lora")
+    _refuse_a_run_still_training(adapter)
     out = Path(args.out) if args.out else Path(adapter) / "merged"
     merge_lora(load_base(base, dtype or "float32", quantization, trust), adapter, out)
     print(f"Merged model: {out}")

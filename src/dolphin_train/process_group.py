@@ -27,6 +27,17 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine is running (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def join_process_group(device: str) -> None:
     """Set up the process group with PyTorch's defaults for the device (NCCL on GPUs, gloo on CPUs), before
     accelerate's state exists: that state must only be created later, by TrainingArguments, once DeepSpeed

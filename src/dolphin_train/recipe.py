@@ -27,6 +27,7 @@ from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end, world_size
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
 from dolphin_train.train.environment import set_up_process_environment
+from dolphin_train.train.run_lock import holding_output_dir
 from dolphin_train.train.schedule import TrainingSchedule, compute_schedule
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,8 @@ def run_training(cfg: Config, show: Any = None) -> dict[str, Any]:
 
     `show` renders tables for the user (the CLI passes its console's print); None prints nothing.
     """
-    with leaving_the_process_group_at_the_end():
+    # The output_dir's lock first, so a second run into it is refused before it prepares anything.
+    with leaving_the_process_group_at_the_end(), holding_output_dir(cfg.output_dir):
         return _train_and_save(cfg, show)
 
 

@@ -43,6 +43,25 @@ class _DuplicateTrackingLoader(yaml.SafeLoader):
     """SafeLoader that records duplicate keys instead of silently keeping the last one."""
 
     duplicates: list[tuple[str, Any, Any, int]]
+    # Anchors whose value is being read, with where each starts: an alias to one of them is a value that
+    # contains itself (`model_config: &x` then `  self: *x`).
+    open_anchors: dict[str, yaml.Mark]
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self.open_anchors:
+            raise yaml.composer.ComposerError(
+                f"while reading the value anchored &{event.anchor}", self.open_anchors[event.anchor],
+                f"found the alias *{event.anchor} inside it: a value cannot contain itself", event.start_mark,
+            )  # fmt: skip
+        anchor = None if isinstance(event, yaml.AliasEvent) else event.anchor
+        if anchor is None or anchor in self.open_anchors:  # a duplicate anchor: the composer says so
+            return super().compose_node(parent, index)
+        self.open_anchors[anchor] = event.start_mark
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            del self.open_anchors[anchor]
 
 
 def _construct_mapping(loader: _DuplicateTrackingLoader, node: yaml.MappingNode, deep: bool = False):
@@ -71,7 +90,7 @@ MAX_EXPANDED_NODES = 100_000
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     """Nodes under `node` counting each alias as a copy (memoised per node, so the count itself stays linear
-    in the document; the YAML composer refuses recursive aliases)."""
+    in the document; a value that contains itself was refused while composing)."""
     known = sizes.get(id(node))
     if known is not None:
         return known
@@ -111,6 +130,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     loader = _DuplicateTrackingLoader(_config_text(path))
     loader.name = str(path)  # YAML errors say `in "<path>", line N`
     loader.duplicates = []
+    loader.open_anchors = {}
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_NODES:
@@ -119,6 +139,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from None
+    except RecursionError:  # PyYAML reads nested values recursively: `[[[[...` a few hundred deep
+        raise ConfigError(["values nested too deeply to read (hundreds of levels)"], source=str(path)) from None
     finally:
         loader.dispose()
     if data is None:

@@ -29,7 +29,7 @@ from dolphin_train.data.report import PreparationReport
 from dolphin_train.data.sources import Source, guessed_rows, resolve_source, sources_fingerprint
 from dolphin_train.data.templates import CHATML_TEMPLATE, ChatMLTemplate, Template, TokenizerTemplate
 from dolphin_train.errors import DataError
-from dolphin_train.process_group import on_main_process_first
+from dolphin_train.process_group import on_main_process_first, process_alive
 from dolphin_train.terminal import bars_wanted, datasets_bars, verbose
 
 log = logging.getLogger(__name__)
@@ -349,19 +349,9 @@ def _remove_abandoned_work(root: Path) -> None:
     host = socket.gethostname()
     for work in root.glob(f"{_WORK_PREFIX}*-{host}-*-*"):
         pid = work.name.removeprefix(_WORK_PREFIX).split(f"-{host}-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             log.info("Removing %s, left by a preparation that was stopped", work)
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def prepare_data(cfg: Config, tokenizer: Any) -> PreparedData:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,21 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class Fix:
+    """A change that makes the run fit, with its expected speed (plan/speed.py)."""
+
     changes: dict[str, Any]
     estimate: MemoryEstimate
+    seconds_per_token: float = 0.0
+    offloads: bool = False  # weights or optimizer states in CPU memory
+    also: tuple[str, ...] = ()  # what else it changes, besides memory and speed
+    slowdown: float = 1.0  # expected time per trained token over the fastest proposal's
 
     def as_overrides(self) -> str:
         def value(v: Any) -> str:
-            return str(v).lower() if isinstance(v, bool) else str(v)
+            return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
-        return " ".join(f"--{k} {_shown_path(v) if k == 'deepspeed' else value(v)}" for k, v in self.changes.items())
+        return " ".join(f"--{k} {_shown_path(v) if k == 'deepspeed' and v else value(v)}"
+                        for k, v in self.changes.items())  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,12 @@ class Plan:
     model: ModelFacts
     data: DataPlan
     memory: MemoryEstimate
-    fix: Fix | None
+    fixes: tuple[Fix, ...]  # changes that would make it fit, fastest first, offload last
     auto: tuple[str, ...] = ()  # what `auto` memory settings became, and why
+
+    @property
+    def fix(self) -> Fix | None:
+        return self.fixes[0] if self.fixes else None
 
     @property
     def fits(self) -> bool:
@@ -161,65 +172,141 @@ def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> 
         cfg = cfg.model_copy(update={"micro_batch_size": per_gpu})
         chosen = None
     memory = chosen or plan_memory(cfg, facts, runtime)
-    fix = None
-    if memory.total > gpu_memory:
-        fix = find_fix(cfg, facts, runtime, gpu_memory)
-    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fix, reasons)
+    fixes = find_fixes(cfg, facts, runtime, gpu_memory) if memory.total > gpu_memory else ()
+    return Plan(cfg, gpus, gpu_memory, device, runtime, facts, data, memory, fixes, reasons)
 
 
-def _candidate_changes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
-    """Changes that lower memory, cheapest in speed or quality first."""
-    steps: list[dict[str, Any]] = []
-    if not cfg.checkpointing:
-        steps.append({"gradient_checkpointing": True})
-    micro, accumulation = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-    while micro > 1:  # same effective batch, fewer tokens in flight
-        micro, accumulation = (micro + 1) // 2, accumulation * 2
-        steps.append({"micro_batch_size": micro, "gradient_accumulation_steps": accumulation})
-    if not cfg.adapter and cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
-        steps.append({"optimizer": "adamw_8bit"})
+# Optimizers whose states an 8-bit AdamW would shrink (full fine-tuning).
+WIDE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit")
+# (gradient_checkpointing, gradient_checkpointing_layers), least recomputation first.
+CHECKPOINTING_OPTIONS = ((False, 1), (True, 4), (True, 2), (True, 1))
+IN_BACKWARD = {"bfloat16": True, "optimizer": "adamw_torch_8bit", "optimizer_in_backward": True,
+               "gradient_accumulation_steps": 1, "max_grad_norm": 0}  # fmt: skip
+
+
+def _routes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
+    """Ways to run the same training in less memory, each then tried with the levers (checkpointing, a
+    smaller micro-batch); adapters, which change what is trained, come after (tried only when nothing else fits)."""
+    eight_bit = {"optimizer": "adamw_8bit"} if not cfg.adapter and cfg.optimizer in WIDE_OPTIMIZERS else {}
+    routes: list[dict[str, Any]] = [{}, eight_bit] if eight_bit else [{}]
+    if gpus == 1 and not cfg.adapter and not cfg.optimizer_in_backward:
+        # One GPU: bf16 weights updated in the backward pass, gradients never all held (README "Fitting on one GPU").
+        unset = {k: None for k in ("deepspeed", "batch_size") if getattr(cfg, k) is not None}
+        routes.append({**unset, **IN_BACKWARD})
     stage = plan_sharding(cfg, gpus).deepspeed_stage if cfg.deepspeed else None
     zero3, offload = DEEPSPEED_DIR / "zero3_bf16.json", DEEPSPEED_DIR / "zero3_bf16_cpuoffload_all.json"
     if gpus > 1 and not cfg.fsdp and (stage is None or stage < 3) and zero3.exists():
-        steps.append({"deepspeed": str(zero3)})
+        routes.append({**eight_bit, "deepspeed": str(zero3)})
     if not cfg.fsdp and offload.exists():
-        steps.append({"deepspeed": str(offload)})
+        routes.append({"deepspeed": str(offload)})  # its optimizer runs on the CPU: DeepSpeed's own
     if not cfg.adapter:
-        steps.append({"adapter": "lora"})
-        steps.append({"adapter": "qlora", "load_in_4bit": True})
-    return steps
+        routes += [{"adapter": "lora"}, {"adapter": "qlora", "load_in_4bit": True}]
+    return routes
+
+
+def _levers(cfg: Config, rows_per_step: int) -> list[dict[str, Any]]:
+    """Checkpointing and micro-batch settings to try on a route, as changes to `cfg`; `rows_per_step`: the
+    effective batch of the config as written, which the micro-batch alone makes up without accumulation."""
+    if cfg.checkpointing:
+        checkpointing = [(True, cfg.gradient_checkpointing_layers), (True, 1)]
+    else:
+        checkpointing = list(CHECKPOINTING_OPTIONS)
+    micro = int(cfg.micro_batch_size)
+    # Micro-batches that divide the effective batch, accumulation making up the rest (none in the backward pass).
+    largest = rows_per_step if cfg.optimizer_in_backward else micro
+    batches = [(m, 1 if cfg.optimizer_in_backward else rows_per_step // m)
+               for m in range(largest, 0, -1) if rows_per_step % m == 0]  # fmt: skip
+    levers = []
+    for on, every in dict.fromkeys(checkpointing):
+        for m, a in batches:
+            lever: dict[str, Any] = {"micro_batch_size": m, "gradient_accumulation_steps": a}
+            if (on, every) != (cfg.checkpointing, cfg.gradient_checkpointing_layers):  # keeps `offload` otherwise
+                lever |= {"gradient_checkpointing": on, "gradient_checkpointing_layers": every}
+            levers.append(lever)
+    return levers
 
 
 def _changed(cfg: Config, changes: dict[str, Any]) -> Config:
     return Config.model_validate({**cfg.model_dump(by_alias=True), **changes})
 
 
-def _estimate_with(cfg: Config, changes: dict[str, Any], facts: ModelFacts, runtime: RuntimeSettings):
-    """The estimate with `changes` applied, or None when the schema rejects the combination."""
+def _what_else_changes(cfg: Config, changed: Config) -> tuple[str, ...]:
+    said = []
+    before = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    after = changed.micro_batch_size * changed.gradient_accumulation_steps
+    if before != after:
+        said.append(f"batch {after} rows per optimizer step per GPU (was {before}): check the learning rate")
+    if changed.optimizer_in_backward and not cfg.optimizer_in_backward:
+        said.append("each weight updated in the backward pass")
+    if changed.bfloat16 and not cfg.bfloat16:
+        said.append("bf16 weights, no float32 master copy")
+    if not changed.max_grad_norm and cfg.max_grad_norm:
+        said.append("no gradient clipping")
+    if changed.adapter and not cfg.adapter:
+        said.append(f"trains a {'QLoRA' if changed.load_in_4bit else 'LoRA'} adapter, not every weight")
+    return tuple(said)
+
+
+def _best_on_route(
+    cfg: Config, route: dict[str, Any], facts: ModelFacts, runtime: RuntimeSettings, gpu_memory: int
+) -> Fix | None:
+    """The route's best setting that fits (the model measured once, its levers then arithmetic): one that is
+    not tight (the estimate is close, not exact), then the effective batch as written or the closest to it (in
+    the backward pass nothing accumulates), then the fastest, then the largest micro-batch."""
     from pydantic import ValidationError
 
+    from dolphin_train.plan.speed import seconds_per_token
+
     try:
-        changed = _changed(cfg, changes)
+        base = _changed(cfg, route)
     except ValidationError as exc:
-        log.debug("plan: skipping %s: %s", changes, exc)
+        log.debug("plan: skipping %s: %s", route, exc)
         return None
-    return plan_memory(changed, facts, runtime)
+    memory, _ = measure_model(base, runtime, facts.config, vocab_rows=facts.vocab_rows,
+                              new_token_ids=facts.new_token_ids)  # fmt: skip
+    rows_per_step = int(cfg.micro_batch_size) * cfg.gradient_accumulation_steps
+    best: tuple[tuple[bool, int, float, int], Fix] | None = None
+    for lever in _levers(base, rows_per_step):
+        estimate = memory.estimate(base.model_copy(update=lever))
+        if estimate.total > gpu_memory:
+            continue
+        changes = {k: v for k, v in {**route, **lever}.items() if getattr(cfg, k) != v}
+        try:
+            changed = _changed(cfg, changes)
+        except ValidationError:
+            continue
+        speed = seconds_per_token(changed, estimate, runtime.world_size)
+        offloads = estimate.sharding.offload_params or estimate.sharding.offload_optimizer
+        fix = Fix(changes, estimate, speed, offloads, _what_else_changes(cfg, changed))
+        tight = estimate.total > (1 - HEADROOM_WARNING) * gpu_memory
+        batch_change = abs(changed.micro_batch_size * changed.gradient_accumulation_steps - rows_per_step)
+        # Speeds equal but for rounding (no offload: the micro-batch's size does not change it) count as equal.
+        key = (tight, batch_change, float(f"{speed:.6g}"), -changed.micro_batch_size)
+        if best is None or key < best[0]:
+            best = (key, fix)
+    return best[1] if best else None
+
+
+def find_fixes(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, gpu_memory: int) -> tuple[Fix, ...]:
+    """The changes that would make the run fit, one per route, fastest first and offload last, each with its
+    expected slowdown against the first. An adapter is proposed only when no full fine-tuning setting fits."""
+    routes = _routes(cfg, runtime.world_size)
+    same_method = [r for r in routes if "adapter" not in r]
+    for tried in (same_method, [r for r in routes if "adapter" in r]):
+        found = [f for route in tried if (f := _best_on_route(cfg, route, facts, runtime, gpu_memory)) is not None]
+        if found:
+            break
+    fixes = sorted(found, key=lambda f: (f.offloads, f.seconds_per_token))
+    if not fixes:
+        return ()
+    fastest = min(f.seconds_per_token for f in fixes)
+    return tuple(replace(f, slowdown=f.seconds_per_token / fastest) for f in fixes)
 
 
 def find_fix(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings, gpu_memory: int) -> Fix | None:
-    """The first single change that fits; else the shortest run of changes, in order, that does."""
-    candidates = _candidate_changes(cfg, runtime.world_size)
-    for changes in candidates:
-        estimate = _estimate_with(cfg, changes, facts, runtime)
-        if estimate is not None and estimate.total <= gpu_memory:
-            return Fix(changes, estimate)
-    combined: dict[str, Any] = {}
-    for changes in candidates:
-        combined.update(changes)
-        estimate = _estimate_with(cfg, combined, facts, runtime)
-        if estimate is not None and estimate.total <= gpu_memory:
-            return Fix(dict(combined), estimate)
-    return None
+    """The fastest change that would make the run fit (None when none does)."""
+    fixes = find_fixes(cfg, facts, runtime, gpu_memory)
+    return fixes[0] if fixes else None
 
 
 def _gib(n: int) -> str:
@@ -353,8 +440,23 @@ def verdict(plan: Plan) -> Any:
         return Text(f"Fits, but tight: {_gib(spare)} GiB to spare per GPU; a longer batch or a memory spike "
                     "may not fit.", style="bold yellow")  # fmt: skip
     text = Text(f"Does not fit: {_gib(-spare)} GiB over per GPU.", style="bold red")
-    if plan.fix is not None:
-        text.append(f"\nWould fit ({_gib(plan.fix.estimate.total)} GiB) with: {plan.fix.as_overrides()}", style="bold")
-    else:
-        text.append("\nNo single setting makes it fit: use more or larger GPUs, or a shorter sequence_len.")
+    if not plan.fixes:
+        text.append("\nNo setting tried makes it fit: use more or larger GPUs, or a shorter sequence_len.")
+        return text
+    text.append("\nWould fit with any of these, fastest first (expected time per trained token; offload last):")
+    for i, fix in enumerate(plan.fixes, 1):
+        text.append(f"\n  {i}. {fix.as_overrides()}", style="bold")
+        also = f". Also: {'; '.join(fix.also)}" if fix.also else ""
+        tight = " (tight)" if fix.estimate.total > (1 - HEADROOM_WARNING) * plan.gpu_memory else ""
+        text.append(f"\n     {_gib(fix.estimate.total)} GiB{tight}; {_speed_said(fix)}{also}")
     return text
+
+
+def _speed_said(fix: Fix) -> str:
+    """The expected slowdown against the fastest proposal, and where it comes from."""
+    where = [w for w, on in (("parameters", fix.estimate.sharding.offload_params),
+                             ("optimizer", fix.estimate.sharding.offload_optimizer)) if on]  # fmt: skip
+    offloaded = f" ({' and '.join(where)} offloaded to CPU memory)" if where else ""
+    if fix.slowdown < 1.005:
+        return "the fastest" + offloaded
+    return f"expected {fix.slowdown:.1f}x the time per trained token of 1 (+{fix.slowdown - 1:.0%}){offloaded}"
