@@ -19,6 +19,7 @@ from dolphin_train.errors import ConfigError
 from dolphin_train.train.relora import (
     BASE_FILE,
     ReLoRA,
+    lora_delta,
     lora_layers,
     merged_restarts,
     prune_moments,
@@ -162,7 +163,7 @@ def test_ten_restarts_of_small_updates_keep_what_they_learned(base_dir: Path, fo
     from dolphin_train.model.quantised import dequantized
     from dolphin_train.train.relora import merged_model
 
-    model = _lora_model(base_dir, four_bit=four_bit, dtype=dtype)
+    model = _lora_model(base_dir, four_bit=four_bit, dtype=dtype, targets=["q_proj", "down_proj"])
     layers = lora_layers(model)
     start = {n: dequantized(layer.get_base_layer().weight).float().clone() for n, layer in layers.items()}
     total = {n: torch.zeros_like(w) for n, w in start.items()}
@@ -187,11 +188,11 @@ def test_the_checkpointed_sums_give_a_resumed_model_the_same_weights(base_dir: P
     from dolphin_train.model.quantised import dequantized
     from dolphin_train.train.relora import load_base, save_base
 
-    model = _lora_model(base_dir, four_bit=True)
+    model = _lora_model(base_dir, four_bit=True, targets=["q_proj", "down_proj"])
     relora = ReLoRA(4, 0.9, "magnitude", cpu_offload=True, seed=7)
     relora.restart(model, None, step=4)
     save_base(model, relora.masters, tmp_path)
-    fresh = _lora_model(base_dir, four_bit=True)
+    fresh = _lora_model(base_dir, four_bit=True, targets=["q_proj", "down_proj"])
     masters: dict[str, torch.Tensor] = {}
     load_base(fresh, masters, tmp_path / BASE_FILE, cpu_offload=True)
     saved, loaded = lora_layers(model), lora_layers(fresh)
@@ -200,6 +201,14 @@ def test_the_checkpointed_sums_give_a_resumed_model_the_same_weights(base_dir: P
         assert masters[name].dtype == torch.float32 and torch.equal(masters[name], relora.masters[name])
         assert torch.equal(dequantized(loaded[name].get_base_layer().weight),
                            dequantized(layer.get_base_layer().weight))  # fmt: skip
+    # a file of the earlier format (the 4-bit codes themselves, which had lost most of each update): refused
+    from safetensors.torch import save_file
+
+    from dolphin_train.errors import DolphinError
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(DolphinError, match="older format"):
+        load_base(fresh, {}, tmp_path / "old.safetensors")
 
 
 # ---- embeddings and the layers ReLoRA cannot restart ---------------------------------------------------------
@@ -376,7 +385,6 @@ def test_a_run_with_restarts_trains_and_saves_the_merged_model(tmp_path: Path, b
 
     from dolphin_train.recipe import set_up_run
     from dolphin_train.train.outputs import save_final_model
-    from dolphin_train.train.relora import merged_model
 
     # 4-bit with the paper's near-full reset of the moments (magnitude pruning keeps the largest first and
     # second moments apart, and a kept first moment over a zeroed second one takes an outsized step)
@@ -393,14 +401,25 @@ def test_a_run_with_restarts_trains_and_saves_the_merged_model(tmp_path: Path, b
     jagged = JaggedRestarts(every=4, warmup=2)
     assert rates == pytest.approx([1e-2 * jagged.multiplier(s) for s in range(10)])
     assert rates[4] == pytest.approx(1e-5)
-    model = run.trainer.model.eval()
-    in_memory = _logits(model)
-    run.trainer.model = merged_model(model)
+    model = run.trainer.model
+    relora = next(c for c in run.trainer.callback_handler.callbacks if isinstance(c, ReLoRA))
+    layers = lora_layers(model)
+    assert relora.masters.keys() == (set(layers) if four_bit else set())  # a float32 base is its own sum
+    # the final model: each adapted layer's float32 sum plus the last update (over a 4-bit base not the 4-bit
+    # copy the last cycle trained over: that copy is the sum quantised)
+    expected = {n.removeprefix("base_model.model.") + ".weight": relora.masters[n] + lora_delta(layer, "cpu")
+                for n, layer in layers.items() if four_bit}  # fmt: skip
+    in_memory = None if four_bit else _logits(model.eval())
+    run.trainer.model = relora.merged_model(model)
     save_final_model(run.trainer, run.cfg.output_dir)
     out = Path(run.cfg.output_dir)
     assert not (out / "adapter_model.safetensors").exists()
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    torch.testing.assert_close(_logits(saved), in_memory, atol=1e-4, rtol=1e-4)
+    if in_memory is not None:
+        torch.testing.assert_close(_logits(saved), in_memory, atol=1e-4, rtol=1e-4)
+    weights = dict(saved.named_parameters())
+    for name, weight in expected.items():
+        torch.testing.assert_close(weights[name], weight, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow

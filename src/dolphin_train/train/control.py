@@ -28,11 +28,9 @@ class CheckpointPart(TrainerCallback):
     checkpoint count as complete, and before the Trainer deletes older checkpoints (`save_total_limit`), so a
     run killed while it is written leaves an incomplete checkpoint and the previous complete one."""
 
-    def files_for_checkpoint(self, step: int) -> list[str]:
-        """The files this part writes into the checkpoint of optimizer step `step`."""
-        return []
-
     def save_into_checkpoint(self, directory: str, model: Any, step: int) -> None:
+        """Write this part's state into the checkpoint `directory` of optimizer step `step` (the files that
+        `files_a_checkpoint_needs` names)."""
         raise NotImplementedError
 
 

@@ -168,6 +168,12 @@ def keeps_a_sum(weight: Any) -> bool:
     return is_4bit(weight) or weight.dtype != torch.float32
 
 
+def kept_sum_values(model: Any) -> int:
+    """How many float32 values the run's sums hold once every adapted layer has one (for `plan`)."""
+    return sum(layer.in_features * layer.out_features for layer in lora_layers(model).values()
+               if keeps_a_sum(_base_weight(layer)))  # fmt: skip
+
+
 def _quantisation_settings(state: Any) -> dict[str, Any]:
     """The 4-bit settings a weight was quantised with. bitsandbytes' CPU kernel repacks a weight in its own
     layout, keeping the original settings aside (`original_*`)."""
@@ -203,11 +209,11 @@ def merge_lora_into_base(model: Any, sums: dict[str, torch.Tensor], cpu_offload:
     in CPU memory with `cpu_offload`) and store the sum as the base weight; a float32 weight is its own sum."""
     for name, layer in lora_layers(model).items():
         weight = _base_weight(layer)
+        device = "cpu" if cpu_offload else weight.device
         if not keeps_a_sum(weight):
-            weight.data.add_(lora_delta(layer, weight.device))
+            weight.data.add_(lora_delta(layer, device).to(weight.device))
             continue
         if name not in sums:
-            device = "cpu" if cpu_offload else weight.device
             sums[name] = dequantized_base(layer).to(device, torch.float32, copy=True)
         sums[name].add_(lora_delta(layer, sums[name].device))
         set_base(layer, sums[name])
@@ -436,9 +442,7 @@ class ReLoRA(CheckpointPart):
             self.restart(model, optimizer, step)
         return control
 
-    def files_for_checkpoint(self, step: int) -> list[str]:
-        return [BASE_FILE] if merged_restarts(step, self.restart_steps) > 0 else []
-
     def save_into_checkpoint(self, directory: str, model: Any, step: int) -> None:
-        if self.files_for_checkpoint(step):
+        """After the first restart, the merged weights (the rule `files_a_checkpoint_needs` checks)."""
+        if merged_restarts(step, self.restart_steps) > 0:
             save_base(model, self.masters, directory)
