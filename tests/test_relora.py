@@ -24,6 +24,7 @@ from dolphin_train.train.relora import (
     merged_restarts,
     prune_moments,
     restart_seed,
+    sums_of,
 )
 from dolphin_train.train.schedule import JaggedRestarts
 
@@ -142,15 +143,14 @@ def test_restart_of_a_4bit_base_keeps_the_full_precision_sum_and_quantises_a_cop
         assert type(layer.get_base_layer().weight).__name__ == "Params4bit"
         expected[name] = dequantized(layer.get_base_layer().weight).float() + layer.get_delta_weight("default")
     before = _logits(model)
-    relora = ReLoRA(4, 0.9, "magnitude", cpu_offload=True, seed=7)
-    relora.restart(model, None, step=4)
+    ReLoRA(4, 0.9, "magnitude", cpu_offload=True, seed=7).restart(model, None, step=4)
     for name, layer in layers.items():
-        assert torch.equal(relora.masters[name], expected[name])
+        assert torch.equal(sums_of(model)[name], expected[name])
         packed, state = bnbf.quantize_4bit(expected[name], quant_type="nf4", compress_statistics=True)
         assert torch.equal(dequantized(layer.get_base_layer().weight), bnbf.dequantize_4bit(packed, state))
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     # the model the run ends with has the function LoRA had, to float32 rounding
-    torch.testing.assert_close(_logits(merged_model(model, relora.masters)), before, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(merged_model(model)), before, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("four_bit", "dtype"), [(True, torch.float32), (True, torch.bfloat16),
@@ -173,7 +173,7 @@ def test_ten_restarts_of_small_updates_keep_what_they_learned(base_dir: Path, fo
             _set_update(layer, 0.005, seed=2)  # the same direction every cycle
             total[name] += layer.get_delta_weight("default").float()
         relora.restart(model, None, step=4 * restart)
-    merged = dict(merged_model(model, relora.masters).named_modules())
+    merged = dict(merged_model(model).named_modules())
     for name in layers:
         learned = merged[name.removeprefix("base_model.model.")].weight.float() - start[name]
         kept = float((learned * total[name]).sum() / total[name].pow(2).sum())
@@ -189,16 +189,14 @@ def test_the_checkpointed_sums_give_a_resumed_model_the_same_weights(base_dir: P
     from dolphin_train.train.relora import load_base, save_base
 
     model = _lora_model(base_dir, four_bit=True, targets=["q_proj", "down_proj"])
-    relora = ReLoRA(4, 0.9, "magnitude", cpu_offload=True, seed=7)
-    relora.restart(model, None, step=4)
-    save_base(model, relora.masters, tmp_path)
+    ReLoRA(4, 0.9, "magnitude", cpu_offload=True, seed=7).restart(model, None, step=4)
+    save_base(model, tmp_path)
     fresh = _lora_model(base_dir, four_bit=True, targets=["q_proj", "down_proj"])
-    masters: dict[str, torch.Tensor] = {}
-    load_base(fresh, masters, tmp_path / BASE_FILE, cpu_offload=True)
-    saved, loaded = lora_layers(model), lora_layers(fresh)
-    assert masters.keys() == relora.masters.keys() == saved.keys()
+    load_base(fresh, tmp_path / BASE_FILE, cpu_offload=True)
+    saved, loaded, sums = lora_layers(model), lora_layers(fresh), sums_of(fresh)
+    assert sums.keys() == sums_of(model).keys() == saved.keys()
     for name, layer in saved.items():
-        assert masters[name].dtype == torch.float32 and torch.equal(masters[name], relora.masters[name])
+        assert sums[name].dtype == torch.float32 and torch.equal(sums[name], sums_of(model)[name])
         assert torch.equal(dequantized(loaded[name].get_base_layer().weight),
                            dequantized(layer.get_base_layer().weight))  # fmt: skip
     # a file of the earlier format (the 4-bit codes themselves, which had lost most of each update): refused
@@ -208,7 +206,7 @@ def test_the_checkpointed_sums_give_a_resumed_model_the_same_weights(base_dir: P
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))
     with pytest.raises(DolphinError, match="older format"):
-        load_base(fresh, {}, tmp_path / "old.safetensors")
+        load_base(fresh, tmp_path / "old.safetensors")
 
 
 # ---- embeddings and the layers ReLoRA cannot restart ---------------------------------------------------------
@@ -223,12 +221,11 @@ def test_lora_on_the_embedding_is_merged_and_restarted(base_dir: Path) -> None:
     layers = lora_layers(model)
     assert "default" in layers["base_model.model.model.embed_tokens"].lora_embedding_A
     before = _logits(model)
-    relora = ReLoRA(4, 0.9, "magnitude", cpu_offload=False, seed=7)
-    relora.restart(model, None, step=4)
+    ReLoRA(4, 0.9, "magnitude", cpu_offload=False, seed=7).restart(model, None, step=4)
     torch.testing.assert_close(_logits(model), before, atol=2e-5, rtol=1e-5)
     a, b = _factors(layers["base_model.model.model.embed_tokens"])
     assert torch.count_nonzero(a) == 0 and b.std() > 0.5  # peft's start: the update is zero again
-    torch.testing.assert_close(_logits(merged_model(model, relora.masters)), before, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(merged_model(model)), before, atol=2e-5, rtol=1e-5)
 
 
 def test_layers_relora_cannot_merge_are_refused_with_the_reason(base_dir: Path, tmp_path: Path) -> None:
@@ -385,6 +382,7 @@ def test_a_run_with_restarts_trains_and_saves_the_merged_model(tmp_path: Path, b
 
     from dolphin_train.recipe import set_up_run
     from dolphin_train.train.outputs import save_final_model
+    from dolphin_train.train.relora import merged_model
 
     # 4-bit with the paper's near-full reset of the moments (magnitude pruning keeps the largest first and
     # second moments apart, and a kept first moment over a zeroed second one takes an outsized step)
@@ -402,15 +400,14 @@ def test_a_run_with_restarts_trains_and_saves_the_merged_model(tmp_path: Path, b
     assert rates == pytest.approx([1e-2 * jagged.multiplier(s) for s in range(10)])
     assert rates[4] == pytest.approx(1e-5)
     model = run.trainer.model
-    relora = next(c for c in run.trainer.callback_handler.callbacks if isinstance(c, ReLoRA))
-    layers = lora_layers(model)
-    assert relora.masters.keys() == (set(layers) if four_bit else set())  # a float32 base is its own sum
+    layers, sums = lora_layers(model), sums_of(model)
+    assert sums.keys() == (set(layers) if four_bit else set())  # a float32 base is its own sum
     # the final model: each adapted layer's float32 sum plus the last update (over a 4-bit base not the 4-bit
     # copy the last cycle trained over: that copy is the sum quantised)
-    expected = {n.removeprefix("base_model.model.") + ".weight": relora.masters[n] + lora_delta(layer, "cpu")
+    expected = {n.removeprefix("base_model.model.") + ".weight": sums[n] + lora_delta(layer, "cpu")
                 for n, layer in layers.items() if four_bit}  # fmt: skip
     in_memory = None if four_bit else _logits(model.eval())
-    run.trainer.model = relora.merged_model(model)
+    run.trainer.model = merged_model(model)
     save_final_model(run.trainer, run.cfg.output_dir)
     out = Path(run.cfg.output_dir)
     assert not (out / "adapter_model.safetensors").exists()

@@ -429,10 +429,9 @@ def _train_run(run: Run, show: Any) -> dict[str, Any]:
     if run.rows.eval is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
     if cfg.relora:  # the base weights changed at every restart: an adapter alone would not describe them
-        from dolphin_train.train.relora import ReLoRA
+        from dolphin_train.train.relora import merged_model
 
-        relora = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReLoRA))
-        trainer.model = relora.merged_model(trainer.model)
+        trainer.model = merged_model(trainer.model)
     save_final_model(trainer, cfg.output_dir)
     if cfg.llmcompressor and is_main:
         from dolphin_train.train.sparsity import save_recipe

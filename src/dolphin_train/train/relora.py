@@ -168,6 +168,18 @@ def keeps_a_sum(weight: Any) -> bool:
     return is_4bit(weight) or weight.dtype != torch.float32
 
 
+SUMS_ATTRIBUTE = "relora_sums"
+
+
+def sums_of(model: Any) -> dict[str, torch.Tensor]:
+    """The float32 sums of a model's adapted layers, by layer name. They are kept on the (peft) model itself, as
+    part of what its weights are: `merged_model(model)` alone gives the final model."""
+    sums = model.__dict__.get(SUMS_ATTRIBUTE)
+    if sums is None:
+        sums = model.__dict__[SUMS_ATTRIBUTE] = {}
+    return sums
+
+
 def kept_sum_values(model: Any) -> int:
     """How many float32 values the run's sums hold once every adapted layer has one (for `plan`)."""
     return sum(layer.in_features * layer.out_features for layer in lora_layers(model).values()
@@ -204,9 +216,10 @@ def set_base(layer: Any, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def merge_lora_into_base(model: Any, sums: dict[str, torch.Tensor], cpu_offload: bool = False) -> None:
+def merge_lora_into_base(model: Any, cpu_offload: bool = False) -> None:
     """Add each layer's LoRA update to its float32 sum (started from the base weight at the first restart, kept
     in CPU memory with `cpu_offload`) and store the sum as the base weight; a float32 weight is its own sum."""
+    sums = sums_of(model)
     for name, layer in lora_layers(model).items():
         weight = _base_weight(layer)
         device = "cpu" if cpu_offload else weight.device
@@ -300,10 +313,10 @@ def lora_parameters(model: Any) -> list[torch.nn.Parameter]:
 SUMS_FORMAT = "relora-float32-sums"  # the file's metadata: what its tensors are
 
 
-def base_tensors(model: Any, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def base_tensors(model: Any) -> dict[str, torch.Tensor]:
     """The adapted layers' merged weights in float32: the kept sums, and the float32 weights that are their
     own sums."""
-    tensors = {}
+    sums, tensors = sums_of(model), {}
     for name, layer in lora_layers(model).items():
         merged = sums.get(name)
         if merged is None:
@@ -312,7 +325,7 @@ def base_tensors(model: Any, sums: dict[str, torch.Tensor]) -> dict[str, torch.T
     return tensors
 
 
-def save_base(model: Any, sums: dict[str, torch.Tensor], directory: str | Path) -> Path:
+def save_base(model: Any, directory: str | Path) -> Path:
     """Written into a checkpoint through a temporary name: a file cut off mid-write is never read as a
     complete one."""
     from safetensors.torch import save_file
@@ -320,13 +333,13 @@ def save_base(model: Any, sums: dict[str, torch.Tensor], directory: str | Path) 
     path = Path(directory, BASE_FILE)
     partial = path.with_suffix(".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(base_tensors(model, sums), str(partial), metadata={"format": SUMS_FORMAT})
+    save_file(base_tensors(model), str(partial), metadata={"format": SUMS_FORMAT})
     os.replace(partial, path)
     return path
 
 
 @torch.no_grad()
-def load_base(model: Any, sums: dict[str, torch.Tensor], path: str | Path, cpu_offload: bool = False) -> None:
+def load_base(model: Any, path: str | Path, cpu_offload: bool = False) -> None:
     """The merged weights of a checkpoint back into the model: the sums kept as they were saved, and the
     weights the next cycle trains over derived from them as a restart derives them."""
     from safetensors import safe_open
@@ -338,7 +351,7 @@ def load_base(model: Any, sums: dict[str, torch.Tensor], path: str | Path, cpu_o
         raise DolphinError(f"{path} holds ReLoRA weights in an older format (merged into the 4-bit or 16-bit "
                            "weights, which lost most of each update); resume from a checkpoint written by this "
                            "version, or start the run again")  # fmt: skip
-    tensors = load_file(str(path))
+    tensors, sums = load_file(str(path)), sums_of(model)
     for name, layer in lora_layers(model).items():
         weight = _base_weight(layer)
         saved = tensors[f"{name}.weight"]
@@ -350,11 +363,11 @@ def load_base(model: Any, sums: dict[str, torch.Tensor], path: str | Path, cpu_o
 
 
 @torch.no_grad()
-def merged_model(model: Any, sums: dict[str, torch.Tensor]) -> Any:
+def merged_model(model: Any) -> Any:
     """The whole model with everything merged, as a plain transformers model: each adapted layer's float32 sum
     (or float32 weight) plus the current LoRA update, stored in the weight's dtype (a 4-bit base dequantised);
     trained token rows and saved modules merged by peft."""
-    layers = lora_layers(model)
+    layers, sums = lora_layers(model), sums_of(model)
     merged = {}
     for name, layer in layers.items():
         total = sums.pop(name, None)  # the run is over: the sum itself takes the last update
@@ -379,14 +392,13 @@ def merged_model(model: Any, sums: dict[str, torch.Tensor]) -> Any:
 
 
 class ReLoRA(CheckpointPart):
-    """Restarts LoRA at the start of every `restart_steps`-th optimizer step, keeping the merged weights'
-    float32 sums (`masters`, by layer name); writes them into each checkpoint and loads them on resume."""
+    """Restarts LoRA at the start of every `restart_steps`-th optimizer step; writes the merged weights' float32
+    sums into each checkpoint and loads them on resume."""
 
     def __init__(self, restart_steps: int, prune_ratio: float, prune_method: str, cpu_offload: bool, seed: int,
                  resume_from: str | None = None) -> None:  # fmt: skip
         self.restart_steps, self.prune_ratio, self.prune_method = restart_steps, prune_ratio, prune_method
         self.cpu_offload, self.seed, self.resume_from = cpu_offload, seed, resume_from
-        self.masters: dict[str, torch.Tensor] = {}
         self.restarts = 0
         self._last_restart_step = -1
 
@@ -407,17 +419,13 @@ class ReLoRA(CheckpointPart):
     def restart(self, model: Any, optimizer: Any, step: int) -> None:
         """Merge, restart LoRA and prune its optimizer states: the restart that opens step `step + 1`."""
         index = step // self.restart_steps
-        merge_lora_into_base(model, self.masters, self.cpu_offload)
+        merge_lora_into_base(model, self.cpu_offload)
         restart_lora(model, torch.Generator().manual_seed(restart_seed(self.seed, index, 0)))
         if optimizer is not None:
             prune_optimizer_states(optimizer, lora_parameters(model), self.prune_ratio, self.prune_method,
                                    torch.Generator().manual_seed(restart_seed(self.seed, index, 1)))  # fmt: skip
         self.restarts = index
         log.info("ReLoRA restart %d at step %d: LoRA merged into the base and started again", index, step)
-
-    def merged_model(self, model: Any) -> Any:
-        """The run's final model (see `merged_model`); the sums are used up."""
-        return merged_model(model, self.masters)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if self.resume_from is None:
@@ -430,7 +438,7 @@ class ReLoRA(CheckpointPart):
         if not path.exists():
             raise DolphinError(f"resume_from_checkpoint: {self.resume_from} lacks {BASE_FILE}, the base weights "
                                f"after {self.restarts} ReLoRA restart(s); resume from another checkpoint")  # fmt: skip
-        load_base(model, self.masters, path, self.cpu_offload)
+        load_base(model, path, self.cpu_offload)
         log.info("ReLoRA: base weights after %d restart(s) loaded from %s", self.restarts, path)
         return control
 
@@ -445,4 +453,4 @@ class ReLoRA(CheckpointPart):
     def save_into_checkpoint(self, directory: str, model: Any, step: int) -> None:
         """After the first restart, the merged weights (the rule `files_a_checkpoint_needs` checks)."""
         if merged_restarts(step, self.restart_steps) > 0:
-            save_base(model, self.masters, directory)
+            save_base(model, directory)
