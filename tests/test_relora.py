@@ -209,6 +209,27 @@ def test_the_checkpointed_sums_give_a_resumed_model_the_same_weights(base_dir: P
         load_base(fresh, tmp_path / "old.safetensors")
 
 
+def test_a_weight_repacked_for_bitsandbytes_cpu_kernel_is_requantised_with_its_own_settings(base_dir: Path) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes' evaluation forward repacks a 4-bit weight for its kernel (double
+    quantisation undone, bfloat16 scales) and keeps the original settings aside: the restart quantises with those
+    (built here with bitsandbytes' own repacking, whatever this CPU is)."""
+    import bitsandbytes.functional as bnbf
+
+    from dolphin_train.train.relora import set_base
+
+    layer = next(iter(lora_layers(_lora_model(base_dir, four_bit=True, targets=["q_proj"])).values()))
+    weight = layer.get_base_layer().weight
+    full = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert weight.quant_state.packing_format_for_cpu and not weight.quant_state.nested
+    set_base(layer, full)
+    state = weight.quant_state
+    assert state.nested and state.dtype == torch.float32 and not getattr(state, "packing_format_for_cpu", False)
+    packed, expected = bnbf.quantize_4bit(full, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(weight.data, packed)
+    assert torch.equal(bnbf.dequantize_4bit(weight.data, state), bnbf.dequantize_4bit(packed, expected))
+
+
 # ---- embeddings and the layers ReLoRA cannot restart ---------------------------------------------------------
 
 

@@ -8,9 +8,11 @@ learning-rate schedule (train/schedule.py) warms up again after each restart.
 The merged weights are kept in float32 ("the sums"), one per adapted layer whose weight cannot hold them: a
 4-bit weight (an NF4 step is about a tenth of a weight: an update of a few per cent would mostly round back to
 the old code) or a 16-bit one (a bfloat16 step is 0.4-0.8% of a value). The weight the next cycle trains over
-is the sum quantised (or rounded) again, and the final model is the last sum plus the last update. The first
-sum is the dequantised 4-bit base: the weights LoRA was trained against (the full-precision originals are not
-kept by transformers' 4-bit loading).
+is the sum quantised (or rounded) again, so a cycle trains over a copy that has rounded away most of a small
+sum, but nothing is lost: the final model is the last sum plus the last update. The first sum is the
+dequantised 4-bit base, the weights LoRA was trained against (transformers' 4-bit loading does not keep the
+full-precision originals; post/merge.py merges a QLoRA adapter into the same dequantised base). The sums
+live on the model (`sums_of`), part of what its weights are: `merged_model(model)` alone gives the final model.
 
 Because the base weights change at every restart, a saved adapter alone no longer describes the model: each
 checkpoint after the first restart also holds the sums (`relora_base.safetensors`), written with the model's
@@ -85,12 +87,13 @@ def _unsupported(layer: Any) -> str | None:
 
     if getattr(layer, "lora_variant", None):  # DoRA, MiCA, ...: a peft variant, not a plain B @ A update
         kinds = {_variant_name(v) for v in layer.lora_variant.values()}
-        return f"a {'/'.join(sorted(kinds))} layer (ReLoRA merges plain LoRA updates B @ A)"
+        return f"a {'/'.join(sorted(kinds))} layer (ReLoRA merges plain LoRA updates B @ A): train a plain LoRA adapter"
     if not isinstance(layer, (Linear, Embedding)) and not _is_4bit_linear(layer):
         kind = type(layer).__name__
-        return f"a LoRA {kind} layer (ReLoRA merges and restarts linear, 4-bit linear and embedding layers)"
+        return (f"a LoRA {kind} layer (ReLoRA merges and restarts linear, 4-bit linear and embedding layers): "
+                "leave it out of lora_target_modules")  # fmt: skip
     if len(layer.lora_A) + len(layer.lora_embedding_A) != 1:
-        return f"{len(layer.lora_A) + len(layer.lora_embedding_A)} adapters (ReLoRA merges one)"
+        return f"{len(layer.lora_A) + len(layer.lora_embedding_A)} adapters (ReLoRA merges one): use one adapter"
     return None
 
 
@@ -122,8 +125,7 @@ def refuse_unsupported_layers(model: Any) -> None:
     for name, layer in layers.items():
         reason = _unsupported(layer)
         if reason:
-            problems.append(f"relora: true cannot restart {_plain_name(name)}: {reason}; leave it out of "
-                            "lora_target_modules")  # fmt: skip
+            problems.append(f"relora: true cannot restart {_plain_name(name)}: {reason}")
             continue
         base = _plain_name(name) + ".base_layer"
         shared = [o for o in owners.get(id(_base_weight(layer)), []) if o not in (base, _plain_name(name))]
