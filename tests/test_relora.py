@@ -472,6 +472,27 @@ def test_resume_between_restarts_continues_exactly(tmp_path: Path, base_dir: Pat
                                                      resume_from_checkpoint=str(resumed / "out" / "checkpoint-6"))))
 
 
+def test_a_checkpoint_without_the_merged_weights_is_not_one_to_resume_from(tmp_path: Path) -> None:
+    """A checkpoint after a restart that lacks relora_base.safetensors (written by an earlier version, or by a run
+    without relora): `auto` skips it for an earlier one, a named one is refused saying what it lacks."""
+    from dolphin_train.errors import DolphinError
+    from dolphin_train.train.control import latest_complete_checkpoint, resolve_resume
+
+    out = tmp_path / "out"
+    for step in (3, 6):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (out / f"checkpoint-{step}" / "rng_state.pth").write_bytes(b"")
+    cfg = validate_mapping(tiny_config(tmp_path, **RELORA, resume_from_checkpoint="auto"))
+    assert latest_complete_checkpoint(out) == out / "checkpoint-6"  # complete as the Trainer sees it
+    assert resolve_resume(cfg) == str(out / "checkpoint-3")  # before the first restart: nothing else needed
+    (out / "checkpoint-6" / BASE_FILE).write_bytes(b"")
+    assert resolve_resume(cfg) == str(out / "checkpoint-6")
+    (out / "checkpoint-6" / BASE_FILE).unlink()
+    with pytest.raises(DolphinError, match=f"checkpoint-6 lacks {BASE_FILE}, which this run needs"):
+        resolve_resume(cfg.model_copy(update={"resume_from_checkpoint": str(out / "checkpoint-6")}))
+
+
 class Killed(BaseException):
     """Stands for the process being killed (not an Exception: nothing in the Trainer catches it)."""
 
