@@ -253,6 +253,18 @@ def test_a_relora_plan_says_when_it_restarts_and_what_it_saves(capsys: pytest.Ca
     assert "merged into the base and restarted every 150 steps" in out and "the output is the merged model" in out
 
 
+def test_a_relora_plan_counts_the_float32_sums_where_they_are_kept() -> None:
+    """Phi-2 with every linear layer adapted (32 layers of q, k, v and dense, 2560 x 2560, and fc1 and fc2,
+    2560 x 10240): ReLoRA keeps 2,516,582,400 float32 values, on the GPU unless relora_cpu_offload."""
+    cfg = load_config(REPO / "configs/phi2-qlora.yml", {"relora": True, "jagged_restart_steps": 150})
+    on_gpu = make_plan(cfg, gpus=1, gpu_memory=80 * GiB).memory
+    offloaded = make_plan(cfg.model_copy(update={"relora_cpu_offload": True}), gpus=1, gpu_memory=80 * GiB).memory
+    sums = 4 * 32 * (4 * 2560 * 2560 + 2 * 2560 * 10240)
+    assert on_gpu.params.relora_sum_bytes == sums
+    assert on_gpu.weights - offloaded.weights == sums
+    assert any("ReLoRA's float32 merged weights: 9.4 GiB, in CPU memory" in n for n in offloaded.notes)
+
+
 # ---- the plan and a training run decide alike -----------------------------------------------------------
 
 TINY_SHAPES = {

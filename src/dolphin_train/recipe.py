@@ -350,7 +350,7 @@ def set_up_run(cfg: Config) -> Run:
     if cfg.relora:
         from dolphin_train.train.relora import ReLoRA
 
-        trainer.add_callback(ReLoRA.from_config(cfg, resume))
+        trainer.add_callback(ReLoRA.from_config(cfg, trainer.model, resume))
     return Run(cfg, runtime, tok, prepared, rows, schedule, trainer, resume, before_model, planned, metrics)
 
 

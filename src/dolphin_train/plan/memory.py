@@ -126,6 +126,7 @@ class ParameterInventory:
     autocast_copy_largest_layer: int
     head_copy_bytes: int
     embeddings_trained: str = ""  # with an adapter: "rows" (of added tokens), "in full", "rows and in full" or ""
+    relora_sum_bytes: int = 0  # ReLoRA's float32 merged weights (train/relora.py), wherever they are kept
 
 
 def four_bit_bytes_per_param(double_quant: bool, block: int = NF4_BLOCK) -> float:
@@ -206,6 +207,11 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision_bytes: int,
             layer_copy += copy if id(param) in layer_ids else 0
     embeddings = model.get_input_embeddings().weight
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    relora_sums = 0
+    if cfg.relora:
+        from dolphin_train.train.relora import kept_sum_values
+
+        relora_sums = 4 * kept_sum_values(model)
     rows, full = any("trainable_tokens_delta" in n for n in trained), any("modules_to_save" in n for n in trained)
     return ParameterInventory(
         total=total,
@@ -224,6 +230,7 @@ def inventory(model: Any, cfg: Config, sharding: Sharding, precision_bytes: int,
         autocast_copy_largest_layer=layer_copy,
         head_copy_bytes=head_copy,
         embeddings_trained=" and ".join(w for w, on in (("rows", rows), ("in full", full)) if on),
+        relora_sum_bytes=relora_sums,
     )
 
 
@@ -318,8 +325,10 @@ class _Weights:
     gathered: int  # ZeRO-3 / FSDP: the layer computed and the one prefetched, in the compute dtype
 
 
-def weights_part(params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Weights:
+def weights_part(cfg: Config, params: ParameterInventory, sharding: Sharding, precision_bytes: int) -> _Weights:
     stored = 0 if sharding.offload_params else params.weight_bytes // sharding.weights
+    if not cfg.relora_cpu_offload:  # ReLoRA's sums, on the GPU from the first restart on
+        stored += params.relora_sum_bytes
     gathered = 0
     if sharding.weights > 1:  # the embeddings are gathered whole when they are used
         gathered = 2 * max(params.largest_layer_params, params.embedding_params) * precision_bytes
@@ -447,7 +456,7 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     """The parts at each of four moments of a step; the peak is the largest."""
     precision_bytes = PRECISION_BYTES[matmul_precision(cfg, runtime)]
     gpus = runtime.world_size
-    weights = weights_part(params, sharding, precision_bytes)
+    weights = weights_part(cfg, params, sharding, precision_bytes)
     grads = gradients_part(cfg, params, sharding, precision_bytes)
     optimizer = optimizer_part(params, sharding)
     acts = activations_part(cfg, params, trace, autocast, runtime.device)
@@ -478,6 +487,9 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
         notes.append("optimizer states and float32 master weights live in CPU memory (offload)")
     if cfg.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states can move to CPU memory under pressure")
+    if params.relora_sum_bytes:
+        where = "in CPU memory (relora_cpu_offload)" if cfg.relora_cpu_offload else "counted in the weights"
+        notes.append(f"ReLoRA's float32 merged weights: {params.relora_sum_bytes / GiB:.1f} GiB, {where}")
     return MemoryEstimate(
         weights=weights.stored,
         gradients=part_grads,

@@ -354,7 +354,7 @@ def render(plan: Plan) -> list[Any]:
         overview.add_row("adapter", f"{cfg.adapter} r={cfg.lora_r}{bits}{said.get(m.params.embeddings_trained, '')}")
         if cfg.relora:
             overview.add_row("ReLoRA", f"merged into the base and restarted every {cfg.jagged_restart_steps} steps; "
-                             "checkpoints also hold the adapted base weights, the output is the merged model")
+                             "checkpoints also hold the float32 merged weights, the output is the merged model")
     if plan.model.token_ids:
         overview.add_row("tokens", plan.model.token_ids)
     overview.add_row("precision", m.precision + (", chunked cross-entropy" if m.chunked_loss else ""))

@@ -22,9 +22,31 @@ log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+class CheckpointPart(TrainerCallback):
+    """A callback whose own state a checkpoint must hold to continue the run (ReLoRA's merged weights).
+    DolphinTrainer writes it with the model's files: before trainer_state.json, the file that makes a
+    checkpoint count as complete, and before the Trainer deletes older checkpoints (`save_total_limit`), so a
+    run killed while it is written leaves an incomplete checkpoint and the previous complete one."""
+
+    def save_into_checkpoint(self, directory: str, model: Any, step: int) -> None:
+        """Write this part's state into the checkpoint `directory` of optimizer step `step` (the files that
+        `files_a_checkpoint_needs` names)."""
+        raise NotImplementedError
+
+
+def files_a_checkpoint_needs(cfg: Config | None, step: int) -> list[str]:
+    """Beyond the Trainer's own files, what a run of this config needs in a checkpoint of step `step`: the
+    ReLoRA merged weights once a restart has happened."""
+    if cfg is None or not (cfg.relora and cfg.jagged_restart_steps):
+        return []
+    from dolphin_train.train.relora import BASE_FILE, merged_restarts
+
+    return [BASE_FILE] if merged_restarts(step, cfg.jagged_restart_steps) > 0 else []
+
+
 def checkpoint_is_complete(path: Path) -> bool:
-    """transformers writes trainer_state.json last (after weights, optimizer, scheduler and RNG states):
-    a checkpoint cut off mid-write lacks it, or holds a truncated one."""
+    """transformers writes trainer_state.json last (after weights, optimizer, scheduler and RNG states, and
+    our CheckpointParts): a checkpoint cut off mid-write lacks it, or holds a truncated one."""
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -32,12 +54,19 @@ def checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
+def missing_for_run(path: Path, cfg: Config | None) -> list[str]:
+    """Files a complete checkpoint lacks that this config's run needs to continue from it (a checkpoint written
+    without them: by an earlier version, or by a run with other settings)."""
+    return [f for f in files_a_checkpoint_needs(cfg, checkpoint_step(path)) if not (path / f).exists()]
+
+
 def checkpoint_step(path: str | Path) -> int:
     """The optimizer step a complete checkpoint was saved at."""
     return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
 
 
-def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+def latest_complete_checkpoint(output_dir: str | Path, cfg: Config | None = None) -> Path | None:
+    """The newest checkpoint a run can continue from (with `cfg`, one holding what that run needs)."""
     out = Path(output_dir)
     if not out.is_dir():
         return None
@@ -46,9 +75,12 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
         reverse=True,
     )
     for _, path in found:
-        if checkpoint_is_complete(path):
+        if not checkpoint_is_complete(path):
+            log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
+        elif missing := missing_for_run(path, cfg):
+            log.warning("Skipping %s: it lacks %s, which this run needs to continue", path, ", ".join(missing))
+        else:
             return path
-        log.warning("Skipping %s: incomplete (interrupted while it was written)", path)
     return None
 
 
@@ -94,7 +126,7 @@ def resolve_resume(cfg: Config) -> str | None:
     if value is None:
         return None
     if value is True or value in ("auto", "true"):
-        last = latest_complete_checkpoint(cfg.output_dir)
+        last = latest_complete_checkpoint(cfg.output_dir, cfg)
         if last is None and value == "auto":
             log.info("resume_from_checkpoint: auto: no checkpoint in %s, starting fresh", cfg.output_dir)
         elif last is None:
@@ -107,6 +139,10 @@ def resolve_resume(cfg: Config) -> str | None:
         raise DolphinError(f"resume_from_checkpoint: {value} is not a directory")
     if not checkpoint_is_complete(path):
         raise DolphinError(f"resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json)")
+    if missing := missing_for_run(path, cfg):
+        raise DolphinError(f"resume_from_checkpoint: {value} lacks {', '.join(missing)}, which this run needs to "
+                           "continue from it (relora: the merged weights after its restarts); resume from another "
+                           "checkpoint")  # fmt: skip
     refuse_weights_only(path, value)
     return str(path)
 

@@ -79,7 +79,7 @@ def compute_schedule(cfg: Config, rows: int, world_size: int, has_eval: bool) ->
     return TrainingSchedule(batch, rows, micro_batches, steps_per_epoch, total, warmup, eval_steps, save_steps)
 
 
-# axolotl's defaults for the jagged schedule, and its lowest multiplier (its default `cosine_min_lr_ratio`).
+# axolotl's defaults for the jagged schedule, and its lowest multiplier without `cosine_min_lr_ratio`.
 DEFAULT_RESTART_WARMUP = 10
 DEFAULT_RESTART_ANNEAL = 1
 JAGGED_MIN_SCALE = 0.001
@@ -87,9 +87,10 @@ JAGGED_MIN_SCALE = 0.001
 
 @dataclass(frozen=True)
 class JaggedRestarts:
-    """`jagged_restart_steps`: the learning rate multiplied by a factor that falls to JAGGED_MIN_SCALE at each
+    """`jagged_restart_steps`: the learning rate multiplied by a factor that falls to `min_scale` at each
     restart, rises back over `warmup` steps after it and, from the first restart on, falls over `anneal` steps
-    before the next one (axolotl's jagged schedule, same steps and values)."""
+    before the next one (axolotl's jagged schedule, same steps and values; `min_scale` is
+    `cosine_min_lr_ratio`, or JAGGED_MIN_SCALE without one, as axolotl takes it)."""
 
     every: int
     warmup: int = DEFAULT_RESTART_WARMUP
@@ -113,9 +114,10 @@ class JaggedRestarts:
 def jagged_restarts(cfg: Config) -> JaggedRestarts | None:
     if not cfg.jagged_restart_steps:
         return None
-    # `0` (or axolotl's `false`) means the default, as in axolotl
+    # `0` (or axolotl's `false`) means the default, as in axolotl; so does a `cosine_min_lr_ratio` of 0
     return JaggedRestarts(cfg.jagged_restart_steps, cfg.jagged_restart_warmup_steps or DEFAULT_RESTART_WARMUP,
-                          cfg.jagged_restart_anneal_steps or DEFAULT_RESTART_ANNEAL)  # fmt: skip
+                          cfg.jagged_restart_anneal_steps or DEFAULT_RESTART_ANNEAL,
+                          cfg.cosine_min_lr_ratio or JAGGED_MIN_SCALE)  # fmt: skip
 
 
 def cosine_then_constant_factor(step: int, warmup: int, total: int, min_ratio: float, constant_ratio: float) -> float:

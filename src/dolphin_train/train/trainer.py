@@ -11,12 +11,15 @@ over the whole evaluation set and all processes: the same number however the set
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dolphin_train.data.encode import IGNORE_INDEX
+from dolphin_train.train.control import CheckpointPart
 from dolphin_train.train.generation_eval import GenerationEval
 from dolphin_train.train.in_backward import OptimizerInBackward
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
@@ -60,8 +63,8 @@ class LossTally:
 class DolphinTrainer(Trainer):
     """transformers.Trainer with methods its documentation invites subclasses to override: `compute_loss`,
     `evaluation_loop` (which adds the generation table and metrics when asked for: generation_eval.py),
-    `training_step` (which counts each micro-batch's FLOPs) and `log` (which adds the throughput figures to
-    each training log)."""
+    `training_step` (which counts each micro-batch's FLOPs), `log` (which adds the throughput figures to
+    each training log) and `save_model` (which writes the CheckpointParts into a checkpoint)."""
 
     _eval_tally: LossTally | None = None
 
@@ -112,6 +115,20 @@ class DolphinTrainer(Trainer):
         if created and self.lr_multiplier is not None:
             self.lr_scheduler = multiplied_schedule(scheduler, self.lr_multiplier)
         return self.lr_scheduler
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's own save; into a checkpoint, also every CheckpointPart callback's state (ReLoRA's merged
+        weights). The Trainer saves the model first in a checkpoint, before the optimizer, the scheduler, the
+        random-number states and trainer_state.json, which makes the checkpoint count as complete, and before
+        it deletes older checkpoints; `on_save` comes after all of these."""
+        super().save_model(output_dir, _internal_call)
+        step = self.state.global_step
+        into_checkpoint = output_dir is not None and Path(output_dir).name == f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if not (into_checkpoint and self.args.should_save):
+            return
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CheckpointPart):
+                callback.save_into_checkpoint(output_dir, self.model, step)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.throughput is not None:
