@@ -89,6 +89,7 @@ def make_trainer(
     schedule: TrainingSchedule,
     resuming: bool = False,
 ) -> Any:
+    from dolphin_train.model.attention import takes_sequence_boundaries
     from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
     from dolphin_train.model.loftq import has_loftq_base
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
@@ -121,7 +122,7 @@ def make_trainer(
         args=args,
         train_dataset=rows.train,
         eval_dataset=eval_rows,
-        data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
+        data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to, boundaries=takes_sequence_boundaries(model)),
         processing_class=tok.tokenizer,
         chunked_head=_chunked_loss_head(cfg, model, liger_fuses_loss(liger)),
         throughput=_throughput_meter(cfg, runtime, model),
