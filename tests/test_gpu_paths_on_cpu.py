@@ -169,8 +169,7 @@ def _step_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flash: bool) -
 
 
 @pytest.mark.slow
-def test_seed_recipe_in_miniature_flash_path_gives_the_sdpa_losses(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_seed_recipe_in_miniature_flash_path_gives_the_sdpa_losses(tmp_path: Path, monkeypatch: Any) -> None:
     flash, run = _step_losses(tmp_path / "flash", monkeypatch, flash=True)
     assert run.runtime.attn_implementation == FA2_VARLEN
     assert run.trainer.model.config._attn_implementation == FA2_VARLEN
@@ -192,8 +191,8 @@ def _generate(model: Any, backend: str, prompts: list[list[int]], steps: int = 6
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     model.set_attn_implementation(backend)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                             use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=True,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
     return out.sequences, torch.stack(out.logits)
 
 
@@ -314,3 +313,49 @@ def test_the_adapter_gives_each_signature_the_same_attention(kernel: str, window
     left = -1 if window is None else window - 1
     want = ref.attend(q, k, v, cu_q, cu_k, scale=0.2, causal=True, window=(left, 0))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+# ---- 6. the Gemma 4 hybrid split and the backend choice ---------------------------------------------------
+
+
+def test_gemma4_hybrid_sliding_layers_run_the_entry_point_packed_at_micro_batch_3() -> None:
+    """The sliding-window layers get flash-attn through our entry point (the reference kernel here), the
+    global layer SDPA with transformers' block-diagonal mask: packed rows at micro batch 3 = each alone."""
+    from transformers import Gemma4ForCausalLM
+
+    from dolphin_train.model.attention import register_hybrid_attention, use_hybrid_attention
+    from test_gemma4 import tiny_text_config
+
+    torch.manual_seed(0)
+    reference = Gemma4ForCausalLM._from_config(tiny_text_config(), attn_implementation="sdpa").eval()
+    hybrid = Gemma4ForCausalLM._from_config(tiny_text_config(), attn_implementation=register_hybrid_attention())
+    hybrid.load_state_dict(reference.state_dict())
+    assert use_hybrid_attention(hybrid.eval(), sliding=_backend("flash_attn_2")) == 1
+    batch, alone = _packed_batch(LENGTHS, boundaries=True, vocab=2048)
+    with torch.no_grad():
+        packed = hybrid(**batch, use_cache=False).logits
+        expected = [reference(input_ids=ids).logits[0] for ids in alone]
+    for got, want in zip(_per_conversation(packed, LENGTHS), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert [(c["kernel"], c["window_size"]) for c in ref.CALLS] == [("flash_attn_2", (3, 0))]  # layer 0 only
+
+
+@pytest.mark.parametrize(("keys", "machine", "backend"), [
+    ({"flash_attention": True}, "cuda+flash-attn", FA2_VARLEN),
+    ({"attention": "flash"}, "cuda+flash-attn", FA2_VARLEN),
+    ({"attn_implementation": "flash_attention_2"}, "cpu", FA2_VARLEN),
+    ({"attn_implementation": "flash"}, "cpu", FA2_VARLEN),
+    ({"attn_implementation": "flash_attention_3"}, "cpu", "dolphin_fa3_varlen"),
+    ({"flash_attention": True}, "cuda", VARLEN),
+    ({"flash_attention": True}, "cpu", "sdpa"),
+])  # fmt: skip
+def test_every_flash_choice_resolves_to_our_entry_point(keys: dict, machine: str, backend: str) -> None:
+    from dolphin_train.config.load import validate_mapping
+    from dolphin_train.config.machine import Machine
+    from dolphin_train.config.resolve import resolve_attention
+
+    cuda = machine.startswith("cuda")
+    described = Machine(device="cuda" if cuda else "cpu", bf16=cuda, tf32=cuda, varlen_attention=cuda,
+                        flash_attn=machine.endswith("flash-attn"), liger=False)  # fmt: skip
+    cfg = validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}], **keys})
+    assert resolve_attention(cfg, described)[0] == backend
