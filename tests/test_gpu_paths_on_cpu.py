@@ -313,6 +313,11 @@ def test_the_adapter_gives_each_signature_the_same_attention(kernel: str, window
     left = -1 if window is None else window - 1
     want = ref.attend(q, k, v, cu_q, cu_k, scale=0.2, causal=True, window=(left, 0))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if window is None:  # decoding: one query per sequence, its last token
+        one = torch.tensor([0, 1, 2], dtype=torch.int32)
+        got = adapter(q[[6, 8]], k, v, one, cu_k, 1, 7, scale=0.2)
+        want = ref.attend(q[[6, 8]], k, v, one, cu_k, scale=0.2, causal=True)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 # ---- 6. the Gemma 4 hybrid split and the backend choice ---------------------------------------------------

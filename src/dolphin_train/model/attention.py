@@ -71,16 +71,17 @@ class _PositionBoundaries:
     pass receives the same position-ids tensor, so the first layer derives them and the others reuse them."""
 
     def __init__(self) -> None:
-        self._source: tuple[Any, int, Boundaries] | None = None
+        self._source: tuple[Any, tuple[int, int, int], Boundaries] | None = None
 
     def __call__(self, position_ids: torch.Tensor, batch: int, length: int) -> Boundaries:
+        key = (position_ids._version, batch, length)  # the same tensor, unchanged, for the same shape
         if self._source is not None:
-            ref, version, found = self._source
-            if ref() is position_ids and version == position_ids._version:
+            ref, source_key, found = self._source
+            if ref() is position_ids and source_key == key:
                 return found
         cu, longest = cu_seqlens_from_position_ids(position_ids.expand(batch, length))
         found = (cu, cu, longest, longest)
-        self._source = (weakref.ref(position_ids), position_ids._version, found)
+        self._source = (weakref.ref(position_ids), key, found)
         return found
 
 

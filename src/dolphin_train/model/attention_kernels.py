@@ -98,7 +98,9 @@ class VarlenKernel:
         kwargs: dict[str, Any] = {}
         q, k, v = self._heads(q, k, v, kwargs)
         q = self._scale(q, scale, kwargs)
-        self._mask(sliding_window, kwargs)
+        # One query per sequence (decoding): it is the sequence's last token and sees every key, which needs no
+        # causal mask, so no reliance on how a kernel aligns one when there are fewer queries than keys.
+        self._mask(max_q > 1 or sliding_window is not None, sliding_window, kwargs)
         if softcap:
             kwargs["softcap"] = softcap
         if self.dropout:
@@ -123,16 +125,14 @@ class VarlenKernel:
         default = q.shape[-1] ** -0.5  # the kernel's own scale: scale the queries by what differs
         return q if scale == default else q * (scale / default)
 
-    def _mask(self, sliding_window: int | None, kwargs: dict[str, Any]) -> None:
+    def _mask(self, causal: bool, sliding_window: int | None, kwargs: dict[str, Any]) -> None:
         # A window of w tokens (transformers' convention, the current one included) is w - 1 keys to the left.
         left = -1 if sliding_window is None else sliding_window - 1
-        if "causal" in self.params:
-            kwargs["causal"] = True
-        elif "is_causal" in self.params:
-            kwargs["is_causal"] = True
-        causal_flag = "causal" in self.params or "is_causal" in self.params
-        if self.window and (left >= 0 or not causal_flag):  # PyTorch 2.11+: the window says causal too
-            kwargs["window_size"] = (left, 0)
+        flag = "causal" if "causal" in self.params else "is_causal" if "is_causal" in self.params else None
+        if flag:
+            kwargs[flag] = causal
+        if self.window and (left >= 0 or not flag):  # PyTorch 2.11+: the window says causal, (-1, 0), too
+            kwargs["window_size"] = (left, 0) if causal else (-1, -1)
 
 
 def torch_varlen_kernel() -> VarlenKernel:
