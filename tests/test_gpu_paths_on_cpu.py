@@ -4,7 +4,20 @@ PyTorch's CUDA kernels, checked against eager/SDPA attention in float32: packed 
 each conversation alone, generation with the KV cache (left padding included), Mistral's sliding window,
 Gemma-2's logit softcap and query scale, GQA, and every PyTorch varlen signature from 2.10 to 2.13. The
 seed recipe's shape in miniature trains through the flash-attn code path with the same per-step loss as SDPA.
-scripts/gpu_check.sh runs the real kernels on a GPU (tests/test_gpu.py)."""
+scripts/gpu_check.sh runs the real kernels on a GPU (tests/test_gpu.py).
+
+The attention code that only a CUDA machine reaches, and what runs it here:
+- flash-attn 2's kernel (`flash_attention: true` with flash-attn, `attn_implementation: flash_attention_2`):
+  the entry point with `flash_attn_varlen_func`'s reference, and the recipe through the very import of
+  `flash_attn` (test_seed_recipe...); the CUDA kernel itself: gpu_check (no stand-in can be it).
+- flash-attn 3's kernel: the entry point with its reference; the kernel needs a Hopper GPU and a build of
+  flash-attn 3, which gpu_check does not have.
+- PyTorch's varlen kernel (chosen only on CUDA): the entry point with each signature's reference; the CUDA
+  kernel: gpu_check.
+- The cast of float32 inputs to 16-bit for the CUDA kernels (`_kernel_dtype`, full fine-tuning under
+  autocast): it acts on CUDA tensors only; gpu_check (test_varlen_backend_under_autocast_with_float32_weights).
+- The choice of backend on a machine with CUDA and flash-attn: resolved here for a described machine.
+- The Gemma 4 hybrid split's sliding-window layers: the entry point with the flash-attn 2 reference."""
 
 from __future__ import annotations
 
@@ -364,3 +377,18 @@ def test_every_flash_choice_resolves_to_our_entry_point(keys: dict, machine: str
                         flash_attn=machine.endswith("flash-attn"), liger=False)  # fmt: skip
     cfg = validate_mapping({"base_model": "m", "datasets": [{"path": "d.jsonl"}], **keys})
     assert resolve_attention(cfg, described)[0] == backend
+
+
+def test_non_causal_attention_and_attention_sinks_are_refused() -> None:
+    from dolphin_train.model.attention import packed_attention_forward
+
+    kernel = VarlenKernel(ref.flash_attn_varlen_func)
+    q = torch.randn(1, 2, 5, 8)
+    layer = torch.nn.Module()
+    layer.is_causal = False
+    with pytest.raises(UnsupportedAttention, match="bidirectional attention"):
+        packed_attention_forward(layer, q, q, q, None, kernel=kernel)
+    with pytest.raises(UnsupportedAttention, match="attention sinks"):
+        packed_attention_forward(torch.nn.Module(), q, q, q, None, kernel=kernel, s_aux=torch.zeros(2))
+    out, _ = packed_attention_forward(torch.nn.Module(), q, q, q, None, kernel=kernel)
+    assert out.shape == (1, 5, 2, 8)
