@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 VARLEN = "dolphin_varlen"
 FA2_VARLEN = "dolphin_fa2_varlen"
 FA3_VARLEN = "dolphin_fa3_varlen"
+SDPA_VARLEN = "dolphin_sdpa_varlen"  # PyTorch SDPA as the kernel: any device, what a kernel lacking a window falls to
 OUR_FLASH = {"flash_attention_2": FA2_VARLEN, "flash_attention_3": FA3_VARLEN}
 # `gemma4_hybrid_attn_impl`: flash-attn for sliding-window layers, SDPA for global ones (model/attention.py)
 HYBRID = "dolphin_gemma4_hybrid"

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from dolphin_train.config.resolve import FA2_VARLEN, FA3_VARLEN, FLEX_COMPILED, HYBRID, VARLEN
+from dolphin_train.config.resolve import FA2_VARLEN, FA3_VARLEN, FLEX_COMPILED, HYBRID, SDPA_VARLEN, VARLEN
 from dolphin_train.model.attention_kernels import (
     UnsupportedAttention,
     VarlenKernel,
     flash_attn_2_kernel,
     flash_attn_3_kernel,
+    sdpa_kernel,
     torch_varlen_kernel,
 )
 
@@ -38,6 +39,7 @@ BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 # Our backends and the kernel each runs.
 BACKEND_KERNELS: dict[str, Callable[[], VarlenKernel]] = {
     VARLEN: torch_varlen_kernel, FA2_VARLEN: flash_attn_2_kernel, FA3_VARLEN: flash_attn_3_kernel,
+    SDPA_VARLEN: sdpa_kernel,
 }  # fmt: skip
 
 Boundaries = tuple[torch.Tensor, torch.Tensor, int, int]  # cu_seqlens_q, cu_seqlens_k, max_q, max_k
@@ -225,10 +227,11 @@ def backend_for_model(name: str, kernel: VarlenKernel, config: Any, longest: int
     missing = kernel.missing(window, softcap, dropout)
     if not missing:
         return name, None
-    fallback = "eager" if "attention logit softcap" in missing else "sdpa"
     model = getattr(config, "model_type", "the model")
-    return fallback, (f"{kernel.name} has no {' or '.join(missing)}, which {model} uses: {fallback} instead "
-                      "(block-diagonal mask when packed)")  # fmt: skip
+    if missing == ["sliding window"]:  # our entry point still, with SDPA as the kernel
+        return SDPA_VARLEN, f"{kernel.name} has no sliding window, which {model} uses: PyTorch SDPA instead"
+    return "eager", (f"{kernel.name} has no {' or '.join(missing)}, which {model} uses: eager attention instead "
+                     "(block-diagonal mask when packed)")  # fmt: skip
 
 
 def hybrid_mask(*args: Any, local_size: int | None = None, **kwargs: Any) -> torch.Tensor | None:

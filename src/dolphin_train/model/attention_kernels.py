@@ -16,7 +16,8 @@ whose keyword arguments changed at every release from 2.10 to 2.12. Rather than 
 | grouped-query heads | native | repeat k/v heads | `enable_gqa=True`, else repeat | k/v heads repeated (exact) |
 | attention dropout | `dropout_p=` (flash-attn 2) | none | none | refused |
 
-"Refused" raises `UnsupportedAttention`; `model/load.py` checks the model's needs first (`missing_features`)
+`sdpa_varlen_attn` is PyTorch SDPA in the same spelling (every feature but the softcap, on any device).
+"Refused" raises `UnsupportedAttention`; `model/load.py` checks the model's needs first (`backend_for_model`)
 and picks a backend that has them, so a refusal at run time means a caller bypassed that check. Both kernels
 align the causal mask to the bottom right when a sequence has fewer queries than keys (decoding with a cache).
 """
@@ -133,6 +134,40 @@ class VarlenKernel:
             kwargs[flag] = causal
         if self.window and (left >= 0 or not flag):  # PyTorch 2.11+: the window says causal, (-1, 0), too
             kwargs["window_size"] = (left, 0) if causal else (-1, -1)
+
+
+def sdpa_varlen_attn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                     cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: float | None = None,
+                     window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False,
+                     dropout_p: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """PyTorch SDPA as a variable-length kernel, in `varlen_attn`'s spelling (its window convention: (-1, 0)
+    causal, (W, 0) causal with W keys to the left): each sequence padded to the longest, one row each, with
+    a mask of its own keys (causal from the bottom right, the window). For any device; memory grows with
+    sequences x longest^2, at most what SDPA's block-diagonal mask over packed rows takes."""
+    n = cu_seq_q.numel() - 1
+    len_q, len_k = cu_seq_q.diff(), cu_seq_k.diff()
+    pos_q = torch.arange(max_q, device=query.device)
+    pos_k = torch.arange(max_k, device=query.device)
+    real_q = pos_q[None] < len_q[:, None]  # (sequences, max_q); row-major order is the packed order
+    real_k = pos_k[None] < len_k[:, None]
+    padded = [t.new_zeros(n, width, *t.shape[1:]) for t, width in ((query, max_q), (key, max_k), (value, max_k))]
+    padded[0][real_q], padded[1][real_k], padded[2][real_k] = query, key, value
+    i = pos_q[None, :, None] + (len_k - len_q)[:, None, None]  # each query's position among its keys
+    j = pos_k[None, None, :]
+    allowed = real_k[:, None, :].expand(n, max_q, max_k).clone()
+    if window_size[1] >= 0:
+        allowed &= j <= i + window_size[1]
+    if window_size[0] >= 0:
+        allowed &= j >= i - window_size[0]
+    allowed[..., 0] |= ~real_q  # padding queries (dropped below) see one key rather than none: no NaN
+    q, k, v = (t.transpose(1, 2) for t in padded)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale,
+                                                           enable_gqa=enable_gqa, dropout_p=dropout_p)  # fmt: skip
+    return out.transpose(1, 2)[real_q]
+
+
+def sdpa_kernel() -> VarlenKernel:
+    return VarlenKernel(sdpa_varlen_attn, "PyTorch SDPA (each sequence padded)")
 
 
 def torch_varlen_kernel() -> VarlenKernel:

@@ -158,16 +158,18 @@ def _gathered(params: list[Any]) -> Any:
 
 def register_attention(cfg: Config, runtime: RuntimeSettings, config: Any) -> str:
     """Register the resolved attention backend with transformers and return the name the model loads with:
-    ours with its kernel, unless the kernel lacks what this model's attention computes (a sliding window its
-    rows outgrow, a logit softcap), in which case the transformers backend that has it, with a warning."""
+    ours with its kernel, unless the kernel lacks what this model's attention computes, with a warning: a
+    sliding window its rows outgrow (our entry point with SDPA as the kernel), a logit softcap or dropout
+    (transformers' eager attention)."""
     name = runtime.attn_implementation
     if name in BACKEND_KERNELS:
         kernel = BACKEND_KERNELS[name]()
         chosen, why = backend_for_model(name, kernel, config, cfg.sequence_len)
         if why:
             log.warning("Attention: %s", why)
-            return chosen
-        register_packed_attention(name, kernel)
+            name, kernel = chosen, BACKEND_KERNELS.get(chosen, lambda: None)()
+        if kernel is not None:
+            register_packed_attention(name, kernel)
     if name == HYBRID:
         register_hybrid_attention()
         register_backend(FA2_VARLEN)  # what the sliding-window layers run
