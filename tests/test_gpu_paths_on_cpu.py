@@ -158,7 +158,8 @@ def test_transformers_flash_path_sees_packing_only_in_a_batch_of_one() -> None:
 # ---- 2. the seed recipe in miniature through the flash-attn code path ----------------------------------------
 
 
-def _step_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flash: bool) -> tuple[list[float], Any]:
+def _step_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flash: bool,
+                 flash_attention: bool = True) -> tuple[list[float], Any]:  # fmt: skip
     """configs/llama3-8b.yml's shape with the repository's tiny Llama: micro batch 3, packing padded to the
     sequence length, `flash_attention: true`, float32. `flash`: this CPU described as a machine with flash-attn,
     whose `flash_attn_varlen_func` is the reference (a stand-in `flash_attn` package)."""
@@ -174,7 +175,7 @@ def _step_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flash: bool) -
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:24]]
     raw = tiny_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), sequence_len=256, sample_packing=True,
                       pad_to_sequence_len=True, micro_batch_size=3, gradient_accumulation_steps=2,
-                      flash_attention=True, max_steps=3, max_grad_norm=1.0, train_on_inputs=False,
+                      flash_attention=flash_attention, max_steps=3, max_grad_norm=1.0, train_on_inputs=False,
                       weight_decay=0.05, lr_scheduler="cosine", warmup_steps=0)  # fmt: skip
     run = set_up_run(validate_mapping(raw))
     run.trainer.train()
@@ -190,10 +191,13 @@ def test_seed_recipe_in_miniature_flash_path_gives_the_sdpa_losses(tmp_path: Pat
     kernels = {c["kernel"] for c in ref.CALLS}
     packed_rows = max(len(c["cu_q"]) - 1 for c in ref.CALLS)
     assert kernels == {"flash_attn_2"} and packed_rows > 3  # the reference ran, over several sequences per row
-    sdpa, run = _step_losses(tmp_path / "sdpa", monkeypatch, flash=False)
-    assert run.trainer.model.config._attn_implementation == "sdpa"
+    sdpa, run = _step_losses(tmp_path / "sdpa", monkeypatch, flash=False, flash_attention=False)
+    assert run.trainer.model.config._attn_implementation == "sdpa"  # transformers' SDPA, block-diagonal mask
     assert len(flash) == len(sdpa) == 3
     np.testing.assert_allclose(flash, sdpa, rtol=0, atol=1e-5)
+    cpu, run = _step_losses(tmp_path / "cpu", monkeypatch, flash=False)  # the flash path on a CPU: SDPA kernel
+    assert run.trainer.model.config._attn_implementation == SDPA_VARLEN
+    np.testing.assert_allclose(cpu, sdpa, rtol=0, atol=1e-5)
 
 
 # ---- 3. generation with the KV cache, batched with left padding (D2) -----------------------------------------
@@ -367,7 +371,7 @@ def test_gemma4_hybrid_sliding_layers_run_the_entry_point_packed_at_micro_batch_
     ({"attn_implementation": "flash"}, "cpu", FA2_VARLEN),
     ({"attn_implementation": "flash_attention_3"}, "cpu", "dolphin_fa3_varlen"),
     ({"flash_attention": True}, "cuda", VARLEN),
-    ({"flash_attention": True}, "cpu", "sdpa"),
+    ({"flash_attention": True}, "cpu", SDPA_VARLEN),
 ])  # fmt: skip
 def test_every_flash_choice_resolves_to_our_entry_point(keys: dict, machine: str, backend: str) -> None:
     from dolphin_train.config.load import validate_mapping

@@ -81,7 +81,8 @@ def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
         if machine.varlen_attention:
             return VARLEN, "flash_attention: true, flash-attn not installed: PyTorch's varlen flash attention"
         reason = "no CUDA device" if machine.device != "cuda" else "neither flash-attn nor PyTorch varlen attention"
-        return "sdpa", f"flash_attention: true, but {reason}: using PyTorch SDPA (block-diagonal mask when packed)"
+        return SDPA_VARLEN, (f"flash_attention: true, but {reason}: PyTorch SDPA through our packed-attention "
+                             "entry point (each conversation padded to the longest, with its own mask)")  # fmt: skip
     if cfg.sdp_attention:
         return "sdpa", "sdp_attention: true: PyTorch SDPA (block-diagonal mask when packed)"
     return "sdpa", "PyTorch SDPA (block-diagonal mask when packed)"
