@@ -207,7 +207,7 @@ def load_model(
             )
         except OSError as exc:
             raise DolphinError(f"cannot load the model {cfg.base_model!r}: {exc}") from None
-    if kwargs["attn_implementation"] == HYBRID:
+    if runtime.attn_implementation == HYBRID:
         handed = use_hybrid_attention(model)
         log.info("gemma4_hybrid_attn_impl: %d sliding-window attention layers on flash-attn, the others on SDPA",
                  handed)  # fmt: skip
