@@ -28,6 +28,10 @@ transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__v
 python3 -c "import importlib.util as u; print('liger-kernel', bool(u.find_spec('liger_kernel')), '| torchao', \
 bool(u.find_spec('torchao')), '| flash-attn', bool(u.find_spec('flash_attn')))" 2>&1 | tee -a "$OUT/env.txt"
 
+# Attention (issue 22), in the tests stage: tests/test_gpu.py runs our one attention entry point on the real
+# kernels (PyTorch's varlen attention; flash-attn where a wheel of it is in .whl/, see gpu_wheels.sh): packed
+# rows at micro batch 3 against each conversation alone, generation with the KV cache and left padding against
+# SDPA (tests/test_gpu_paths_on_cpu.py runs the same code on the CPU with reference kernels).
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
@@ -35,10 +39,6 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
-# Attention (issue 22), in the tests stage: tests/test_gpu.py runs our one attention entry point on the real
-# kernels (PyTorch's varlen attention; flash-attn where a wheel of it is in .whl/, see gpu_wheels.sh): packed
-# rows at micro batch 3 against each conversation alone, generation with the KV cache and left padding against
-# SDPA (tests/test_gpu_paths_on_cpu.py runs the same code on the CPU with reference kernels).
 stage tests "${GPU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 stage memory "${GPU_MEMORY_S:-180}" python3 scripts/gpu_memory_check.py \
   --cases "${GPU_MEMORY_CASES:-8b-qlora-8gib,8b-full-1gpu,8b-qlora-16k}" --out "$OUT/memory.json" --timeout 120
