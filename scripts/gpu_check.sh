@@ -32,6 +32,10 @@ transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__v
 python3 -c "import importlib.util as u; print('liger-kernel', bool(u.find_spec('liger_kernel')), '| torchao', \
 bool(u.find_spec('torchao')), '| flash-attn', bool(u.find_spec('flash_attn')))" 2>&1 | tee -a "$OUT/env.txt"
 
+# Attention (issue 22), in the tests stage: tests/test_gpu.py runs our one attention entry point on the real
+# kernels (PyTorch's varlen attention; flash-attn where a wheel of it is in .whl/, see gpu_wheels.sh): packed
+# rows at micro batch 3 against each conversation alone, generation with the KV cache and left padding against
+# SDPA (tests/test_gpu_paths_on_cpu.py runs the same code on the CPU with reference kernels).
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"

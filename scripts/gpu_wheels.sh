@@ -2,6 +2,8 @@
 # Download, on the development machine, the wheels that the GPU machine's image lacks or holds in other
 # versions (it has torch, accelerate, numpy, pyarrow, pyyaml, rich, tiktoken, pytest), into .whl/, for
 # scripts/gpu_check.sh. bitsandbytes is slimmed to its CUDA 13 and CPU libraries to fit the transfer.
+# flash-attn has no wheel on PyPI (only a source archive, a long CUDA build): put a flash_attn wheel built for
+# the GPU image's torch, CUDA and Python into .whl/ by hand to have gpu_check.sh test it; it is skipped otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .git/info

@@ -3,14 +3,12 @@ the CPU with a reference kernel in place of the CUDA flash kernel; scripts/gpu_c
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from dolphin_train.data.packing import PackedRows
-from dolphin_train.model.attention import cu_seqlens_from_position_ids, no_mask, varlen_attention_forward
+from dolphin_train.model.attention import cu_seqlens_from_position_ids, register_packed_attention
 from dolphin_train.train.collator import ChatCollator
 
 CALLS: list[int] = []
@@ -35,8 +33,7 @@ def test_cu_seqlens_from_restarting_positions_and_rows() -> None:
 
 
 def test_varlen_backend_matches_sdpa_on_packed_rows() -> None:
-    AttentionInterface.register("test_varlen", functools.partial(varlen_attention_forward, kernel=reference_varlen))
-    AttentionMaskInterface.register("test_varlen", no_mask)
+    register_packed_attention("test_varlen", reference_varlen)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
     torch.manual_seed(0)

@@ -259,7 +259,7 @@ def test_attention_names_choose_the_backend() -> None:
     assert backend(attn_implementation="sdp") == ("sdpa", "set by attn_implementation")
     assert backend(attn_implementation="xformers") == backend(xformers_attention=True) == ("sdpa", XFORMERS_NOTE)
     assert backend(attention="xformers")[0] == "sdpa"
-    assert backend(attention="flash")[0] == "sdpa"  # the flash path, which falls back to SDPA without CUDA
+    assert backend(attention="flash")[0] == "dolphin_sdpa_varlen"  # the flash path: SDPA as its kernel without CUDA
     assert "flash_attention: true, but no CUDA device" in backend(attention="flash")[1]
 
 

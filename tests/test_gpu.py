@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dolphin_train.config.machine import torch_varlen_available
-from dolphin_train.model.attention import register_varlen_attention
+from dolphin_train.config.resolve import FA2_VARLEN, VARLEN
+from dolphin_train.model.attention import register_backend, register_varlen_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,20 +36,65 @@ def _alone(model, batch, lengths):
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "dolphin_varlen", "flash_attention_2"])
-def test_packed_rows_never_attend_across_conversations(backend: str) -> None:
-    if backend == "dolphin_varlen" and not torch_varlen_available():
+def _real_backend(name: str) -> str:
+    """One of our backends with its real CUDA kernel, registered; skipped where the kernel is missing."""
+    if name == VARLEN and not torch_varlen_available():
         pytest.skip("torch.nn.attention.varlen is not available")
-    if backend == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    if name == FA2_VARLEN and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
-    if backend == "dolphin_varlen":
-        register_varlen_attention()
+    return register_backend(name) if name != "sdpa" else name
+
+
+@pytest.mark.parametrize("backend", ["sdpa", VARLEN, FA2_VARLEN])
+def test_packed_rows_never_attend_across_conversations(backend: str) -> None:
+    backend = _real_backend(backend)
     model, batch, lengths = _model_and_batch()
     with torch.no_grad():
         reference = _alone(model, batch, lengths)  # each conversation alone, SDPA
         model.set_attn_implementation(backend)
         packed = model(**batch).logits
     torch.testing.assert_close(packed.float(), reference.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", [VARLEN, FA2_VARLEN])
+def test_packed_micro_batch_3_equals_each_conversation_alone_on_the_real_kernels(backend: str) -> None:
+    """Issue 22's D1 on the CUDA kernels: three packed rows collated as training collates them (sequence
+    boundaries from the collator), each conversation against itself alone under SDPA, bf16."""
+    from test_gpu_paths_on_cpu import _packed_batch, _per_conversation
+
+    backend = _real_backend(backend)
+    model, _, _ = _model_and_batch()
+    lengths = [[300, 17, 180], [700, 5], [1024]]
+    batch, alone = _packed_batch(lengths, boundaries=True, vocab=1000)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        reference = [model(input_ids=ids.cuda()).logits[0].float() for ids in alone]
+        model.set_attn_implementation(backend)
+        packed = model(**batch, use_cache=False).logits.float()
+    for got, want in zip(_per_conversation(packed, lengths), reference, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", [VARLEN, FA2_VARLEN])
+def test_generation_with_the_cache_on_the_real_kernels(backend: str) -> None:
+    """Issue 22's D2 on the CUDA kernels: greedy generation with the KV cache, three prompts left-padded;
+    each step's logits against SDPA run without a cache over the generated sequences (teacher forcing)."""
+    backend = _real_backend(backend)
+    model, _, _ = _model_and_batch()
+    prompts = [[5, 17, 3, 44, 8, 120, 7], [9, 2], [61, 7, 7, 30]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    model.set_attn_implementation(backend)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, width:])], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        model.set_attn_implementation("sdpa")
+        reference = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions).logits.float()
+    steps = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
+    torch.testing.assert_close(steps, reference[:, width - 1 : -1], atol=5e-2, rtol=5e-2)
 
 
 def test_varlen_backend_under_autocast_with_float32_weights() -> None:

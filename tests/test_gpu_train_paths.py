@@ -1,5 +1,5 @@
 """The training paths written for a GPU, on the real kernels: what the stand-ins of
-tests/test_gpu_paths_on_cpu_train.py cannot run. Liger with and without the fused LoRA MLP (which MLP runs,
+tests/test_gpu_paths_on_cpu.py cannot run. Liger with and without the fused LoRA MLP (which MLP runs,
 its loss, and the activations it keeps against what `plan` counts), compiled layers under inductor/Triton
 with packing's changing lengths, the in-backward optimizer step compiled by torchao, the throughput meter
 without a synchronisation, the peak memory from the start of training. Skipped without a GPU; run by

@@ -90,6 +90,7 @@ def make_trainer(
     schedule: TrainingSchedule,
     resuming: bool = False,
 ) -> Any:
+    from dolphin_train.model.attention import takes_sequence_boundaries
     from dolphin_train.model.load import compile_layers, convert_to_float8, load_model
     from dolphin_train.model.loftq import has_loftq_base
     from dolphin_train.train.arguments import build_training_arguments, liger_fuses_loss, liger_settings
@@ -112,6 +113,10 @@ def make_trainer(
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
+    # Sequence boundaries in the batch for our attention entry point. Not with Liger's fused loss: the model
+    # hands its extra kwargs to the loss too, and Liger releases before its kwargs filter pass them to a kernel
+    # that refuses them; the attention then reads the boundaries from the position ids, once per forward.
+    boundaries = takes_sequence_boundaries(model) and not liger_fuses_loss(liger)
     eval_rows = rows.eval
     if eval_rows is not None and runtime.world_size > 1:
         eval_rows = PaddedToEvenShards(
@@ -122,7 +127,7 @@ def make_trainer(
         args=args,
         train_dataset=rows.train,
         eval_dataset=eval_rows,
-        data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to=pad_to),
+        data_collator=ChatCollator(tok.tokenizer.pad_token_id, pad_to, boundaries=boundaries),
         processing_class=tok.tokenizer,
         chunked_head=_chunked_loss_head(cfg, model, liger_fuses_loss(liger)),
         throughput=_throughput_meter(cfg, runtime, model),

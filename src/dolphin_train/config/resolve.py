@@ -15,7 +15,15 @@ from dolphin_train.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 
-VARLEN = "dolphin_varlen"  # PyTorch's varlen flash attention, registered with transformers by model/attention.py
+# Our variable-length attention entry point (model/attention.py) with each kernel: PyTorch's varlen flash
+# attention, flash-attn 2, flash-attn 3. transformers' own `flash_attention_2/3` names are read as these: its
+# flash path keeps packed rows apart only at micro batch size 1. (No "flash" in the names: transformers gives
+# names holding it flash-specific treatment, such as loading a hub kernel.)
+VARLEN = "dolphin_varlen"
+FA2_VARLEN = "dolphin_fa2_varlen"
+FA3_VARLEN = "dolphin_fa3_varlen"
+SDPA_VARLEN = "dolphin_sdpa_varlen"  # PyTorch SDPA as the kernel: any device, what a kernel lacking a window falls to
+OUR_FLASH = {"flash_attention_2": FA2_VARLEN, "flash_attention_3": FA3_VARLEN}
 # `gemma4_hybrid_attn_impl`: flash-attn for sliding-window layers, SDPA for global ones (model/attention.py)
 HYBRID = "dolphin_gemma4_hybrid"
 
@@ -52,12 +60,16 @@ XFORMERS_NOTE = (
 
 
 def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
-    """Pick the attention backend. Packed rows stay exact with every choice: flash-attn and transformers'
-    SDPA path both derive sequence boundaries from the restarting position ids."""
+    """Pick the attention backend. Packed rows stay exact with every choice: our variable-length entry point
+    takes the sequence boundaries from the batch (model/attention.py), SDPA and eager a block-diagonal mask
+    that transformers builds from the restarting position ids."""
     if cfg.gemma4_hybrid_attn_impl:
         return resolve_hybrid_attention(machine)
     if "xformers" in (cfg.attn_implementation, cfg.attention) or cfg.xformers_attention:
         return "sdpa", XFORMERS_NOTE
+    if cfg.attn_implementation and cfg.attention_backend in OUR_FLASH:
+        return OUR_FLASH[cfg.attention_backend], (f"set by attn_implementation ({cfg.attention_backend}'s kernel "
+                                                  "through our packed-attention entry point)")  # fmt: skip
     if cfg.attn_implementation:
         return cfg.attention_backend, "set by attn_implementation"
     flash = cfg.flash_attention or cfg.attention == "flash"  # axolotl's `attention: flash`: the best flash path
@@ -65,11 +77,12 @@ def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
         return cfg.attention_backend, "set by attention"
     if flash:
         if machine.flash_attn:
-            return "flash_attention_2", "flash_attention: true and flash-attn is installed"
+            return FA2_VARLEN, "flash_attention: true and flash-attn is installed: its varlen kernel"
         if machine.varlen_attention:
             return VARLEN, "flash_attention: true, flash-attn not installed: PyTorch's varlen flash attention"
         reason = "no CUDA device" if machine.device != "cuda" else "neither flash-attn nor PyTorch varlen attention"
-        return "sdpa", f"flash_attention: true, but {reason}: using PyTorch SDPA (block-diagonal mask when packed)"
+        return SDPA_VARLEN, (f"flash_attention: true, but {reason}: PyTorch SDPA through our packed-attention "
+                             "entry point (each conversation padded to the longest, with its own mask)")  # fmt: skip
     if cfg.sdp_attention:
         return "sdpa", "sdp_attention: true: PyTorch SDPA (block-diagonal mask when packed)"
     return "sdpa", "PyTorch SDPA (block-diagonal mask when packed)"

@@ -11,15 +11,18 @@ import logging
 from typing import Any
 
 from dolphin_train.config.load import missing_local_model
-from dolphin_train.config.resolve import FLEX_COMPILED, HYBRID, VARLEN, RuntimeSettings
+from dolphin_train.config.resolve import FA2_VARLEN, FLEX_COMPILED, HYBRID, RuntimeSettings
 from dolphin_train.config.schema import Config, unfrozen_pattern
 from dolphin_train.errors import DolphinError
 from dolphin_train.model.adapters import apply_adapter, compute_dtype, quantization_config
 from dolphin_train.model.attention import (
+    BACKEND_KERNELS,
+    backend_for_model,
     check_hybrid_layers,
+    register_backend,
     register_compiled_flex_attention,
     register_hybrid_attention,
-    register_varlen_attention,
+    register_packed_attention,
     use_hybrid_attention,
 )
 from dolphin_train.model.quantised import keep_standard_layout
@@ -154,6 +157,28 @@ def _gathered(params: list[Any]) -> Any:
     return contextlib.nullcontext()
 
 
+def register_attention(cfg: Config, runtime: RuntimeSettings, config: Any) -> str:
+    """Register the resolved attention backend with transformers and return the name the model loads with:
+    ours with its kernel, unless the kernel lacks what this model's attention computes, with a warning: a
+    sliding window its rows outgrow (our entry point with SDPA as the kernel), a logit softcap or dropout
+    (transformers' eager attention)."""
+    name = runtime.attn_implementation
+    if name in BACKEND_KERNELS:
+        kernel = BACKEND_KERNELS[name]()
+        chosen, why = backend_for_model(name, kernel, config, cfg.sequence_len)
+        if why:
+            log.warning("Attention: %s", why)
+            name, kernel = chosen, BACKEND_KERNELS.get(chosen, lambda: None)()
+        if kernel is not None:
+            register_packed_attention(name, kernel)
+    if name == HYBRID:
+        register_hybrid_attention()
+        register_backend(FA2_VARLEN)  # what the sliding-window layers run
+    if name == FLEX_COMPILED:
+        register_compiled_flex_attention(cfg.flex_attn_compile_kwargs or {})
+    return name
+
+
 def load_model(
     cfg: Config, runtime: RuntimeSettings, tok: LoadedTokenizer, weights_from_checkpoint: bool = False
 ) -> Any:
@@ -163,15 +188,9 @@ def load_model(
 
     config = load_model_config(cfg)
     cls = model_class(cfg)
-    if runtime.attn_implementation == VARLEN:
-        register_varlen_attention()
     if cfg.gemma4_hybrid_attn_impl:
         check_hybrid_layers(config)
-    if runtime.attn_implementation == HYBRID:
-        register_hybrid_attention()
-    if runtime.attn_implementation == FLEX_COMPILED:
-        register_compiled_flex_attention(cfg.flex_attn_compile_kwargs or {})
-    kwargs = {"dtype": load_dtype(cfg, runtime), "attn_implementation": runtime.attn_implementation}
+    kwargs = {"dtype": load_dtype(cfg, runtime), "attn_implementation": register_attention(cfg, runtime, config)}
     quantization = quantization_config(cfg, runtime)
     if quantization is not None:
         kwargs["quantization_config"] = quantization

@@ -1,8 +1,10 @@
 """Batch rows into tensors.
 
 Every batch carries position ids that restart at 0 for each conversation (and for the padding), and no
-attention mask: that is how transformers recognises packed sequences (flash-attn varlen, or a
-block-diagonal mask for SDPA/eager). One format for packed and unpacked rows means one code path: an
+attention mask: that is how transformers recognises packed sequences (a block-diagonal mask for SDPA/eager).
+For our variable-length attention backends (`boundaries`), the batch also carries the sequence boundaries
+over the flattened rows (`cu_seq_lens_q/k`, `max_length_q/k`), computed here once per batch on the CPU, which
+the model hands to every attention layer. One format for packed and unpacked rows means one code path: an
 unpacked padded row is simply a row holding one conversation and a padding "sequence".
 """
 
@@ -19,6 +21,7 @@ class ChatCollator:
     pad_token_id: int
     pad_to: int | None = None  # sequence_len when pad_to_sequence_len, else pad to the longest row
     pad_to_multiple_of: int = 8  # friendlier shapes for GPU kernels; pads are never trained
+    boundaries: bool = False  # add the sequence boundaries (the model runs our variable-length attention)
 
     def padded_length(self, rows: list[dict[str, list[int]]]) -> int:
         if self.pad_to:
@@ -42,4 +45,9 @@ class ChatCollator:
             position_ids[i, :k] = torch.tensor(row["position_ids"])
             # Padding forms its own "sequence" (positions restart at 0), so it never joins the last one.
             position_ids[i, k:] = torch.arange(length - k)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.boundaries:
+            from dolphin_train.model.attention import sequence_boundaries
+
+            batch.update(sequence_boundaries(position_ids))
+        return batch
