@@ -20,7 +20,8 @@ The attention code that only a CUDA machine reaches, and what runs it here:
 - The Gemma 4 hybrid split's sliding-window layers: the entry point with the flash-attn 2 reference.
 
 Further down, the training side: the code written for a GPU, run on the CPU through stand-ins: Liger beside
-the fused LoRA MLP (issue 22, D5) and beside LoRA on the output head, fp16 with the optimizer step in the backward pass (D6), the
+the fused LoRA MLP (issue 22, D5) and beside LoRA on the output head, fp16 with the optimizer step in the
+backward pass (D6), the
 throughput meter without a device synchronisation per micro batch, the peak memory measured from the start of
 training, compiled layers under inductor with the shapes packing produces, the Trainer's activation offloading
 and the compiled in-backward optimizer step.
