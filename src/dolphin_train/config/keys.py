@@ -1,5 +1,5 @@
-"""What every section of the schema is built from: `key()`, the documented field, and `Strict`, the base of
-every settings model (frozen, no unknown keys)."""
+"""What every section of the schema is built from: `key()`, the documented field; `Strict`, the base of
+every settings model (frozen, no unknown keys); `Section`, the base of the section classes."""
 
 from __future__ import annotations
 
@@ -34,3 +34,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", protected_namespaces=(), populate_by_name=True, allow_inf_nan=False
     )
+
+
+class Section(Strict):
+    """The base of the section classes under `config/sections/`. Only `Config`, which composes them, validates
+    configs, so the sections' own validators are not built (building them would only slow every import)."""
+
+    model_config = ConfigDict(defer_build=True)

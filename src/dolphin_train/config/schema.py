@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from dolphin_train.config.checks import CrossSectionChecks
 from dolphin_train.config.keys import SECTIONS, key
@@ -106,6 +106,8 @@ class Config(
     CrossSectionChecks,
 ):
     """A whole run. Immutable once loaded; values derived from it live in `RuntimeSettings` and plans."""
+
+    model_config = ConfigDict(defer_build=False)  # built at import, unlike its sections (keys.Section)
 
     @model_validator(mode="before")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, Strict, key
 
 
 class LoftQSettings(Strict):
@@ -37,7 +37,7 @@ class PeftSettings(Strict):
     )  # fmt: skip
 
 
-class AdapterKeys(Strict):
+class AdapterKeys(Section):
     """The adapter trained instead of all the weights, its rank, targets and variants."""
 
     adapter: Literal["lora", "qlora"] | None = key(
@@ -109,7 +109,7 @@ class AdapterKeys(Strict):
         return "lm_head" in (targets or [])
 
 
-class LoRAKernelKeys(Strict):
+class LoRAKernelKeys(Section):
     """Fused functions for the LoRA-adapted projections. A class apart from `AdapterKeys` for the reference's
     order only: these keys follow the compat keys in the `model` table."""
 

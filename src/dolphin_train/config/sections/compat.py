@@ -3,10 +3,10 @@ old kernel paths (read as their Liger equivalents, or refused with what to use i
 
 from __future__ import annotations
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, key
 
 
-class CompatKeys(Strict):
+class CompatKeys(Section):
     """axolotl's model metadata, GPTQ and old flash-attn kernel switches."""
 
     is_llama_derived_model: bool | None = key(
@@ -54,7 +54,7 @@ class CompatKeys(Strict):
     )  # fmt: skip
 
 
-class DeferredInitKeys(Strict):
+class DeferredInitKeys(Section):
     """axolotl's deferred initialisation (torchdistx). A class apart from `CompatKeys` for the reference's order
     only: this key follows the LoRA kernels in the `model` table."""
 

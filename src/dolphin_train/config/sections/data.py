@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, Strict, key
 
 # `chat_template` values: ChatML, the tokenizer's own template, and the named formats of named_templates.py
 # (listed here so that validating a config needs no import of the data stage; a test checks they agree).
@@ -119,7 +119,7 @@ class DatasetConfig(Strict):
         return {**{k: v for k, v in old.items() if v is not None}, **(self.message_property_mappings or {})}
 
 
-class DataKeys(Strict):
+class DataKeys(Section):
     """The training data, how it is formatted, masked, cut and packed."""
 
     datasets: list[DatasetConfig] = key(..., "Training data, mixed together.", "data", min_length=1)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, key
 
 # transformers' FSDP sharding options (FSDP1 names; FSDP2 reads full_shard/shard_grad_op as resharding or not).
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
 
 
-class DistributedKeys(Strict):
+class DistributedKeys(Section):
     """How the model is sharded and the processes launched."""
 
     deepspeed: str | dict[str, Any] | None = key(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, key
 
 # axolotl's plugins that map onto what dolphin-train does itself.
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
@@ -34,7 +34,7 @@ def unfrozen_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(re.sub(r"\.(?!\+)", "\\.", pattern))
 
 
-class KernelKeys(Strict):
+class KernelKeys(Section):
     """Loading switches, attention, kernels and plugins, trainable parameters and weight dtype."""
 
     low_cpu_mem_usage: Literal[True] = key(

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import field_validator
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, Strict, key
 
 # transformers' BitsAndBytesConfig parameters that `bnb_config_kwargs` may set, with the values each takes
 # (listed here so that validating a config needs no import of transformers; a test checks they agree). The
@@ -48,7 +48,7 @@ class SpecialTokens(Strict):
     unk_token: str | None = key(None, "Unknown token.", "model")
 
 
-class ModelKeys(Strict):
+class ModelKeys(Section):
     """The model to load, its tokenizer and tokens, and the quantisation of its weights."""
 
     base_model: str = key(

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, key
 
 # `eval_causal_lm_metrics` names (axolotl's list); `comet` is known so that it is refused with the reason.
 CausalLMMetric = Literal["sacrebleu", "chrf", "ter", "perplexity", "comet"]
 DEFAULT_CAUSAL_LM_METRICS = ("sacrebleu", "ter", "chrf")
 
 
-class LoggingKeys(Strict):
+class LoggingKeys(Section):
     """Logging, evaluation, checkpoints saved, experiment tracking."""
 
     logging_steps: int = key(1, "Log loss and learning rate every N optimizer steps.", "logging", ge=1)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from dolphin_train.config.keys import Strict, key
+from dolphin_train.config.keys import Section, Strict, key
 
 # Optimizers whose update can run per parameter during the backward pass (`optimizer_in_backward`).
 IN_BACKWARD_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
@@ -124,7 +124,7 @@ def _constant_pruning_targets(name: str, args: dict[str, Any]) -> list[str]:
     return targets
 
 
-class TrainingKeys(Strict):
+class TrainingKeys(Section):
     """The optimisation itself: batch, schedule, optimizer, precision, memory modes and training variants."""
 
     output_dir: str = key("./outputs", "Where checkpoints and the final model are written.")
