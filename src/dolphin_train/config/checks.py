@@ -82,6 +82,10 @@ class CrossSectionChecks:
                 problems.append(f"{old}: true asks for Liger's fused kernel, but {liger} is false")
         if self.cut_cross_entropy and self.chunked_cross_entropy is False:
             problems.append("cut_cross_entropy: true asks for the chunked loss, but chunked_cross_entropy is false")
+        if self.liger_fused_linear_cross_entropy and self.adapts_output_head:
+            problems.append("liger_fused_linear_cross_entropy: true computes the logits from the output head's "
+                            "own weight, without the LoRA adapter lora_target_modules puts on lm_head: remove "
+                            "one")  # fmt: skip
         problems += self._lisa_problems()
         problems += self._relora_problems()
         problems += self._schedule_problems() + self._packing_order_problems()
@@ -134,6 +138,9 @@ class CrossSectionChecks:
             problems.append(f"{kernels}: the fused functions apply no dropout: set lora_dropout: 0")
         if self.load_in_8bit:
             problems.append(f"{kernels}: not for 8-bit base weights; use load_in_4bit (adapter: qlora) or neither")
+        if self.lora_mlp_kernel and self.liger_kernel_config.get("swiglu"):
+            problems.append("lora_mlp_kernel: true and liger_glu_activation: true (or flash_attn_fuse_mlp) both "
+                            "replace the gated MLP's forward, and only one can run: keep one")  # fmt: skip
         if self.deepspeed or self.fsdp:
             problems.append(f"{kernels} with deepspeed/fsdp: not supported yet (the fused MLP reads its "
                             "projections' weights without calling them, where sharding gathers them)")  # fmt: skip
@@ -310,6 +317,10 @@ class CrossSectionChecks:
                 problems.append(f"{why}, before the global gradient norm is known: set max_grad_norm: 0")
             if self.deepspeed or self.fsdp:
                 problems.append(f"{why}: it is a single-GPU mode; remove deepspeed/fsdp")
+            if self.fp16:
+                problems.append(f"fp16: true with optimizer_in_backward: fp16 scales the loss and unscales (and checks "
+                                f"for inf) only at the optimizer step, but {why}, from the scaled gradient: use bf16 "
+                                "(or float16, which scales nothing)")  # fmt: skip
             if self.optimizer not in IN_BACKWARD_OPTIMIZERS:
                 problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
                                 f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip

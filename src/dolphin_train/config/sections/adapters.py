@@ -117,7 +117,8 @@ class LoRAKernelKeys(Section):
         False,
         "Run each LoRA-adapted gated MLP (Llama, Mistral, Qwen, Gemma) as one fused function that keeps half the "
         "activations the plain one keeps for the backward pass (same values and gradients; checked against the "
-        "model's own MLP before training). Needs `lora_dropout: 0`.",
+        "model's own MLP before training). Needs `lora_dropout: 0`. Where Liger's kernels apply, it runs in place "
+        "of Liger's SwiGLU/GeGLU (Liger's other kernels still apply).",
         "model",
     )
     lora_qkv_kernel: bool = key(

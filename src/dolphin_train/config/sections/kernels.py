@@ -136,7 +136,9 @@ class KernelKeys(Section):
     )
     liger_fused_linear_cross_entropy: bool | None = key(
         None,
-        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there).",
+        "Liger's fused output-head + cross-entropy kernel (with `liger_kernel`, on CUDA; on by default there). It "
+        "reads the head's weight, not its forward: off where LoRA adapts `lm_head` or the head has trained rows of "
+        "added tokens.",
         "model",
     )
     resize_token_embeddings_to_32x: bool = key(

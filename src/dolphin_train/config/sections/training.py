@@ -227,7 +227,8 @@ class TrainingKeys(Section):
         "Update each parameter during the backward pass, as soon as its gradient is complete, and free the "
         "gradient at once: full gradients are never held (for full fine-tuning on one GPU, with `bfloat16: "
         "true` and `optimizer: adamw_torch_8bit`, whose updates round stochastically). One process; needs "
-        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`; optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
+        f"`gradient_accumulation_steps: 1` and `max_grad_norm: 0`, and not `fp16` (whose loss scaling is undone only "
+        f"at the usual step); optimizers: {', '.join(IN_BACKWARD_OPTIMIZERS)}.",
     )
     lisa_n_layers: int | None = key(
         None,
@@ -249,13 +250,14 @@ class TrainingKeys(Section):
     relora: bool | None = key(
         None,
         "ReLoRA (arXiv:2307.05695): every `jagged_restart_steps` optimizer steps, merge the LoRA update into the "
-        "base weights (a 4-bit base dequantised, added to and re-quantised), start LoRA again (A drawn anew, B "
-        "zero) and prune its optimizer states (`relora_prune_ratio`), with the jagged learning-rate schedule: a "
-        "sum of low-rank updates reaches a high-rank one. Needs `adapter: lora` or `qlora` with Adam "
-        "(`adamw_torch`, `adamw_torch_fused`, bitsandbytes' AdamW); no DeepSpeed, FSDP, 8-bit base or DoRA. "
-        "Checkpoints after the first restart also hold the adapted layers' base weights "
-        "(`relora_base.safetensors`, for resuming); the final output is the whole merged model (a 4-bit base "
-        "dequantised), not an adapter.",
+        "base weights (kept in float32 for a 4-bit or 16-bit base, which the next cycle trains over quantised or "
+        "rounded again), start LoRA again (its update zero) and prune its optimizer states "
+        "(`relora_prune_ratio`), with the jagged learning-rate schedule: a sum of low-rank updates reaches a "
+        "high-rank one. Needs `adapter: lora` or `qlora` with Adam (`adamw_torch`, `adamw_torch_fused`, "
+        "bitsandbytes' AdamW); LoRA on linear layers and embeddings; no DeepSpeed, FSDP, 8-bit base or DoRA. "
+        "Checkpoints after the first restart also hold the float32 merged weights (`relora_base.safetensors`, "
+        "for resuming); the final output is the whole merged model (in the base's dtype, a 4-bit base's compute "
+        "dtype), not an adapter.",
     )
     relora_prune_ratio: float | None = key(
         None,
@@ -271,12 +273,15 @@ class TrainingKeys(Section):
         "depend on `seed` and the restart.",
     )
     relora_cpu_offload: bool | None = key(
-        None, "Do ReLoRA's merge arithmetic (the update and the float32 sum) in CPU memory, to spare GPU memory."
+        None,
+        "Keep ReLoRA's float32 merged weights (4 bytes per adapted weight of a 4-bit or 16-bit base) and do its "
+        "merge arithmetic in CPU memory, to spare GPU memory.",
     )
     jagged_restart_steps: int | None = key(
         None,
         "Optimizer steps between two ReLoRA restarts; on its own, the period of the jagged learning-rate "
-        "schedule: the configured schedule multiplied by a factor that falls to 0.001 at each restart, rises "
+        "schedule: the configured schedule multiplied by a factor that falls at each restart to "
+        "`cosine_min_lr_ratio` (0.001 without one, as in axolotl), rises "
         "back over `jagged_restart_warmup_steps` and falls over `jagged_restart_anneal_steps` before the next.",
         ge=1,
     )
