@@ -80,14 +80,20 @@ def test_no_import_circle() -> None:
 # ---- no key accepted and then ignored -----------------------------------------------------------------
 
 
+def _declares_the_schema(path: Path) -> bool:
+    """config/schema.py, config/keys.py and the section files under config/sections/."""
+    config = PACKAGE / "config"
+    return path in (config / "schema.py", config / "keys.py") or path.parent == config / "sections"
+
+
 def _names_read_by_code() -> set[str]:
     """Attribute names and string constants anywhere in the package, but for the schema's field
-    declarations; in config/schema.py only what its derived properties and checks read."""
+    declarations; in the files that declare the schema only what their derived properties and checks read."""
     names: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         nodes = ast.walk(tree)
-        if path.name == "schema.py":
+        if _declares_the_schema(path):
             methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
             nodes = (inner for method in methods for inner in ast.walk(method))
         for node in nodes:
