@@ -34,14 +34,21 @@ class CheckpointPart(TrainerCallback):
         raise NotImplementedError
 
 
+RELORA_FILE = "relora_base.safetensors"  # ReLoRA's merged weights (train/relora.py), part of a checkpoint
+
+
+def merged_restarts(global_step: int, restart_steps: int) -> int:
+    """ReLoRA restarts done once `global_step` optimizer steps are complete: a restart runs at the start of
+    step `k * restart_steps + 1`, so a checkpoint saved at a multiple of `restart_steps` predates it."""
+    return max(0, (global_step - 1) // restart_steps)
+
+
 def files_a_checkpoint_needs(cfg: Config | None, step: int) -> list[str]:
     """Beyond the Trainer's own files, what a run of this config needs in a checkpoint of step `step`: the
     ReLoRA merged weights once a restart has happened."""
     if cfg is None or not (cfg.relora and cfg.jagged_restart_steps):
         return []
-    from dolphin_train.train.relora import BASE_FILE, merged_restarts
-
-    return [BASE_FILE] if merged_restarts(step, cfg.jagged_restart_steps) > 0 else []
+    return [RELORA_FILE] if merged_restarts(step, cfg.jagged_restart_steps) > 0 else []
 
 
 def checkpoint_is_complete(path: Path) -> bool:

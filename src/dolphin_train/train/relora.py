@@ -35,11 +35,11 @@ import torch
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import ConfigError, DolphinError
 from dolphin_train.model.quantised import dequantized, dequantized_model, is_4bit, to_standard_layout
-from dolphin_train.train.control import CheckpointPart, checkpoint_step
+from dolphin_train.train.control import RELORA_FILE as BASE_FILE
+from dolphin_train.train.control import CheckpointPart, checkpoint_step, merged_restarts
 
 log = logging.getLogger(__name__)
 
-BASE_FILE = "relora_base.safetensors"
 DEFAULT_PRUNE_RATIO = 0.9
 FULL_RESET_RATIO = 0.999  # `relora_prune_method: reset` (the paper's near-full reset), as axolotl defaults it
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizer states are quantised in blocks of 256 values
@@ -52,12 +52,6 @@ def restart_seed(seed: int, restart: int, purpose: int) -> int:
     """A seed that depends only on the run's seed and the restart: every process draws the same new A
     (DDP never re-broadcasts parameters) and a resumed run draws what the first run drew."""
     return int(np.random.SeedSequence([seed, restart, purpose]).generate_state(1)[0])
-
-
-def merged_restarts(global_step: int, restart_steps: int) -> int:
-    """Restarts done once `global_step` optimizer steps are complete: a restart runs at the start of
-    step `k * restart_steps + 1`, so a checkpoint saved at a multiple of `restart_steps` predates it."""
-    return max(0, (global_step - 1) // restart_steps)
 
 
 # ---- the LoRA layers and their base weights ------------------------------------------------------------
