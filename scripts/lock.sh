@@ -8,7 +8,7 @@
 #
 # Why uv (`uv pip compile`) rather than pip-tools: the same requirements-file format with hashes, which pip
 # can also install; a resolve in seconds; and `uv pip sync`, which installs exactly the lock (removing
-# what it does not list), a fresh environment in about 10 s instead of pip's 80 (BENCHMARKS.md).
+# what it does not list), the whole set-up twice as fast as pip (BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${LOCK_OUT:-locks/cpu-py311.txt}
