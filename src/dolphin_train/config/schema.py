@@ -1125,6 +1125,18 @@ class Config(_Strict):
         "default off: it costs a graph traversal per step.",
         "distributed",
     )
+    context_parallel_size: int = key(
+        1,
+        "Context parallelism (axolotl's key): each sequence is spread over this many processes, each computing a "
+        "contiguous 1/N of the batch's tokens, with an all-to-all over attention heads around our attention "
+        "entry point (Ulysses-style). The processes of a group get the same rows, so data parallelism is "
+        "world size / N; the attention heads must divide by N. Exact on packed rows. See docs/multi-gpu.md.",
+        "distributed",
+        ge=1,
+    )
+    sequence_parallel_degree: int | None = key(
+        None, "axolotl's former name of `context_parallel_size`, read as it.", "distributed", ge=1
+    )
     use_ray: bool = key(
         False,
         "Launch the run with Ray Train (axolotl's key): `dolphin-train CONFIG` starts `ray_num_workers` training "
@@ -1377,6 +1389,7 @@ class Config(_Strict):
         if stray and not self.use_ray:
             problems.append(f"{', '.join(stray)}: no effect without use_ray: true")
         problems += self._generation_eval_problems()
+        problems += self._context_parallel_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
         if not self.use_otel_metrics:
@@ -1386,6 +1399,25 @@ class Config(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def cp_size(self) -> int:
+        """Processes per context-parallel group: `context_parallel_size`, or its former name."""
+        return self.sequence_parallel_degree or self.context_parallel_size
+
+    def _context_parallel_problems(self) -> list[str]:
+        old, new = self.sequence_parallel_degree, self.context_parallel_size
+        if old is not None and new != 1 and old != new:
+            return [f"context_parallel_size: {new} and sequence_parallel_degree: {old} (its former name) disagree: "
+                    "set one"]  # fmt: skip
+        if self.cp_size == 1:
+            return []
+        clashes = [name for name, on in (("gemma4_hybrid_attn_impl", self.gemma4_hybrid_attn_impl),
+                                         ("flex attention", self.attention_backend == "flex_attention"),
+                                         ("lisa_n_layers", self.lisa_n_layers),
+                                         ("optimizer_in_backward", self.optimizer_in_backward)) if on]  # fmt: skip
+        return [f"context_parallel_size: {self.cp_size} with {name}: not supported (context parallelism runs "
+                "attention through our variable-length entry point, over several processes)" for name in clashes]
 
     @property
     def template_name(self) -> str:
