@@ -238,7 +238,8 @@ def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
     layers = len(decoder_layers(model))
     checkpointed = -(-layers // cfg.gradient_checkpointing_layers) if cfg.checkpointing else 0
     peak = peak_flops(torch.cuda.get_device_name())
-    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size, compiled=runtime.compile)
+    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size, compiled=runtime.compile,
+                           shared_by=cfg.cp_size)  # fmt: skip
 
 
 def _finish_tracking(cfg: Config) -> None:

@@ -106,9 +106,11 @@ class ThroughputMeter(TrainerCallback):
     """Measures each logging interval. A callback only to learn when training starts (or resumes)."""
 
     def __init__(
-        self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False
+        self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False,
+        shared_by: int = 1,
     ):
         self.flops = flops
+        self.shared_by = shared_by  # processes that count each batch (a context-parallel group), counted once
         self.peak = peak
         self.world_size = world_size
         self.compiled = compiled  # the first step compiles: timed apart, left out of the throughput
@@ -155,9 +157,10 @@ class ThroughputMeter(TrainerCallback):
         """tokens_per_second (and mfu, hfu) since the previous training log. Every process calls this at each
         training log (the FLOPs are summed over them)."""
         now, tokens = time.perf_counter(), state.num_input_tokens_seen  # tokens: all processes, no padding
-        seconds, new_tokens = now - self._time, tokens - self._tokens
+        seconds, new_tokens = now - self._time, (tokens - self._tokens) // self.shared_by
         self._time, self._tokens = now, tokens
         model, hardware = self._flops_of_all_processes() if self.flops and self.peak else (0.0, 0.0)
+        model, hardware = model / self.shared_by, hardware / self.shared_by
         self._model_flops = self._hardware_flops = 0.0
         if seconds <= 0 or new_tokens <= 0:
             return {}
