@@ -201,3 +201,21 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
         update = weight - start if start is not None and start.shape == weight.shape else weight
         tolerance = 1e-4 * float(update.abs().max()) + 1e-7
         torch.testing.assert_close(parallel[name], weight, rtol=0, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_resuming_a_context_parallel_run_continues_it_exactly(tmp_path: Path) -> None:
+    """4 steps with CP 2, a checkpoint at step 2; a second run resumed from it logs the same losses for steps
+    3 and 4 (the group's data loader skips the batches already trained, the same ones on both processes)."""
+    common = {"max_steps": 4, "save_steps": 2, "sample_packing": True, "micro_batch_size": 2,
+              "context_parallel_size": 2, "dataset_prepared_path": str(tmp_path / "prepared")}  # fmt: skip
+    _train(write_config(tmp_path / "full.yml", tiny_config(tmp_path / "full", **common)), TORCHRUN)
+    checkpoint = tmp_path / "full/out/checkpoint-2"
+    resumed = tiny_config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **common)
+    _train(write_config(tmp_path / "resumed.yml", resumed), TORCHRUN)
+    full = json.loads((tmp_path / "full/out/checkpoint-4/trainer_state.json").read_text())["log_history"]
+    again = json.loads((tmp_path / "resumed/out/checkpoint-4/trainer_state.json").read_text())["log_history"]
+    losses = {e["step"]: e["loss"] for e in full if "loss" in e}
+    resumed_losses = {e["step"]: e["loss"] for e in again if "loss" in e}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([losses[s] for s in (3, 4)], rel=1e-5)
