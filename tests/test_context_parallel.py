@@ -127,8 +127,8 @@ def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path: Path, kv_hea
 def _probe_run(tmp_path: Path, name: str, launcher: list[str], **overrides) -> dict:
     rows = [json.loads(line) for line in (REPO / "data/tiny_chat.jsonl").read_text().splitlines()[:40]]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, micro_batch_size=2, val_set_size=8,
-                      sample_packing=True, dataset_prepared_path=str(tmp_path / "prepared"), **overrides)  # fmt: skip
+    cfg = tiny_config(tmp_path / name, data, max_steps=1, max_grad_norm=0.0, val_set_size=8, sample_packing=True,
+                      dataset_prepared_path=str(tmp_path / "prepared"), **overrides)  # fmt: skip
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(cfg))
     out = tmp_path / f"{name}.pt"
@@ -139,13 +139,18 @@ def _probe_run(tmp_path: Path, name: str, launcher: list[str], **overrides) -> d
 
 
 @pytest.mark.slow
-def test_a_training_step_and_evaluation_with_context_parallel_2_equal_one_process(tmp_path: Path) -> None:
-    """The tiny default, packed rows of several conversations, micro batch 2: one process against a
-    context-parallel group of 2 (one group: the same global batch). Loss, every gradient and the
-    evaluation loss agree to float32 rounding."""
-    one = _probe_run(tmp_path, "one", [sys.executable])
-    cp = _probe_run(tmp_path, "cp", TORCHRUN, context_parallel_size=2)
-    assert (one["world_size"], cp["world_size"]) == (1, 2)
+@pytest.mark.parametrize("processes", [2, 4], ids=["one-group", "two-groups"])
+def test_a_training_step_and_evaluation_with_context_parallel_2_equal_one_process(tmp_path: Path,
+                                                                                  processes: int) -> None:  # fmt: skip
+    """The tiny default, packed rows of several conversations, micro batch 2 per group: one process with the
+    same global batch against 1 or 2 context-parallel groups of 2 (with 2 groups, the groups get different
+    rows, the processes of a group the same). Loss, every gradient and the evaluation loss agree to float32
+    rounding."""
+    groups = processes // 2
+    one = _probe_run(tmp_path, "one", [sys.executable], micro_batch_size=2 * groups)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    cp = _probe_run(tmp_path, "cp", launcher, micro_batch_size=2, context_parallel_size=2)
+    assert (one["world_size"], cp["world_size"]) == (1, processes)
     assert cp["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert cp["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
     assert one["grads"].keys() == cp["grads"].keys()

@@ -111,7 +111,7 @@ def make_trainer(
     if runtime.compile:  # after float8: its scaling then compiles into the layers
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
-    context = _context_group(cfg, runtime, model)
+    context = _context_group(cfg, runtime, model, liger_fuses_loss(liger))
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     eval_rows = rows.eval
     data_parallel = runtime.world_size // cfg.cp_size  # the processes of a context-parallel group share rows
@@ -154,11 +154,15 @@ def make_trainer(
     return trainer
 
 
-def _context_group(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
+def _context_group(cfg: Config, runtime: RuntimeSettings, model: Any, liger_loss: bool) -> Any:
     """With `context_parallel_size` above 1: this process's group, and the model's attention kernel wrapped to
     exchange heads for tokens (model/context_parallel.py); None otherwise."""
     if cfg.cp_size == 1:
         return None
+    if liger_loss:  # it computes the loss in the model's forward from unshifted labels, and takes no boundaries
+        raise EnvironmentProblem(f"context_parallel_size: {cfg.cp_size} with Liger's fused cross-entropy: not "
+                                 "supported; set liger_fused_linear_cross_entropy: false (the chunked loss "
+                                 "serves instead)")  # fmt: skip
     from dolphin_train.model.attention import BACKEND_KERNELS, register_packed_attention
     from dolphin_train.model.context_parallel import ContextParallelKernel, check_heads, join_context_group
     from dolphin_train.process_group import join_process_group
