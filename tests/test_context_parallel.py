@@ -67,6 +67,25 @@ def test_consecutive_ranks_form_the_groups() -> None:
     assert split_ranks(2, 2) == [[0, 1]]
 
 
+def test_the_chunked_loss_takes_shifted_labels_and_a_share_without_trained_tokens() -> None:
+    """A share's labels come shifted (its last position has a target); a share whose tokens are all untrained
+    gives 0 and still a backward pass through the head and the hidden states (every process of the group
+    must run the backward's all-to-alls)."""
+    from dolphin_train.train.loss import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    weight = torch.randn(32, 8, requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 5, IGNORE_INDEX, 7, 9]])
+    plain = chunked_causal_lm_loss(hidden, weight, None, labels, chunk_tokens=2)
+    shifted = chunked_causal_lm_loss(hidden, weight, None, shifted_labels(labels), chunk_tokens=2, shifted=True)
+    torch.testing.assert_close(shifted, plain)
+    nothing = chunked_causal_lm_loss(hidden, weight, None, torch.full((1, 6), IGNORE_INDEX), shifted=True,
+                                     num_items_in_batch=4)  # fmt: skip
+    nothing.backward()
+    assert float(nothing) == 0.0 and weight.grad is not None and hidden.grad is not None
+
+
 # ---- configuration ----------------------------------------------------------------------------------------
 
 

@@ -130,7 +130,9 @@ def chunked_causal_lm_loss(
     states, targets = states.index_select(0, keep), targets.index_select(0, keep)
     chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
+    # At least one (empty) chunk: a batch, or a context-parallel share, with no trained token still runs the
+    # head and backward through the model, so every process takes part in the collectives of the backward pass.
+    for start in range(0, max(1, targets.numel()), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_loss, states[part], weight, bias, targets[part], *(rows or ()),
                                    use_reentrant=False)  # fmt: skip
