@@ -22,7 +22,7 @@ from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
 from dolphin_train.data.prepare import PreparedData, prepare_data, prepare_on_main_process_first
 from dolphin_train.data.sources import resolve_source
-from dolphin_train.errors import DataError, DolphinError, EnvironmentProblem
+from dolphin_train.errors import ConfigError, DataError, DolphinError, EnvironmentProblem
 from dolphin_train.model.tokenizer import LoadedTokenizer, load_tokenizer
 from dolphin_train.process_group import is_main_process, leaving_the_process_group_at_the_end, world_size
 from dolphin_train.terminal import bars_wanted, hide_transformers_bars
@@ -112,15 +112,17 @@ def make_trainer(
     if runtime.compile:  # after float8: its scaling then compiles into the layers
         compile_layers(model, cfg, runtime)
     hide_transformers_bars()  # after the model's download and load bars: not one per checkpoint
+    context = _context_group(cfg, runtime, model, liger_fuses_loss(liger))
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
     # Sequence boundaries in the batch for our attention entry point. Not with Liger's fused loss: the model
     # hands its extra kwargs to the loss too, and Liger releases before its kwargs filter pass them to a kernel
     # that refuses them; the attention then reads the boundaries from the position ids, once per forward.
     boundaries = takes_sequence_boundaries(model) and not liger_fuses_loss(liger)
     eval_rows = rows.eval
-    if eval_rows is not None and runtime.world_size > 1:
+    data_parallel = runtime.world_size // cfg.cp_size  # the processes of a context-parallel group share rows
+    if eval_rows is not None and data_parallel > 1:
         eval_rows = PaddedToEvenShards(
-            eval_rows, runtime.world_size * cfg.micro_batch_size_for_eval, tok.tokenizer.pad_token_id
+            eval_rows, data_parallel * cfg.micro_batch_size_for_eval, tok.tokenizer.pad_token_id
         )
     trainer = DolphinTrainer(
         model=model,
@@ -135,6 +137,7 @@ def make_trainer(
         generation_eval=GenerationEval(cfg, tok.tokenizer) if cfg.generates_at_evaluation else None,
         lr_multiplier=jagged.multiplier if (jagged := jagged_restarts(cfg)) else None,
         lr_schedule=_cosine_then_constant(cfg, schedule),
+        context_group=context,
     )
     _use_our_console(trainer)
     trainer.add_callback(PeakMemoryFromTrainingStart())
@@ -155,6 +158,30 @@ def make_trainer(
             raise EnvironmentProblem(f"lisa_n_layers runs in one process; this launch has {runtime.world_size}")
         trainer.add_callback(LayerwiseSampling.from_config(cfg, model))
     return trainer
+
+
+def _context_group(cfg: Config, runtime: RuntimeSettings, model: Any, liger_loss: bool) -> Any:
+    """With `context_parallel_size` above 1: this process's group, and the model's attention kernel wrapped to
+    exchange heads for tokens (model/context_parallel.py); None otherwise."""
+    if cfg.cp_size == 1:
+        return None
+    if liger_loss:  # it computes the loss in the model's forward from unshifted labels, and takes no boundaries
+        raise EnvironmentProblem(f"context_parallel_size: {cfg.cp_size} with Liger's fused cross-entropy: not "
+                                 "supported; set liger_fused_linear_cross_entropy: false (the chunked loss "
+                                 "serves instead)")  # fmt: skip
+    from dolphin_train.model.attention import BACKEND_KERNELS, register_packed_attention
+    from dolphin_train.model.context_parallel import ContextParallelKernel, check_heads, join_context_group
+    from dolphin_train.process_group import join_process_group
+
+    backend = model.config._attn_implementation
+    if backend not in BACKEND_KERNELS:  # the kernel lacked something the model needs (model/load.py said which)
+        raise EnvironmentProblem(f"context_parallel_size: {cfg.cp_size} needs our variable-length attention, but "
+                                 f"this model runs {backend} attention (see the log's attention line)")  # fmt: skip
+    if problem := check_heads(model.config, cfg.cp_size):
+        raise ConfigError(problem)
+    join_process_group(runtime.device)
+    register_packed_attention(backend, ContextParallelKernel.around(BACKEND_KERNELS[backend]()))
+    return join_context_group(cfg.cp_size)
 
 
 def _use_our_console(trainer: Any) -> None:
@@ -221,7 +248,8 @@ def _throughput_meter(cfg: Config, runtime: RuntimeSettings, model: Any) -> Any:
     layers = len(decoder_layers(model))
     checkpointed = -(-layers // cfg.gradient_checkpointing_layers) if cfg.checkpointing else 0
     peak = peak_flops(torch.cuda.get_device_name())
-    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size, compiled=runtime.compile)
+    return ThroughputMeter(model_flops(model, checkpointed), peak, runtime.world_size, compiled=runtime.compile,
+                           shared_by=cfg.cp_size)  # fmt: skip
 
 
 def _finish_tracking(cfg: Config) -> None:
@@ -339,7 +367,8 @@ def set_up_run(cfg: Config) -> Run:
     prepared = prepare_on_main_process_first(cfg, tok.tokenizer, runtime.device)
     rows = build_training_rows(cfg, prepared)
     cfg = decide_auto_settings(cfg, runtime, tok, len(rows.train))
-    schedule = compute_schedule(cfg, len(rows.train), runtime.world_size, has_eval=rows.eval is not None)
+    # One context-parallel group consumes one batch: world size / context_parallel_size data-parallel ranks.
+    schedule = compute_schedule(cfg, len(rows.train), runtime.world_size // cfg.cp_size, has_eval=rows.eval is not None)
     planned = warn_if_memory_short(cfg, runtime, tok) if runtime.device == "cuda" and is_main_process() else None
     resume = resolve_resume(cfg)
     if is_main_process():

@@ -106,6 +106,7 @@ class CrossSectionChecks:
         if stray and not self.use_ray:
             problems.append(f"{', '.join(stray)}: no effect without use_ray: true")
         problems += self._generation_eval_problems()
+        problems += self._context_parallel_problems()
         if self.use_wandb is False and self.wandb_project:
             problems.append("use_wandb: false, but wandb_project is set (axolotl then logs to wandb): remove one")
         if not self.use_otel_metrics:
@@ -325,3 +326,17 @@ class CrossSectionChecks:
                 problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
                                 f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip
         return problems
+
+    def _context_parallel_problems(self) -> list[str]:
+        old, new = self.sequence_parallel_degree, self.context_parallel_size
+        if old is not None and new != 1 and old != new:
+            return [f"context_parallel_size: {new} and sequence_parallel_degree: {old} (its former name) disagree: "
+                    "set one"]  # fmt: skip
+        if self.cp_size == 1:
+            return []
+        clashes = [name for name, on in (("gemma4_hybrid_attn_impl", self.gemma4_hybrid_attn_impl),
+                                         ("flex attention", self.attention_backend == "flex_attention"),
+                                         ("lisa_n_layers", self.lisa_n_layers),
+                                         ("optimizer_in_backward", self.optimizer_in_backward)) if on]  # fmt: skip
+        return [f"context_parallel_size: {self.cp_size} with {name}: not supported (context parallelism runs "
+                "attention through our variable-length entry point, over several processes)" for name in clashes]

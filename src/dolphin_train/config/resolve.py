@@ -24,6 +24,7 @@ FA2_VARLEN = "dolphin_fa2_varlen"
 FA3_VARLEN = "dolphin_fa3_varlen"
 SDPA_VARLEN = "dolphin_sdpa_varlen"  # PyTorch SDPA as the kernel: any device, what a kernel lacking a window falls to
 OUR_FLASH = {"flash_attention_2": FA2_VARLEN, "flash_attention_3": FA3_VARLEN}
+OUR_BACKENDS = (VARLEN, FA2_VARLEN, FA3_VARLEN, SDPA_VARLEN)  # the ones running our varlen entry point
 # `gemma4_hybrid_attn_impl`: flash-attn for sliding-window layers, SDPA for global ones (model/attention.py)
 HYBRID = "dolphin_gemma4_hybrid"
 
@@ -60,6 +61,22 @@ XFORMERS_NOTE = (
 
 
 def resolve_attention(cfg: Config, machine: Machine) -> tuple[str, str]:
+    """The attention backend (`attention_choice`), through our entry point whenever context parallelism is on:
+    it exchanges heads for tokens around the entry point's kernel (model/context_parallel.py)."""
+    attn, note = attention_choice(cfg, machine)
+    if cfg.cp_size == 1 or attn in OUR_BACKENDS:
+        return attn, note
+    if machine.flash_attn:
+        kernel, name = FA2_VARLEN, "flash-attn's varlen kernel"
+    elif machine.varlen_attention:
+        kernel, name = VARLEN, "PyTorch's varlen flash attention"
+    else:
+        kernel, name = SDPA_VARLEN, "PyTorch SDPA per sequence"
+    return kernel, (f"context_parallel_size: {cfg.cp_size} runs attention through our entry point: {name} "
+                    f"(in place of {attn})")
+
+
+def attention_choice(cfg: Config, machine: Machine) -> tuple[str, str]:
     """Pick the attention backend. Packed rows stay exact with every choice: our variable-length entry point
     takes the sequence boundaries from the batch (model/attention.py), SDPA and eager a block-diagonal mask
     that transformers builds from the restarting position ids."""

@@ -58,7 +58,7 @@ def plan_data(cfg: Config, tokenizer: Any | None, gpus: int) -> DataPlan:
 def _schedule(cfg: Config, rows: int, gpus: int) -> tuple[int, int]:
     from dolphin_train.train.schedule import compute_schedule
 
-    schedule = compute_schedule(cfg, rows, gpus, has_eval=False)
+    schedule = compute_schedule(cfg, rows, max(1, gpus // cfg.cp_size), has_eval=False)  # a CP group: one batch
     return schedule.steps_per_epoch, schedule.total_steps
 
 

@@ -77,6 +77,12 @@ def set_up_process_environment(cfg: Config, runtime: RuntimeSettings) -> None:
             "deepspeed on the CPU runs over several processes: launch with `--num-processes 2` (or torchrun "
             "--nproc_per_node 2), or remove `deepspeed` for a single process"
         )
+    if runtime.world_size % cfg.cp_size:
+        raise EnvironmentProblem(
+            f"context_parallel_size: {cfg.cp_size} must divide the {runtime.world_size} processes launched "
+            f"(data-parallel size x context_parallel_size = world size): launch a multiple of {cfg.cp_size} "
+            "processes, or lower context_parallel_size"
+        )
     if cfg.optimizer_in_backward and runtime.world_size > 1:
         raise EnvironmentProblem(
             f"optimizer_in_backward is a single-process mode ({runtime.world_size} processes were started): each "

@@ -51,15 +51,18 @@ class _LossTargets:
 
     _labels: torch.Tensor | None = None
     _num_items: Any = None
+    _shifted = False
     chunk_tokens: int | None = None
 
     @contextmanager
-    def targets(self, labels: torch.Tensor, num_items_in_batch: Any = None) -> Iterator[None]:
-        self._labels, self._num_items = labels, num_items_in_batch
+    def targets(self, labels: torch.Tensor, num_items_in_batch: Any = None, shifted: bool = False) -> Iterator[None]:
+        """`shifted`: each position's own target is given (context parallelism cuts rows after shifting)."""
+        self._labels, self._num_items, self._shifted = labels, num_items_in_batch, shifted
         try:
             yield
         finally:
             self._labels = self._num_items = None
+            self._shifted = False
 
 
 class ChunkedLossHead(_LossTargets, torch.nn.Module):
@@ -78,7 +81,7 @@ class ChunkedLossHead(_LossTargets, torch.nn.Module):
         if self._labels is None:
             return torch.nn.functional.linear(hidden, self.weight, self.bias)
         return chunked_causal_lm_loss(hidden, self.weight, self.bias, self._labels, self._num_items,
-                                      self.chunk_tokens)  # fmt: skip
+                                      self.chunk_tokens, shifted=self._shifted)  # fmt: skip
 
 
 @cache
@@ -93,7 +96,8 @@ def _token_rows_head_class() -> type:
             if self._labels is None or len(self.active_adapters) != 1:
                 return super().forward(x, *args, **kwargs)
             return chunked_causal_lm_loss(x, self.base_layer.weight, None, self._labels, self._num_items,
-                                          self.chunk_tokens, rows=self.active_rows())  # fmt: skip
+                                          self.chunk_tokens, rows=self.active_rows(),
+                                          shifted=self._shifted)  # fmt: skip
 
     return ChunkedTokenRowsHead
 
@@ -115,16 +119,20 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int | None = None,
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shifted: bool = False,
 ) -> torch.Tensor:
-    """Next-token cross-entropy from hidden states (batch, seq, d): position i predicts label i+1. `rows`:
-    (indices, trained rows) that replace those rows of `weight` (the added tokens of a frozen head)."""
-    targets = labels[..., 1:].reshape(-1)
-    states = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])
+    """Next-token cross-entropy from hidden states (batch, seq, d): position i predicts label i+1 (label i when
+    `shifted`: the labels are already each position's target). `rows`: (indices, trained rows) that replace
+    those rows of `weight` (the added tokens of a frozen head)."""
+    targets = (labels if shifted else labels[..., 1:]).reshape(-1)
+    states = (hidden if shifted else hidden[..., :-1, :]).reshape(-1, hidden.shape[-1])
     keep = torch.nonzero(targets != IGNORE_INDEX, as_tuple=False).flatten()
     states, targets = states.index_select(0, keep), targets.index_select(0, keep)
     chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
+    # At least one (empty) chunk: a batch, or a context-parallel share, with no trained token still runs the
+    # head and backward through the model, so every process takes part in the collectives of the backward pass.
+    for start in range(0, max(1, targets.numel()), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_loss, states[part], weight, bias, targets[part], *(rows or ()),
                                    use_reentrant=False)  # fmt: skip

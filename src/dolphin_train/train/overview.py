@@ -91,5 +91,9 @@ def run_overview(
     t.add_row("device / processes", f"{runtime.device} / {runtime.launcher}")
     sharding = f"DeepSpeed {cfg.deepspeed}" if cfg.deepspeed else f"FSDP {cfg.fsdp}" if cfg.fsdp else "off"
     t.add_row("sharding", sharding)
+    if cfg.cp_size > 1:
+        groups = runtime.world_size // cfg.cp_size
+        t.add_row("context parallel", f"{groups} group(s) of {cfg.cp_size} processes, each sharing its rows and "
+                                      f"computing 1/{cfg.cp_size} of their tokens")  # fmt: skip
     t.add_row("output", cfg.output_dir)
     return t

@@ -113,9 +113,11 @@ class ThroughputMeter(TrainerCallback):
     are summed where the batch is, and read once per log."""
 
     def __init__(
-        self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False
+        self, flops: ModelFlops | None = None, peak: float | None = None, world_size: int = 1, compiled: bool = False,
+        shared_by: int = 1,
     ):
         self.flops = flops
+        self.shared_by = shared_by  # processes that count each batch (a context-parallel group), counted once
         self.peak = peak
         self.world_size = world_size
         self.compiled = compiled  # the first step compiles: timed apart, left out of the throughput
@@ -166,6 +168,8 @@ class ThroughputMeter(TrainerCallback):
         now = time.perf_counter()
         seconds, self._time = now - self._time, now
         tokens, squares = self.counted_since_last_log()
+        # every process of a context-parallel group counts the group's whole batch: counted once
+        tokens, squares = tokens // self.shared_by, squares // self.shared_by
         if seconds <= 0 or tokens <= 0:
             return {}
         found: dict[str, float] = {"tokens_per_second": round(tokens / seconds)}

@@ -20,15 +20,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dolphin_train.data.encode import IGNORE_INDEX
 from dolphin_train.train.control import CheckpointPart
+from dolphin_train.model.context_parallel import ContextGroup, sharded_sequence
+from dolphin_train.train.context_parallel import cut_batch, share_rows_within_groups
 from dolphin_train.train.generation_eval import GenerationEval
 from dolphin_train.train.in_backward import OptimizerInBackward
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
 from dolphin_train.train.throughput import ThroughputMeter
 
 
-def trained_targets(labels: torch.Tensor) -> int:
-    """Positions a causal LM loss averages over: labels shift left by one, ignored labels do not count."""
-    return int(labels[..., 1:].ne(IGNORE_INDEX).sum())
+def trained_targets(labels: torch.Tensor, shifted: bool = False) -> int:
+    """Positions a causal LM loss averages over: labels shift left by one (unless given shifted, as a
+    context-parallel share has them), ignored labels do not count."""
+    return int((labels if shifted else labels[..., 1:]).ne(IGNORE_INDEX).sum())
 
 
 def multiplied_schedule(scheduler: Any, multiplier: Callable[[int], float]) -> Any:
@@ -77,8 +80,10 @@ class DolphinTrainer(Trainer):
         generation_eval: GenerationEval | None = None,
         lr_multiplier: Callable[[int], float] | None = None,
         lr_schedule: Callable[[Any, int], Any] | None = None,
+        context_group: ContextGroup | None = None,
         **kwargs: Any,
     ) -> None:
+        self.context_group = context_group
         self.optimizer_in_backward = optimizer_in_backward
         self.generation_eval = generation_eval
         self.lr_multiplier = lr_multiplier
@@ -142,14 +147,39 @@ class DolphinTrainer(Trainer):
             logs.pop("grad_norm", None)  # gradients are freed one by one: there is no whole-model norm
         super().log(logs, start_time)
 
+    def get_cp_size(self) -> int:
+        """The processes that share each batch (`context_parallel_size`): the Trainer divides the gathered
+        trained-token count and the data-parallel world by it."""
+        return self.context_group.size if self.context_group is not None else super().get_cp_size()
+
+    def get_train_dataloader(self) -> Any:
+        return self._shared_within_groups(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        return self._shared_within_groups(super().get_eval_dataloader(eval_dataset))
+
+    def _shared_within_groups(self, dataloader: Any) -> Any:
+        """With context parallelism, every process of a group gets the same batches (train/context_parallel.py)."""
+        if self.context_group is None:
+            return dataloader
+        return share_rows_within_groups(dataloader, self.context_group)
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        if self.context_group is None:
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Context parallelism: this process computes its share of the batch's tokens, attention over all of them.
+        inputs = cut_batch(inputs, self.context_group, self.processing_class.pad_token_id)
+        with sharded_sequence(self.context_group):
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         if self._eval_tally is None:
             return self._loss_with_targets(model, inputs, return_outputs, num_items_in_batch)
         # Evaluating: this batch's own mean over its trained tokens (no cross-process scaling), weighted
         # by those tokens in the tally. Counted first: the Trainer pops the labels from `inputs`.
-        tokens = trained_targets(inputs["labels"])
+        tokens = trained_targets(inputs["labels"], shifted="shift_labels" in inputs)
         result = self._loss_with_targets(model, inputs, return_outputs, None)
         self._eval_tally.add((result[0] if return_outputs else result).detach(), tokens)
         return result
@@ -158,7 +188,10 @@ class DolphinTrainer(Trainer):
         """With the chunked loss, the head is handed the labels before the forward pass (see loss.py)."""
         if self.chunked_head is None:
             return super().compute_loss(model, inputs, return_outputs, num_items)
-        with self.chunked_head.targets(inputs["labels"], num_items):
+        shifted = "shift_labels" in inputs  # a context-parallel share: the head is given each position's target
+        if shifted:
+            inputs = {name: value for name, value in inputs.items() if name != "shift_labels"}
+        with self.chunked_head.targets(inputs["labels"], num_items, shifted=shifted):
             return super().compute_loss(model, inputs, return_outputs, num_items)
 
     def evaluation_loop(

@@ -44,6 +44,18 @@ class DistributedKeys(Section):
         "default off: it costs a graph traversal per step.",
         "distributed",
     )
+    context_parallel_size: int = key(
+        1,
+        "Context parallelism (axolotl's key): each sequence is spread over this many processes, each computing a "
+        "contiguous 1/N of the batch's tokens, with an all-to-all over attention heads around our attention "
+        "entry point (Ulysses-style). The processes of a group get the same rows, so data parallelism is "
+        "world size / N; the attention heads must divide by N. Exact on packed rows. See docs/context-parallelism.md.",
+        "distributed",
+        ge=1,
+    )
+    sequence_parallel_degree: int | None = key(
+        None, "axolotl's former name of `context_parallel_size`, read as it.", "distributed", ge=1
+    )
     use_ray: bool = key(
         False,
         "Launch the run with Ray Train (axolotl's key): `dolphin-train CONFIG` starts `ray_num_workers` training "
@@ -67,3 +79,8 @@ class DistributedKeys(Section):
         "distributed",
         unsupported=True,
     )
+
+    @property
+    def cp_size(self) -> int:
+        """Processes per context-parallel group: `context_parallel_size`, or its former name."""
+        return self.sequence_parallel_degree or self.context_parallel_size
