@@ -19,9 +19,9 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dolphin_train.data.encode import IGNORE_INDEX
-from dolphin_train.train.control import CheckpointPart
 from dolphin_train.model.context_parallel import ContextGroup, sharded_sequence
 from dolphin_train.train.context_parallel import cut_batch, share_rows_within_groups
+from dolphin_train.train.control import CheckpointPart
 from dolphin_train.train.generation_eval import GenerationEval
 from dolphin_train.train.in_backward import OptimizerInBackward
 from dolphin_train.train.loss import ChunkedLossHead, loss_from_head
