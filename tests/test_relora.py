@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, tiny_config, write_jsonl
 from dolphin_train.config.load import validate_mapping
 from dolphin_train.errors import ConfigError
+from dolphin_train.model.quantised import keep_standard_layout
 from dolphin_train.train.relora import (
     BASE_FILE,
     ReLoRA,
@@ -36,6 +37,11 @@ def _lora_model(base_dir: Path, four_bit: bool = False) -> Any:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32) if four_bit else None  # fmt: skip
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
+    if four_bit:
+        # As load_model does for a model that trains: without it, the eval pass below repacks the 4-bit weights
+        # on an AVX-512 BF16 CPU only (bfloat16 block scales), and the restart would merge different numbers
+        # there than on an AVX2 CPU.
+        keep_standard_layout(base)
     torch.manual_seed(1)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     with torch.no_grad():
