@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, tiny_config, write_jsonl
 from dolphin_train.config.load import validate_mapping
 from dolphin_train.errors import ConfigError
+from dolphin_train.model.quantised import keep_standard_layout
 from dolphin_train.train.relora import (
     BASE_FILE,
     ReLoRA,
@@ -43,6 +44,11 @@ def _lora_model(base_dir: Path, four_bit: bool = False, dtype: torch.dtype = tor
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype) if four_bit else None  # fmt: skip
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=dtype)
+    if four_bit:
+        # As load_model does for a model that trains: without it, an eval pass repacks the 4-bit weights on an
+        # AVX-512 BF16 CPU only (bfloat16 block scales), and a restart would merge different numbers there
+        # than on an AVX2 CPU.
+        keep_standard_layout(base)
     torch.manual_seed(1)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     for layer in lora_layers(model).values():
