@@ -58,7 +58,8 @@ def test_validate_command_accepts_llama3_config(capsys: pytest.CaptureFixture[st
     resolved = yaml.safe_load(out)
     assert resolved["bf16"] is False  # `auto` resolved on this CPU machine
     assert resolved["sequence_len"] == 4096 and resolved["lr_scheduler"] == "cosine"
-    assert "attention sdpa" in out
+    # flash_attention: true without a CUDA device: SDPA per conversation through our packed-attention entry point
+    assert "attention dolphin_sdpa_varlen" in out
 
 
 def test_misspelled_key_names_the_nearest_known_key(tmp_path: Path) -> None:
