@@ -848,6 +848,18 @@ class Config(_Strict):
         "pass: activation memory on the GPU stays at about one layer's, whatever the sequence length. Needs "
         "`gradient_checkpointing`. `auto`: when the plan finds it needed to fit.",
     )
+    tiled_mlp: bool | Literal["auto"] = key(
+        False,
+        "Run each decoder layer's MLP over the sequence a chunk at a time, keeping only its input and "
+        "recomputing each chunk in the backward pass (Arctic Long Sequence Training's TiledMLP): the MLP's "
+        "intermediates, the largest activations of a layer, then scale with a chunk instead of the sequence. "
+        "For long contexts; costs one more MLP forward pass. `auto`: when the plan finds it needed to fit.",
+    )
+    tiled_mlp_num_shards: int | None = key(
+        None,
+        "Chunks the sequence is split into for `tiled_mlp` (default: about `hidden_size` tokens per chunk).",
+        ge=1,
+    )
     fp8: bool = key(
         False,
         "Float8 matrix products for the decoder's linear layers (torchao's float8 training, rowwise scaling: "
@@ -1654,6 +1666,9 @@ class Config(_Strict):
         if self.activation_offloading is True and not self.gradient_checkpointing:
             problems.append("activation_offloading: true keeps the checkpointed layers' inputs in CPU memory: set "
                             "gradient_checkpointing: true (or auto)")  # fmt: skip
+        if self.tiled_mlp_num_shards is not None and self.tiled_mlp is False:
+            problems.append("tiled_mlp_num_shards sets the chunks of the tiled MLP: set tiled_mlp: true (or auto), "
+                            "or remove tiled_mlp_num_shards")  # fmt: skip
         fixed_micro = self.micro_batch_size != "auto"
         if self.batch_size is not None and fixed_micro and self.batch_size != self.micro_batch_size * (
             self.gradient_accumulation_steps
@@ -1689,7 +1704,8 @@ class Config(_Strict):
 
     @property
     def has_auto_memory_settings(self) -> bool:
-        return "auto" in (self.micro_batch_size, self.gradient_checkpointing, self.activation_offloading)
+        return "auto" in (self.micro_batch_size, self.gradient_checkpointing, self.activation_offloading,
+                          self.tiled_mlp)
 
     @property
     def eval_packing(self) -> bool:

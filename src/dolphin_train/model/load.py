@@ -210,7 +210,20 @@ def load_model(
         torch.manual_seed(cfg.seed)
         model = apply_adapter(cfg, model, tok.new_token_ids, resuming=weights_from_checkpoint)
     freeze_except(cfg, model)
+    apply_tiled_mlp(cfg, model)
     return model
+
+
+def apply_tiled_mlp(cfg: Config, model: Any) -> None:
+    """`tiled_mlp: true`: the decoder layers' MLPs run a chunk of the sequence at a time (model/tiled_mlp.py),
+    after the adapter and its fused kernels so that the tiles run them. Training and the plan call this."""
+    if cfg.tiled_mlp is not True:  # `auto` is decided by the plan before the model is built
+        return
+    from dolphin_train.model.tiled_mlp import use_tiled_mlp
+
+    tiled = use_tiled_mlp(model, cfg.tiled_mlp_num_shards)
+    log.info("tiled_mlp: %d MLPs run over %s of the sequence at a time", tiled,
+             f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about hidden_size tokens")  # fmt: skip
 
 
 def float8_config(fsdp_float8_all_gather: bool = False, emulate: bool = False) -> Any:

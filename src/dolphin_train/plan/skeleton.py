@@ -16,7 +16,7 @@ import torch
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.model.adapters import new_adapter, prepare_base_for_adapter, quantization_config
-from dolphin_train.model.load import freeze_except, load_dtype
+from dolphin_train.model.load import apply_tiled_mlp, freeze_except, load_dtype
 from dolphin_train.plan.architectures import text_config
 from dolphin_train.plan.trace import register_trace_attention
 
@@ -43,6 +43,7 @@ def build_meta_model(
     if cfg.adapter:
         model = new_adapter(cfg, prepare_base_for_adapter(cfg, model), new_token_ids, announce=False)
     freeze_except(cfg, model)
+    apply_tiled_mlp(cfg, model)
     return model
 
 
