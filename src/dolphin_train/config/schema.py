@@ -857,7 +857,8 @@ class Config(_Strict):
     )
     tiled_mlp_num_shards: int | None = key(
         None,
-        "Chunks the sequence is split into for `tiled_mlp` (default: about `hidden_size` tokens per chunk).",
+        "Chunks the sequence is split into for `tiled_mlp` (default: chunks of about 1,024 tokens, or of "
+        "`hidden_size` tokens when that is smaller).",
         ge=1,
     )
     fp8: bool = key(

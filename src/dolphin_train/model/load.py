@@ -223,7 +223,7 @@ def apply_tiled_mlp(cfg: Config, model: Any) -> None:
 
     tiled = use_tiled_mlp(model, cfg.tiled_mlp_num_shards)
     log.info("tiled_mlp: %d MLPs run over %s of the sequence at a time", tiled,
-             f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about hidden_size tokens")  # fmt: skip
+             f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about 1,024 tokens")  # fmt: skip
 
 
 def float8_config(fsdp_float8_all_gather: bool = False, emulate: bool = False) -> Any:

@@ -33,12 +33,15 @@ from dolphin_train.model.layers import decoder_layers
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
 
 
+CHUNK_TOKENS = 1024  # the default chunk: still a large matrix product per projection on a GPU
+
+
 def shards_for(tokens: int, hidden_size: int, num_shards: int | None) -> int:
-    """Chunks per MLP call: the config's `tiled_mlp_num_shards`, else about `hidden_size` tokens per chunk
-    (ALST's choice: a chunk's intermediates are then about the size of one MLP weight matrix)."""
+    """Chunks per MLP call: the config's `tiled_mlp_num_shards`, else chunks of about `CHUNK_TOKENS` tokens
+    (or `hidden_size`, when smaller: a chunk's intermediates are then at most the size of an MLP weight)."""
     if num_shards:
         return max(1, min(num_shards, tokens))
-    return max(1, math.ceil(tokens / hidden_size))
+    return max(1, math.ceil(tokens / min(CHUNK_TOKENS, hidden_size)))
 
 
 class _RandomState:
@@ -77,6 +80,8 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.random = _RandomState(x.device) if device != "meta" else None
         ctx.save_for_backward(x)
         with torch.no_grad():
+            if x.device.type == "meta":  # the plan's trace: shapes only, and the chunks' outputs make this one
+                return compute(x)
             return torch.cat([compute(chunk) for chunk in x.chunk(shards, dim=-2)], dim=-2)
 
     @staticmethod
@@ -133,7 +138,7 @@ def tiled_mlp_class(cls: type) -> type:
 
 def use_tiled_mlp(model: Any, num_shards: int | None) -> int:
     """Run each decoder layer's MLP (`layer.mlp`) tiled over the sequence; returns how many. `num_shards`:
-    chunks per call (None: about hidden-size tokens each)."""
+    chunks per call (None: `shards_for`'s default)."""
     swapped = 0
     for layer in decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
