@@ -168,6 +168,9 @@ def unfrozen_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(re.sub(r"\.(?!\+)", "\\.", pattern))
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")  # transformers' rope_type values
+ROPE_TYPES_WITH_FACTOR = ("linear", "dynamic", "yarn", "llama3")
+
 class _Strict(BaseModel):
     # allow_inf_nan: `.inf` or `.nan` for a float key (a learning rate, a ratio) is always a mistake.
     model_config = ConfigDict(
@@ -405,6 +408,20 @@ class Config(_Strict):
         "Values that override the model's config.json (for example `rope_scaling`).",
         "model",
         alias="model_config",
+    )
+    rope_theta: float | None = key(
+        None,
+        "RoPE's base frequency, over the model's config.json (axolotl's key). Raising it (\"adjusted base "
+        "frequency\") is one way to train past the positions the model was trained for.",
+        "model",
+        gt=0,
+    )
+    rope_scaling: dict[str, Any] | None = key(
+        None,
+        "RoPE scaling over the model's config.json, as transformers reads it (axolotl's key), e.g. "
+        "`{rope_type: yarn, factor: 4.0, original_max_position_embeddings: 8192}`; `rope_type` one of "
+        "linear, dynamic, yarn, longrope, llama3 (older configs' `type` is read as `rope_type`).",
+        "model",
     )
     train_from_scratch: bool = key(
         False, "Initialise the weights randomly from the model config instead of loading them.", "model"
@@ -1306,7 +1323,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        problems = self._memory_mode_problems()
+        problems = self._memory_mode_problems() + self._rope_problems()
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append("warmup_steps and warmup_ratio: set one, not both")
         if self.evals_per_epoch is not None and self.eval_steps is not None:
@@ -1661,6 +1678,34 @@ class Config(_Strict):
             problems.append(f"flex_attn_compile_kwargs: {', '.join(unknown)} is not a torch.compile argument here "
                             f"(use {', '.join(FLEX_COMPILE_KEYS)})")  # fmt: skip
         return problems
+
+    def _rope_problems(self) -> list[str]:
+        problems = []
+        overridden = sorted(set(self.model_config_overrides or {}) & {"rope_scaling", "rope_parameters", "rope_theta"})
+        if overridden and (self.rope_scaling is not None or self.rope_theta is not None):
+            problems.append(f"rope_scaling/rope_theta and model_config: {{{', '.join(overridden)}}} both set RoPE: "
+                            "set it in one place")  # fmt: skip
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            factor = self.rope_scaling.get("factor")
+            if kind not in ROPE_TYPES:
+                problems.append(f"rope_scaling: rope_type {kind!r} is not one of {', '.join(ROPE_TYPES)}")
+            elif kind in ROPE_TYPES_WITH_FACTOR and (not isinstance(factor, (int, float)) or factor < 1):
+                problems.append(f"rope_scaling: rope_type {kind} needs a factor of 1 or more (how many times the "
+                                f"trained positions to reach), got {factor!r}")  # fmt: skip
+        return problems
+
+    @property
+    def rope_parameters(self) -> dict[str, Any] | None:
+        """`rope_scaling` and `rope_theta` as one transformers `rope_parameters` mapping (None: neither set)."""
+        if self.rope_scaling is None and self.rope_theta is None:
+            return None
+        params = {k: v for k, v in (self.rope_scaling or {}).items() if k != "type"}
+        if self.rope_scaling is not None:
+            params["rope_type"] = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+        if self.rope_theta is not None:
+            params["rope_theta"] = float(self.rope_theta)
+        return params
 
     def _memory_mode_problems(self) -> list[str]:
         problems = []

@@ -57,8 +57,30 @@ def apply_config_overrides(config: Any, cfg: Config) -> Any:
     recognises packed rows, from restarting position ids, only when no cache is built)."""
     for name, value in (cfg.model_config_overrides or {}).items():
         setattr(config, name, value)
+    if cfg.rope_parameters is not None:
+        apply_rope_parameters(config, cfg.rope_parameters)
     config.use_cache = False
     return config
+
+
+def apply_rope_parameters(config: Any, asked: dict[str, Any]) -> None:
+    """`rope_scaling` / `rope_theta` over the model's RoPE settings (transformers' `rope_parameters`): a new
+    `rope_type` replaces the model's scaling (its type-specific keys would not apply), keeping its base
+    frequency unless `rope_theta` sets one; `rope_theta` alone keeps the model's scaling."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    current = dict(getattr(text, "rope_parameters", None) or {})
+    if text.nested_rope_parameter_keys(current) if hasattr(text, "nested_rope_parameter_keys") else False:
+        raise DolphinError("rope_scaling/rope_theta: this model sets RoPE per layer type; set it with "
+                           "model_config: {rope_parameters: ...} instead")  # fmt: skip
+    if "rope_type" in asked:
+        current = {"rope_theta": current.get("rope_theta", getattr(text, "rope_theta", None))}
+    params = {k: v for k, v in {**current, **asked}.items() if v is not None}
+    text.rope_parameters = params
+    try:
+        text.standardize_rope_params()
+        text.validate_rope()
+    except (KeyError, ValueError) as exc:
+        raise DolphinError(f"rope_scaling: {params} is not a RoPE setting transformers accepts: {exc}") from None
 
 
 def load_model_config(cfg: Config) -> Any:
