@@ -95,15 +95,16 @@ def test_a_million_token_row_is_prepared_packed_and_collated(tmp_path: Path) -> 
 
 def test_dense_attention_masks_are_refused_at_a_million_tokens(tmp_path: Path) -> None:
     from dolphin_train.config.machine import Machine
-    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.config.resolve import check_dense_mask, resolve_runtime
     from dolphin_train.errors import EnvironmentProblem
+    from dolphin_train.recipe import set_up_run
 
     cfg = validate_mapping(tiny_config(tmp_path, sequence_len=MILLION,
                                        rope_scaling={"rope_type": "yarn", "factor": 512.0}))  # fmt: skip
     with pytest.raises(EnvironmentProblem, match="dense 1048576 x 1048576 mask per row"):
-        resolve_runtime(cfg, Machine.planned("cpu", 1, None))
+        set_up_run(cfg)  # before any data or model is loaded
     flash = cfg.model_copy(update={"flash_attention": True})
-    assert resolve_runtime(flash, Machine.planned("cuda", 1, 80 * 10**9)).attn_implementation != "sdpa"
+    check_dense_mask(flash, resolve_runtime(flash, Machine.planned("cuda", 1, 80 * 10**9)).attn_implementation)
 
 
 # ---- the plan: tiled MLP counted, and the longest context ------------------------------------------------------

@@ -93,7 +93,8 @@ DENSE_MASK_ATTENTION = ("sdpa", "eager")
 def check_dense_mask(cfg: Config, attn: str) -> None:
     """SDPA and eager attention get packed or padded rows as a dense `sequence_len x sequence_len` mask from
     transformers (eager also its scores): quadratic in the row length, 1 TB at a million tokens. Refused past
-    `DENSE_MASK_LIMIT` tokens, before any data or model is loaded."""
+    `DENSE_MASK_LIMIT` tokens when a run starts, before any data or model is loaded (`validate` and `plan` may
+    be run on another machine than the one that trains)."""
     if attn not in DENSE_MASK_ATTENTION or cfg.sequence_len <= DENSE_MASK_LIMIT:
         return
     size = cfg.sequence_len**2 / 2**30
@@ -121,7 +122,6 @@ def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSetti
     attn, note = resolve_attention(cfg, machine)
     if attn == "flex_attention" and cfg.flex_attn_compile_kwargs is not None:
         attn, note = FLEX_COMPILED, f"{note}; compiled with flex_attn_compile_kwargs {cfg.flex_attn_compile_kwargs}"
-    check_dense_mask(cfg, attn)
     launcher = "single process" if machine.world_size == 1 else f"distributed ({machine.world_size} processes)"
     return RuntimeSettings(
         device=machine.device,
