@@ -226,7 +226,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else default_gpu_memory()
     if args.max_context:
-        return _print_longest_context(cfg, gpus, memory, args.device)
+        return _print_longest_context(cfg, args.config, gpus, memory, args.device)
     plan = make_plan(cfg, gpus, memory, args.device)
     console = _console()
     for part in render(plan):
@@ -234,7 +234,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return PLAN_DOES_NOT_FIT if args.check and not plan.fits else 0
 
 
-def _print_longest_context(cfg: Any, gpus: int, memory: int, device: str) -> int:
+def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: str) -> int:
     from dolphin_train.plan.context import STEP, longest_context
     from dolphin_train.plan.memory import GiB
 
@@ -253,7 +253,9 @@ def _print_longest_context(cfg: Any, gpus: int, memory: int, device: str) -> int
     chosen = {k: getattr(fit.cfg, k) for k in ("micro_batch_size", "gradient_checkpointing", "activation_offloading",
                                                "tiled_mlp")}  # fmt: skip
     said = " ".join(f"--{k} {str(v).lower()}" for k, v in chosen.items() if getattr(cfg, k) != v)
-    console.print(f"Plan it: dolphin-train plan CONFIG --sequence_len {fit.sequence_len} {said}".rstrip())
+    where_said = f" --gpus {gpus}" if gpus > 1 else ""
+    console.print(f"Plan it: dolphin-train plan {path}{where_said} --gpu-memory {memory / 1e9:g}GB --sequence_len "
+                  f"{fit.sequence_len} {said}".rstrip())  # fmt: skip
     return 0
 
 

@@ -244,8 +244,10 @@ def apply_tiled_mlp(cfg: Config, model: Any) -> None:
     from dolphin_train.model.tiled_mlp import use_tiled_mlp
 
     tiled = use_tiled_mlp(model, cfg.tiled_mlp_num_shards)
-    log.info("tiled_mlp: %d MLPs run over %s of the sequence at a time", tiled,
-             f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about 1,024 tokens")  # fmt: skip
+    on_meta = next(model.parameters()).device.type == "meta"  # the plan's model: not worth a line each time
+    chunk = f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about 1,024 tokens"
+    log.log(logging.DEBUG if on_meta else logging.INFO, "tiled_mlp: %d MLPs run over %s of the sequence at a time",
+            tiled, chunk)  # fmt: skip
 
 
 def float8_config(fsdp_float8_all_gather: bool = False, emulate: bool = False) -> Any:
