@@ -112,3 +112,16 @@ def test_tiled_mlp_keys_are_checked(tmp_path: Path) -> None:
     assert validate_mapping(tiny_config(tmp_path, tiled_mlp="auto")).has_auto_memory_settings
     with pytest.raises(ConfigError, match="tiled_mlp_num_shards sets the chunks"):
         validate_mapping(tiny_config(tmp_path, tiled_mlp_num_shards=4))
+
+
+def test_a_run_with_tiled_mlp_and_checkpointing_takes_the_plain_gradients(tmp_path: Path) -> None:
+    """Through training's own model loading (`tiled_mlp: true`), under non-reentrant checkpointing, whose
+    recomputation runs the tiled function again inside the backward pass."""
+    from test_memory_modes import _first_step_gradients
+
+    kwargs = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    plain = _first_step_gradients(tmp_path / "plain", **kwargs)
+    tiled = _first_step_gradients(tmp_path / "tiled", tiled_mlp=True, tiled_mlp_num_shards=3, **kwargs)
+    assert plain.keys() == tiled.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(tiled[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
