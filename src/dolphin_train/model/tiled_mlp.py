@@ -13,8 +13,9 @@ How: the decoder layers' MLP modules get a subclass (as the fused LoRA kernels d
 parameter names, `isinstance` checks and peft's wrappers stay as they were) whose forward calls
 `TiledMLPFunction` with the class's own forward as the computation: peft's LoRA projections, the fused LoRA
 MLP and quantised layers all run inside it unchanged. The parameter gradients are summed over the chunks
-and returned from the function's backward (not accumulated into `.grad` chunk by chunk), so DDP, DeepSpeed
-and FSDP see each gradient once, as from any other module. Dropout inside the MLP (LoRA dropout) draws the
+and returned from the function's backward (not accumulated into `.grad` chunk by chunk), so DDP and
+DeepSpeed ZeRO-1/2 see each gradient once, as from any other module; trained weights sharded by ZeRO-3 or
+FSDP are refused (their gradients would come back at the gathered size). Dropout inside the MLP (LoRA dropout) draws the
 same masks in the recomputation: the random state is restored first.
 """
 
@@ -120,7 +121,14 @@ def tiled_mlp(compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in params):
+        # Their gradients would come back at the gathered size for a sharded parameter: not supported yet.
+        from dolphin_train.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("tiled_mlp: the MLP's trained weights are sharded (DeepSpeed ZeRO-3 or FSDP), "
+                                 "which the tiled MLP does not support yet: set tiled_mlp: false, or use ZeRO-1/2")
+    return params
 
 
 @cache
