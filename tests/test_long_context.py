@@ -173,3 +173,13 @@ def test_longest_context_grows_with_memory_and_tiling(tmp_path: Path, llama3_dir
     out = " ".join(capsys.readouterr().out.split())
     assert f"Longest sequence_len that fits 1 x 48 GB GPU: {lengths['48GB tiled']:,} tokens" in out
 
+
+
+def test_context_parallelism_divides_a_rows_tokens_per_device() -> None:
+    """`context_parallel_size` is another branch's key: the plan reads it where it exists (1 otherwise)."""
+    from types import SimpleNamespace
+
+    from dolphin_train.plan.memory import tokens_per_device
+
+    assert tokens_per_device(SimpleNamespace(sequence_len=4_000_001, context_parallel_size=8)) == 500_001
+    assert tokens_per_device(SimpleNamespace(sequence_len=4096)) == 4096

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from dolphin_train.config.schema import Config
 from dolphin_train.plan.auto import resolve_for_runtime
-from dolphin_train.plan.memory import MeasurableModel, MemoryEstimate, measurable_model, memory_model_at
+from dolphin_train.plan.memory import (
+    MeasurableModel,
+    MemoryEstimate,
+    measurable_model,
+    memory_model_at,
+    tokens_per_device,
+)
 
 STEP = 1024  # lengths are searched in multiples of this
 LONGEST = 2**24  # 16M tokens: past what any run would ask
@@ -50,7 +56,7 @@ class _Fitter:
 
     def at(self, length: int) -> tuple[bool, ContextFit]:
         cfg = self.cfg.model_copy(update={"sequence_len": length})
-        memory = memory_model_at(self.model, self.tiled, length)
+        memory = memory_model_at(self.model, self.tiled, tokens_per_device(cfg))
         if cfg.has_auto_memory_settings:
             choice = resolve_for_runtime(cfg, self.runtime, memory, self.budget)
             estimate = memory.estimate(choice.cfg)

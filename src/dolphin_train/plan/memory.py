@@ -314,6 +314,14 @@ def memory_model_at(measurable: MeasurableModel, tiled: MeasurableModel | None, 
     return MemoryModel(m.runtime, m.params, m.trace(1, sequence_len), m.sharding, m.autocast, tiled_trace)
 
 
+def tokens_per_device(cfg: Any) -> int:
+    """A row's tokens on one device: with context parallelism (`context_parallel_size`, Ulysses-style), each
+    of the group's processes holds a contiguous 1/N of them, and its activations are those of 1/N of the
+    sequence (attention's all-to-all trades the sequence split for a split of the heads, same bytes)."""
+    ways = int(getattr(cfg, "context_parallel_size", 1) or 1)
+    return -(-cfg.sequence_len // ways)
+
+
 def measure_model(
     cfg: Config,
     runtime: RuntimeSettings,
@@ -330,8 +338,8 @@ def measure_model(
     tiled = None
     if cfg.tiled_mlp == "auto":
         tiled = measurable_model(cfg.model_copy(update={"tiled_mlp": True}), runtime, model_config, **facts)
-    memory = memory_model_at(measurable, tiled, cfg.sequence_len)
-    trace = memory.trace_per_row if rows == 1 else measurable.trace(rows, cfg.sequence_len)
+    memory = memory_model_at(measurable, tiled, tokens_per_device(cfg))
+    trace = memory.trace_per_row if rows == 1 else measurable.trace(rows, tokens_per_device(cfg))
     return memory, trace
 
 
@@ -495,7 +503,7 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     optimizer = optimizer_part(params, sharding)
     acts = activations_part(cfg, params, trace, autocast, runtime.device)
     chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
-    tokens = int(cfg.micro_batch_size) * cfg.sequence_len
+    tokens = int(cfg.micro_batch_size) * tokens_per_device(cfg)
     logits_fwd, logits_bwd = logits_part(tokens, params.vocab_size, params.hidden_size, precision_bytes, chunked)
     work = working_memory_part(cfg, params, sharding, runtime.device, gpus)
     accumulating = cfg.gradient_accumulation_steps > 1
