@@ -151,7 +151,9 @@ QLORA = {"adapter": "qlora", "load_in_4bit": True, "lora_r": 16, "optimizer": "a
 
 
 def test_8b_qlora_at_4096_tokens_plans_under_8_gib(tmp_path: Path, llama3_dir: str) -> None:
-    plan = _plan_8b(tmp_path, llama3_dir, "24GB", gradient_checkpointing="offload", **QLORA)
+    """Since the plan counts a layer's backward working memory (flash-attn's buffers, the MLP's gradients),
+    offloading alone plans 8.1 GiB; the tiled MLP brings it under 8."""
+    plan = _plan_8b(tmp_path, llama3_dir, "24GB", gradient_checkpointing="offload", tiled_mlp=True, **QLORA)
     assert plan.memory.total <= 8 * GiB, f"{plan.memory.total / GiB:.2f} GiB"
 
 

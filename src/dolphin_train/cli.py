@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "GPU, else 80GB)")  # fmt: skip
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                       help="plan a GPU run (default) or a CPU run (process memory)")  # fmt: skip
+    plan.add_argument("--max-context", action="store_true",
+                      help="find the longest sequence_len that fits (with `auto` memory settings chosen at each "
+                      "length)")  # fmt: skip
     plan.add_argument("--check", action="store_true",
                       help="exit with status 3 when the run is not expected to fit (for launch scripts)")  # fmt: skip
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
@@ -243,6 +246,8 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if gpus < 1:
         raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else default_gpu_memory()
+    if args.max_context:
+        return _print_longest_context(cfg, args.config, gpus, memory, args.device)
     plan = make_plan(cfg, gpus, memory, args.device)
     console = _console()
     for part in render(plan):
@@ -260,6 +265,31 @@ def _refuse_a_run_still_training(adapter: str) -> None:
         raise OutputDirInUse(f"{adapter} is the output_dir of a run still training ({holder.described()}): its "
                              "adapter is written when that run ends. Merge then, or merge one of its checkpoints "
                              f"(--adapter {adapter}/checkpoint-N)")  # fmt: skip
+
+
+def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: str) -> int:
+    from dolphin_train.plan.context import STEP, longest_context
+    from dolphin_train.plan.memory import GiB
+
+    found = longest_context(cfg, gpus, memory, device)
+    where = f"{gpus} x {memory / 1e9:g} GB GPU" if device == "cuda" else "the CPU"
+    console = _console()
+    if found.longest is None:
+        console.print(f"Not even {STEP:,} tokens per row fit {where}.")
+        return 0
+    fit = found.longest
+    beyond = f" ({found.first_too_long:,} does not)" if found.first_too_long else " (the longest tried)"
+    console.print(f"Longest sequence_len that fits {where}: {fit.sequence_len:,} tokens{beyond}, estimated peak "
+                  f"{fit.estimate.total / GiB:.1f} GiB of {memory / GiB:.1f} GiB per GPU.")  # fmt: skip
+    for reason in fit.reasons:
+        console.print(reason)
+    chosen = {k: getattr(fit.cfg, k) for k in ("micro_batch_size", "gradient_checkpointing", "activation_offloading",
+                                               "tiled_mlp")}  # fmt: skip
+    said = " ".join(f"--{k} {str(v).lower()}" for k, v in chosen.items() if getattr(cfg, k) != v)
+    where_said = f" --gpus {gpus}" if gpus > 1 else ""
+    console.print(f"Plan it: dolphin-train plan {path}{where_said} --gpu-memory {memory / 1e9:g}GB --sequence_len "
+                  f"{fit.sequence_len} {said}".rstrip())  # fmt: skip
+    return 0
 
 
 def cmd_merge_lora(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

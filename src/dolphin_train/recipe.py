@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dolphin_train.config.load import missing_local_model
-from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime, resolved_settings
+from dolphin_train.config.resolve import RuntimeSettings, check_dense_mask, resolve_runtime, resolved_settings
 from dolphin_train.config.schema import Config
 from dolphin_train.data.packing import PaddedToEvenShards, TrainingRows, build_training_rows
 from dolphin_train.data.prepare import PreparedData, prepare_data, prepare_on_main_process_first
@@ -356,6 +356,7 @@ def set_up_run(cfg: Config) -> Run:
     from dolphin_train.train.outputs import memory_before_model_mb
 
     runtime = resolve_runtime(cfg)
+    check_dense_mask(cfg, runtime.attn_implementation)
     set_up_process_environment(cfg, runtime)
     metrics = _serve_metrics(cfg)  # before the long steps, so a taken port fails at once
     log.info("Attention: %s (%s)", runtime.attn_implementation, runtime.attention_note)

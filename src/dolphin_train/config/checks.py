@@ -10,6 +10,7 @@ from dolphin_train.config.sections.kernels import (
     LIGER_PLUGIN,
     SPARSE_PLUGIN,
 )
+from dolphin_train.config.sections.model import ROPE_TYPES, ROPE_TYPES_WITH_FACTOR
 from dolphin_train.config.sections.training import IN_BACKWARD_OPTIMIZERS, RELORA_OPTIMIZERS
 
 
@@ -18,7 +19,7 @@ class CrossSectionChecks:
 
     def _cross_section_problems(self) -> list[str]:
         """Every problem found, as one message each (the load error lists them all)."""
-        problems = self._memory_mode_problems()
+        problems = self._memory_mode_problems() + self._rope_problems()
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append("warmup_steps and warmup_ratio: set one, not both")
         if self.evals_per_epoch is not None and self.eval_steps is not None:
@@ -294,11 +295,30 @@ class CrossSectionChecks:
                             f"(use {', '.join(FLEX_COMPILE_KEYS)})")  # fmt: skip
         return problems
 
+    def _rope_problems(self) -> list[str]:
+        problems = []
+        overridden = sorted(set(self.model_config_overrides or {}) & {"rope_scaling", "rope_parameters", "rope_theta"})
+        if overridden and (self.rope_scaling is not None or self.rope_theta is not None):
+            problems.append(f"rope_scaling/rope_theta and model_config: {{{', '.join(overridden)}}} both set RoPE: "
+                            "set it in one place")  # fmt: skip
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            factor = self.rope_scaling.get("factor")
+            if kind not in ROPE_TYPES:
+                problems.append(f"rope_scaling: rope_type {kind!r} is not one of {', '.join(ROPE_TYPES)}")
+            elif kind in ROPE_TYPES_WITH_FACTOR and (not isinstance(factor, (int, float)) or factor < 1):
+                problems.append(f"rope_scaling: rope_type {kind} needs a factor of 1 or more (how many times the "
+                                f"trained positions to reach), got {factor!r}")  # fmt: skip
+        return problems
+
     def _memory_mode_problems(self) -> list[str]:
         problems = []
         if self.activation_offloading is True and not self.gradient_checkpointing:
             problems.append("activation_offloading: true keeps the checkpointed layers' inputs in CPU memory: set "
                             "gradient_checkpointing: true (or auto)")  # fmt: skip
+        if self.tiled_mlp_num_shards is not None and self.tiled_mlp is False:
+            problems.append("tiled_mlp_num_shards sets the chunks of the tiled MLP: set tiled_mlp: true (or auto), "
+                            "or remove tiled_mlp_num_shards")  # fmt: skip
         fixed_micro = self.micro_batch_size != "auto"
         if self.batch_size is not None and fixed_micro and self.batch_size != self.micro_batch_size * (
             self.gradient_accumulation_steps

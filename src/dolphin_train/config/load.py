@@ -384,7 +384,8 @@ def config_warnings(cfg: Config) -> list[str]:
 def _position_problems(cfg: Config) -> list[str]:
     """A `sequence_len` past the positions the model was trained for, when base_model is a local directory
     (a hub id is checked when the model loads): an error before any work, unless the config asks for RoPE
-    scaling (`model_config: {rope_scaling: ...}`) or the model's own config.json scales RoPE already."""
+    scaling that reaches it (`rope_scaling`, or `model_config: {rope_scaling: ...}`), raises `rope_theta`, or
+    the model's own config.json scales RoPE already."""
     path = Path(cfg.base_model_config or cfg.base_model) / "config.json"
     try:
         model = json.loads(path.read_text())
@@ -395,6 +396,11 @@ def _position_problems(cfg: Config) -> list[str]:
     limit = overrides.get("max_position_embeddings", model.get("max_position_embeddings"))
     if not isinstance(limit, int) or cfg.sequence_len <= limit:
         return []
+    if cfg.rope_scaling is not None and _scales_rope(cfg.rope_scaling):
+        return _scaling_reach(cfg, limit, path)
+    theta = model.get("rope_theta", (model.get("rope_parameters") or {}).get("rope_theta"))
+    if cfg.rope_theta is not None and isinstance(theta, (int, float)) and cfg.rope_theta > theta:
+        return []  # a raised base frequency ("adjusted base frequency"): the config's deliberate choice
     if any(
         _scales_rope(source.get(name)) for source in (overrides, model) for name in ("rope_scaling", "rope_parameters")
     ):
@@ -402,8 +408,20 @@ def _position_problems(cfg: Config) -> list[str]:
     return [
         f"sequence_len: {cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}, {path}): "
         f"positions past {limit} were never trained. Set sequence_len <= {limit}, or ask for RoPE scaling, e.g. "
-        f"model_config: {{rope_scaling: {{rope_type: linear, factor: {-(-cfg.sequence_len // limit)}.0}}}}"
+        f"rope_scaling: {{rope_type: yarn, factor: {-(-cfg.sequence_len // limit)}.0, "
+        f"original_max_position_embeddings: {limit}}}"
     ]
+
+
+def _scaling_reach(cfg: Config, limit: int, path: Path) -> list[str]:
+    """`rope_scaling`'s factor times the positions it starts from must reach `sequence_len`."""
+    scaling = cfg.rope_scaling or {}
+    base = scaling.get("original_max_position_embeddings", limit)
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or not isinstance(base, int) or factor * base >= cfg.sequence_len:
+        return []
+    return [f"sequence_len: {cfg.sequence_len} is past what rope_scaling reaches: factor {factor} x {base} positions "
+            f"({path}) = {int(factor * base)}; set factor: {-(-cfg.sequence_len // base)}.0 or more"]  # fmt: skip
 
 
 def _scales_rope(value: Any) -> bool:

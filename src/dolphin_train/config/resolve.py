@@ -116,6 +116,26 @@ def resolve_hybrid_attention(machine: Machine) -> tuple[str, str]:
                     "(block-diagonal mask when packed), which serves the global layers' head_dim too")  # fmt: skip
 
 
+DENSE_MASK_LIMIT = 65536  # tokens per row past which a dense row x row mask (4 GiB at this length) is refused
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def check_dense_mask(cfg: Config, attn: str) -> None:
+    """SDPA and eager attention get packed or padded rows as a dense `sequence_len x sequence_len` mask from
+    transformers (eager also its scores): quadratic in the row length, 1 TB at a million tokens. Refused past
+    `DENSE_MASK_LIMIT` tokens when a run starts, before any data or model is loaded (`validate` and `plan` may
+    be run on another machine than the one that trains)."""
+    if attn not in DENSE_MASK_ATTENTION or cfg.sequence_len <= DENSE_MASK_LIMIT:
+        return
+    size = cfg.sequence_len**2 / 2**30
+    raise EnvironmentProblem(
+        f"sequence_len: {cfg.sequence_len} with {attn} attention: transformers gives it a dense "
+        f"{cfg.sequence_len} x {cfg.sequence_len} mask per row ({size:,.0f} GiB). Past {DENSE_MASK_LIMIT} tokens "
+        "use flash attention on a GPU (flash_attention: true: flash-attn, or PyTorch's varlen kernel) or "
+        "attn_implementation: flex_attention"
+    )
+
+
 def resolve_runtime(cfg: Config, machine: Machine | None = None) -> RuntimeSettings:
     """`auto` settings and the attention backend for `machine` (default: this one)."""
     machine = machine or Machine.detect()

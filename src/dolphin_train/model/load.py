@@ -60,8 +60,30 @@ def apply_config_overrides(config: Any, cfg: Config) -> Any:
     recognises packed rows, from restarting position ids, only when no cache is built)."""
     for name, value in (cfg.model_config_overrides or {}).items():
         setattr(config, name, value)
+    if cfg.rope_parameters is not None:
+        apply_rope_parameters(config, cfg.rope_parameters)
     config.use_cache = False
     return config
+
+
+def apply_rope_parameters(config: Any, asked: dict[str, Any]) -> None:
+    """`rope_scaling` / `rope_theta` over the model's RoPE settings (transformers' `rope_parameters`): a new
+    `rope_type` replaces the model's scaling (its type-specific keys would not apply), keeping its base
+    frequency unless `rope_theta` sets one; `rope_theta` alone keeps the model's scaling."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    current = dict(getattr(text, "rope_parameters", None) or {})
+    if text.nested_rope_parameter_keys(current) if hasattr(text, "nested_rope_parameter_keys") else False:
+        raise DolphinError("rope_scaling/rope_theta: this model sets RoPE per layer type; set it with "
+                           "model_config: {rope_parameters: ...} instead")  # fmt: skip
+    if "rope_type" in asked:
+        current = {"rope_theta": current.get("rope_theta", getattr(text, "rope_theta", None))}
+    params = {k: v for k, v in {**current, **asked}.items() if v is not None}
+    text.rope_parameters = params
+    try:
+        text.standardize_rope_params()
+        text.validate_rope()
+    except (KeyError, ValueError) as exc:
+        raise DolphinError(f"rope_scaling: {params} is not a RoPE setting transformers accepts: {exc}") from None
 
 
 def load_model_config(cfg: Config) -> Any:
@@ -229,7 +251,22 @@ def load_model(
         torch.manual_seed(cfg.seed)
         model = apply_adapter(cfg, model, tok.new_token_ids, resuming=weights_from_checkpoint)
     freeze_except(cfg, model)
+    apply_tiled_mlp(cfg, model)
     return model
+
+
+def apply_tiled_mlp(cfg: Config, model: Any) -> None:
+    """`tiled_mlp: true`: the decoder layers' MLPs run a chunk of the sequence at a time (model/tiled_mlp.py),
+    after the adapter and its fused kernels so that the tiles run them. Training and the plan call this."""
+    if cfg.tiled_mlp is not True:  # `auto` is decided by the plan before the model is built
+        return
+    from dolphin_train.model.tiled_mlp import use_tiled_mlp
+
+    tiled = use_tiled_mlp(model, cfg.tiled_mlp_num_shards)
+    on_meta = next(model.parameters()).device.type == "meta"  # the plan's model: not worth a line each time
+    chunk = f"1/{cfg.tiled_mlp_num_shards}" if cfg.tiled_mlp_num_shards else "about 1,024 tokens"
+    log.log(logging.DEBUG if on_meta else logging.INFO, "tiled_mlp: %d MLPs run over %s of the sequence at a time",
+            tiled, chunk)  # fmt: skip
 
 
 def float8_config(fsdp_float8_all_gather: bool = False, emulate: bool = False) -> Any:

@@ -1,11 +1,12 @@
-"""`micro_batch_size: auto`, `gradient_checkpointing: auto` and `activation_offloading: auto`: the plan picks,
-for the device a run will have, the fastest settings that fit, and says why.
+"""`micro_batch_size: auto`, `gradient_checkpointing: auto`, `activation_offloading: auto` and `tiled_mlp: auto`:
+the plan picks, for the device a run will have, the fastest settings that fit, and says why.
 
 The order of preference: recompute as little as possible first (no checkpointing, then every 4th, every
 2nd, then every layer, then every layer with its inputs offloaded to CPU memory: each step down costs
 speed), and within that the largest micro-batch that fits, since a larger batch amortises each step's
-fixed costs. With `batch_size` the micro-batch divides it and accumulation makes up the rest, so the
-effective batch stays as the config sets it.
+fixed costs. With `tiled_mlp: auto`, all of that untiled first, then with the MLPs tiled. With `batch_size`
+the micro-batch divides it and accumulation makes up the rest, so the effective batch stays as the config
+sets it.
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ def _settings(cfg: Config, micro: int, checkpointing: tuple[bool, int, bool]) ->
 
 
 def _candidates(cfg: Config, rows: int | None) -> Iterator[dict[str, Any]]:
-    for checkpointing in _checkpointing_options(cfg):
-        for micro in _micro_batches(cfg, rows):
-            yield _settings(cfg, micro, checkpointing)
+    """With `tiled_mlp: auto`, every setting untiled first: tiling costs one more MLP forward pass (and it is not
+    tried with DeepSpeed or FSDP, whose sharded weights it does not support yet)."""
+    tiling = cfg.tiled_mlp == "auto" and not (cfg.fsdp or cfg.deepspeed)  # sharded weights: not supported yet
+    for tiled in (False, True) if tiling else (False,) if cfg.tiled_mlp == "auto" else (None,):
+        for checkpointing in _checkpointing_options(cfg):
+            for micro in _micro_batches(cfg, rows):
+                yield _settings(cfg, micro, checkpointing) | ({"tiled_mlp": tiled} if tiled is not None else {})
 
 
 def _describe(settings: dict[str, Any], estimate: MemoryEstimate, budget: int, where: str) -> tuple[str, ...]:
@@ -85,6 +90,8 @@ def _said(settings: dict[str, Any]) -> str:
     said = [f"micro_batch_size {settings['micro_batch_size']}", f"gradient checkpointing {checkpointing}"]
     if offload:
         said.append("activation offloading on")
+    if settings.get("tiled_mlp") is not None:
+        said.append(f"tiled MLP {'on' if settings['tiled_mlp'] else 'off'}")
     if "gradient_accumulation_steps" in settings:
         said.append(f"gradient_accumulation_steps {settings['gradient_accumulation_steps']} (batch_size kept)")
     return ", ".join(said)

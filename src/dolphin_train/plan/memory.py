@@ -275,11 +275,58 @@ class MemoryModel:
     trace_per_row: ActivationTrace
     sharding: Sharding
     autocast: bool
+    trace_tiled_per_row: ActivationTrace | None = None  # with the MLPs tiled, for `tiled_mlp: auto`
 
     def estimate(self, cfg: Config) -> MemoryEstimate:
-        """`cfg` differs from the measured one only in batch, checkpointing and offloading settings."""
-        trace = self.trace_per_row.scaled(int(cfg.micro_batch_size))
+        """`cfg` differs from the measured one only in batch, checkpointing, offloading and tiling settings."""
+        per_row = self.trace_tiled_per_row if cfg.tiled_mlp is True and self.trace_tiled_per_row else self.trace_per_row
+        trace = per_row.scaled(int(cfg.micro_batch_size))
         return _combine(cfg, self.runtime, self.params, trace, self.sharding, self.autocast)
+
+
+@dataclass
+class MeasurableModel:
+    """The meta-device model of a config and its parameter inventory, built once and traced at any length
+    (the plan's search for the longest context traces it many times)."""
+
+    runtime: RuntimeSettings
+    model: Any
+    params: ParameterInventory
+    sharding: Sharding
+    autocast: bool
+    compute: Any  # the compute dtype
+
+    def trace(self, rows: int, sequence_len: int) -> ActivationTrace:
+        return trace_activations(self.model, rows, sequence_len, self.compute if self.autocast else None)
+
+
+def measurable_model(cfg: Config, runtime: RuntimeSettings, model_config: Any, *, vocab_rows: int,
+                     new_token_ids: list[int]) -> MeasurableModel:  # fmt: skip
+    sharding = plan_sharding(cfg, runtime.world_size)
+    autocast = trainer_autocasts(cfg, runtime)
+    precision_bytes = PRECISION_BYTES[matmul_precision(cfg, runtime)]
+    model = build_meta_model(cfg, runtime, model_config, vocab_rows, new_token_ids)
+    params = inventory(model, cfg, sharding, precision_bytes, autocast)
+    compute = load_dtype(cfg, runtime) if cfg.float16 else compute_dtype(runtime)
+    make_computable_on_meta(model, compute)
+    if getattr(model, "is_activation_checkpointing", False):  # k-bit preparation may have turned it on
+        model.activation_checkpointing_disable()  # the trace measures both ways itself
+    return MeasurableModel(runtime, model, params, sharding, autocast, compute)
+
+
+def memory_model_at(measurable: MeasurableModel, tiled: MeasurableModel | None, sequence_len: int) -> MemoryModel:
+    """The MemoryModel of one row of `sequence_len` tokens (`tiled`: the same model with its MLPs tiled)."""
+    m = measurable
+    tiled_trace = tiled.trace(1, sequence_len) if tiled is not None else None
+    return MemoryModel(m.runtime, m.params, m.trace(1, sequence_len), m.sharding, m.autocast, tiled_trace)
+
+
+def tokens_per_device(cfg: Any) -> int:
+    """A row's tokens on one device: with context parallelism (`context_parallel_size`, Ulysses-style), each
+    of the group's processes holds a contiguous 1/N of them, and its activations are those of 1/N of the
+    sequence (attention's all-to-all trades the sequence split for a split of the heads, same bytes)."""
+    ways = cfg.cp_size
+    return -(-cfg.sequence_len // ways)
 
 
 def measure_model(
@@ -291,19 +338,16 @@ def measure_model(
     new_token_ids: list[int],
     rows: int = 1,
 ) -> tuple[MemoryModel, ActivationTrace]:
-    """Build the meta-device model and trace `rows` rows of `sequence_len` tokens (the MemoryModel keeps one)."""
-    sharding = plan_sharding(cfg, runtime.world_size)
-    autocast = trainer_autocasts(cfg, runtime)
-    precision_bytes = PRECISION_BYTES[matmul_precision(cfg, runtime)]
-    model = build_meta_model(cfg, runtime, model_config, vocab_rows, new_token_ids)
-    params = inventory(model, cfg, sharding, precision_bytes, autocast)
-    compute = load_dtype(cfg, runtime) if cfg.float16 else compute_dtype(runtime)
-    make_computable_on_meta(model, compute)
-    if getattr(model, "is_activation_checkpointing", False):  # k-bit preparation may have turned it on
-        model.activation_checkpointing_disable()  # the trace measures both ways itself
-    trace = trace_activations(model, rows, cfg.sequence_len, compute if autocast else None)
-    per_row = trace if rows == 1 else trace_activations(model, 1, cfg.sequence_len, compute if autocast else None)
-    return MemoryModel(runtime, params, per_row, sharding, autocast), trace
+    """Build the meta-device model and trace `rows` rows of `sequence_len` tokens (the MemoryModel keeps one);
+    with `tiled_mlp: auto` also the model with its MLPs tiled."""
+    facts = {"vocab_rows": vocab_rows, "new_token_ids": new_token_ids}
+    measurable = measurable_model(cfg, runtime, model_config, **facts)
+    tiled = None
+    if cfg.tiled_mlp == "auto":
+        tiled = measurable_model(cfg.model_copy(update={"tiled_mlp": True}), runtime, model_config, **facts)
+    memory = memory_model_at(measurable, tiled, tokens_per_device(cfg))
+    trace = memory.trace_per_row if rows == 1 else measurable.trace(rows, tokens_per_device(cfg))
+    return memory, trace
 
 
 def estimate_memory(
@@ -451,6 +495,13 @@ def matmul_precision(cfg: Config, runtime: RuntimeSettings) -> str:
     return "fp16" if cfg.float16 else runtime.precision
 
 
+def _loss_then_layer(loss_backward: int, layer_backward: int, chunked: bool) -> int:
+    """The loss's backward pass, then the last layer's (recomputed under checkpointing). The chunked loss frees
+    its chunks and its selected hidden states before the layers' backward pass begins: one after the other.
+    With the whole logits, the CPU runs of tests/test_plan.py measure them still held: both at once."""
+    return max(loss_backward, layer_backward) if chunked else loss_backward + layer_backward
+
+
 def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, trace: ActivationTrace,
              sharding: Sharding, autocast: bool) -> MemoryEstimate:  # fmt: skip
     """The parts at each of four moments of a step; the peak is the largest."""
@@ -461,7 +512,7 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     optimizer = optimizer_part(params, sharding)
     acts = activations_part(cfg, params, trace, autocast, runtime.device)
     chunked = use_chunked_cross_entropy(cfg, params.vocab_size)
-    tokens = int(cfg.micro_batch_size) * cfg.sequence_len
+    tokens = int(cfg.micro_batch_size) * tokens_per_device(cfg)
     logits_fwd, logits_bwd = logits_part(tokens, params.vocab_size, params.hidden_size, precision_bytes, chunked)
     work = working_memory_part(cfg, params, sharding, runtime.device, gpus)
     accumulating = cfg.gradient_accumulation_steps > 1
@@ -469,14 +520,16 @@ def _combine(cfg: Config, runtime: RuntimeSettings, params: ParameterInventory, 
     gathered, recomputed = weights.gathered, acts.recomputed
     moments = {
         "end of forward": acts.kept + acts.head_copy + logits_fwd + held_grads + gathered,
-        "start of backward": acts.kept + acts.head_copy + logits_bwd + held_grads + gathered + recomputed,
+        "start of backward": acts.kept + acts.head_copy + held_grads + gathered
+        + _loss_then_layer(logits_bwd, recomputed + trace.layer_backward, chunked),
         "end of backward": grads.held + work.ddp_buckets + gathered + recomputed + trace.hidden_bytes * 2,
         "optimizer step": grads.held + work.ddp_buckets + grads.step_partition + work.step_temporaries,
     }
     moment = max(moments, key=moments.__getitem__)
     part_grads = grads.held if moment in ("end of backward", "optimizer step") or accumulating else 0
     part_acts = acts.kept + acts.head_copy if moment in ("end of forward", "start of backward") else 0
-    part_logits = {"end of forward": logits_fwd, "start of backward": logits_bwd}.get(moment, 0)
+    layer_first = chunked and recomputed + trace.layer_backward > logits_bwd
+    part_logits = {"end of forward": logits_fwd, "start of backward": 0 if layer_first else logits_bwd}.get(moment, 0)
     transient = moments[moment] - part_grads - part_acts - part_logits
     allocated = weights.stored + optimizer + moments[moment]
     notes = []

@@ -30,6 +30,9 @@ class ActivationTrace:
     inputs: tuple[int, ...]  # each layer's input hidden states: what checkpointing keeps of a checkpointed layer
     outside_layers: int  # saved by the embeddings, rotary tables, final norm
     hidden_bytes: int  # one hidden-state tensor (tokens x hidden size) as the head receives it
+    attention_backward: int = 0  # working memory of one layer's attention backward pass (flash-attn 2's)
+    saved_through_attention: int = 0  # what a layer has saved by the end of its attention block
+    mlp_backward: int = 0  # one MLP's backward pass (tiled: one chunk's), beyond what it saved
 
     @property
     def largest_layer(self) -> int:
@@ -40,7 +43,18 @@ class ActivationTrace:
         """The same model at `factor` times the rows per micro-batch: every saved tensor has a batch dimension
         (the rotary tables do not, a few kB over-counted)."""
         return ActivationTrace(tuple(b * factor for b in self.per_layer), tuple(b * factor for b in self.inputs),
-                               self.outside_layers * factor, self.hidden_bytes * factor)  # fmt: skip
+                               self.outside_layers * factor, self.hidden_bytes * factor,
+                               self.attention_backward * factor, self.saved_through_attention * factor,
+                               self.mlp_backward * factor)  # fmt: skip
+
+    @property
+    def layer_backward(self) -> int:
+        """The peak of one decoder layer's backward pass beyond all it saved: the gradient coming in and the
+        one going out (two hidden-state tensors), and then either the MLP's working memory (first, with all
+        the layer saved still held) or the attention's (later, when what the layer saved after its attention
+        block is freed), whichever is larger."""
+        after_attention = self.largest_layer - self.saved_through_attention
+        return 2 * self.hidden_bytes + max(self.mlp_backward, self.attention_backward - after_attention)
 
     def checkpointed(self, every_n_layers: int) -> list[bool]:
         """Which layers transformers checkpoints with `every_n_layers` (0: none): layer i when i % n == 0."""
@@ -56,6 +70,13 @@ class ActivationTrace:
         return kept
 
 
+_ATTENTION_BACKWARD: list[int] = []  # per attention call of the trace running
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class _FlashLikeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,6 +84,9 @@ class _FlashLikeAttention(torch.autograd.Function):
         out = q.new_empty(batch, seq, heads, dim)
         lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
+        # flash-attn 2's backward: the output's gradient, a float32 accumulator for dq (twice q's bytes in
+        # 16 bits), dq, dk and dv expanded to every query head (grouped-query attention), then dk and dv
+        _ATTENTION_BACKWARD.append(6 * _bytes(q) + _bytes(k) + _bytes(v))
         return out
 
     @staticmethod
@@ -102,6 +126,10 @@ def use_liger_like_mlps(model: Any) -> int:
 
 def _trace_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
     return _FlashLikeAttention.apply(query, key, value), None
+
+
+def _attention_module(layer: Any) -> Any:
+    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
 
 
 def register_trace_attention() -> str:
@@ -185,8 +213,15 @@ def trace_activations(model: Any, batch: int, seq: int, autocast_dtype: torch.dt
     def leave(module: Any, args: Any, output: Any) -> None:
         counter.layer = None
 
+    _ATTENTION_BACKWARD.clear()
+    through_attention: list[int] = []
+
+    def attention_done(module: Any, args: Any, output: Any) -> None:
+        through_attention.append(counter.per_layer.get(counter.layer, 0) if counter.layer is not None else 0)
+
     handles = [layer.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(leave) for layer in layers]
+    handles += [a.register_forward_hook(attention_done) for a in map(_attention_module, layers) if a is not None]
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     # An explicit all-ones mask: without one, transformers inspects the position ids for packed rows,
     # which needs values that meta tensors do not have. The trace attention ignores it.
@@ -207,4 +242,31 @@ def trace_activations(model: Any, batch: int, seq: int, autocast_dtype: torch.dt
         inputs=tuple(inputs),
         outside_layers=counter.outside,
         hidden_bytes=hidden.untyped_storage().nbytes(),
+        attention_backward=max(_ATTENTION_BACKWARD, default=0),
+        saved_through_attention=max(through_attention, default=0),
+        mlp_backward=_mlp_backward(layers, batch, seq, hidden, autocast_dtype),
     )
+
+
+def _mlp_backward(layers: Any, batch: int, seq: int, hidden: torch.Tensor, autocast_dtype: torch.dtype | None) -> int:
+    """Working memory of one MLP's backward pass, on top of what it saved: the gradients of its saved
+    intermediates (as large as they are), measured by running the MLP's own (untiled) forward pass; a tiled
+    MLP recomputes one chunk at a time (model/tiled_mlp.py), so it has one chunk's intermediates and their
+    gradients."""
+    from dolphin_train.model.tiled_mlp import shards_for
+
+    mlp = getattr(layers[0], "mlp", None)
+    if mlp is None:
+        return 0
+    tiled = hasattr(mlp, "tiled_mlp_shards")
+    shards = shards_for(seq, hidden.shape[-1], mlp.tiled_mlp_shards) if tiled else 1
+    x = torch.empty(batch, -(-seq // shards), hidden.shape[-1], dtype=hidden.dtype, device="meta", requires_grad=True)
+    counter = _SavedTensorCounter({p.untyped_storage()._cdata for p in mlp.parameters()} | {x.untyped_storage()._cdata})
+    compute = type(mlp).__mro__[1].forward if tiled else type(mlp).forward  # a tiled MLP: the class it wraps
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        if autocast_dtype is not None:
+            with AutocastLike(autocast_dtype):
+                out = compute(mlp, x)
+        else:
+            out = compute(mlp, x)
+    return 2 * counter.outside + _bytes(out) if tiled and shards > 1 else counter.outside

@@ -24,6 +24,8 @@ BNB_CONFIG_VALUES: dict[str, tuple[type, ...] | tuple[str, ...]] = {
     "bnb_4bit_quant_storage": ("uint8", *_DTYPES),
 }
 BNB_TOP_LEVEL = ("load_in_4bit", "load_in_8bit")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")  # transformers' rope_type values
+ROPE_TYPES_WITH_FACTOR = ("linear", "dynamic", "yarn", "llama3")
 
 
 def _bnb_value_problem(name: str, value: Any) -> str | None:
@@ -88,6 +90,20 @@ class ModelKeys(Section):
         "model",
         alias="model_config",
     )
+    rope_theta: float | None = key(
+        None,
+        "RoPE's base frequency, over the model's config.json (axolotl's key). Raising it (\"adjusted base "
+        "frequency\") is one way to train past the positions the model was trained for.",
+        "model",
+        gt=0,
+    )
+    rope_scaling: dict[str, Any] | None = key(
+        None,
+        "RoPE scaling over the model's config.json, as transformers reads it (axolotl's key), e.g. "
+        "`{rope_type: yarn, factor: 4.0, original_max_position_embeddings: 8192}`; `rope_type` one of "
+        "linear, dynamic, yarn, longrope, llama3 (older configs' `type` is read as `rope_type`).",
+        "model",
+    )
     train_from_scratch: bool = key(
         False, "Initialise the weights randomly from the model config instead of loading them.", "model"
     )
@@ -143,3 +159,15 @@ class ModelKeys(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return value
+
+    @property
+    def rope_parameters(self) -> dict[str, Any] | None:
+        """`rope_scaling` and `rope_theta` as one transformers `rope_parameters` mapping (None: neither set)."""
+        if self.rope_scaling is None and self.rope_theta is None:
+            return None
+        params = {k: v for k, v in (self.rope_scaling or {}).items() if k != "type"}
+        if self.rope_scaling is not None:
+            params["rope_type"] = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+        if self.rope_theta is not None:
+            params["rope_theta"] = float(self.rope_theta)
+        return params

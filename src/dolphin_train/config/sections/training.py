@@ -194,6 +194,19 @@ class TrainingKeys(Section):
         "pass: activation memory on the GPU stays at about one layer's, whatever the sequence length. Needs "
         "`gradient_checkpointing`. `auto`: when the plan finds it needed to fit.",
     )
+    tiled_mlp: bool | Literal["auto"] = key(
+        False,
+        "Run each decoder layer's MLP over the sequence a chunk at a time, keeping only its input and "
+        "recomputing each chunk in the backward pass (Arctic Long Sequence Training's TiledMLP): the MLP's "
+        "intermediates, the largest activations of a layer, then scale with a chunk instead of the sequence. "
+        "For long contexts; costs one more MLP forward pass. `auto`: when the plan finds it needed to fit.",
+    )
+    tiled_mlp_num_shards: int | None = key(
+        None,
+        "Chunks the sequence is split into for `tiled_mlp` (default: chunks of about 1,024 tokens, or of "
+        "`hidden_size` tokens when that is smaller).",
+        ge=1,
+    )
     fp8: bool = key(
         False,
         "Float8 matrix products for the decoder's linear layers (torchao's float8 training, rowwise scaling: "
@@ -398,4 +411,5 @@ class TrainingKeys(Section):
 
     @property
     def has_auto_memory_settings(self) -> bool:
-        return "auto" in (self.micro_batch_size, self.gradient_checkpointing, self.activation_offloading)
+        return "auto" in (self.micro_batch_size, self.gradient_checkpointing, self.activation_offloading,
+                          self.tiled_mlp)
