@@ -176,10 +176,11 @@ def test_longest_context_grows_with_memory_and_tiling(tmp_path: Path, llama3_dir
 
 
 def test_context_parallelism_divides_a_rows_tokens_per_device() -> None:
-    """`context_parallel_size` is another branch's key: the plan reads it where it exists (1 otherwise)."""
-    from types import SimpleNamespace
-
+    """Each process of a context-parallel group holds a contiguous 1/N of a row (the old key name too)."""
+    from dolphin_train.config.load import validate_mapping
     from dolphin_train.plan.memory import tokens_per_device
 
-    assert tokens_per_device(SimpleNamespace(sequence_len=4_000_001, context_parallel_size=8)) == 500_001
-    assert tokens_per_device(SimpleNamespace(sequence_len=4096)) == 4096
+    base = {"base_model": "unused", "datasets": [{"path": "unused.jsonl"}], "sequence_len": 4_000_001}
+    assert tokens_per_device(validate_mapping({**base, "context_parallel_size": 8})) == 500_001
+    assert tokens_per_device(validate_mapping({**base, "sequence_parallel_degree": 4})) == 1_000_001
+    assert tokens_per_device(validate_mapping({**base, "sequence_len": 4096})) == 4096
