@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import sysconfig
 from importlib import metadata
 
 import pytest
@@ -40,7 +41,9 @@ def test_the_installed_environment_is_the_lock() -> None:
     """What `bash scripts/setup.sh` installed, as `pip freeze` would list it, is exactly the lock."""
     if sys.prefix != str(REPO / ".venv") and not IN_CI:
         pytest.skip("not running in the repository's .venv")
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The venv's own folders only: other tests put stand-in packages (flash-attn, Liger) on sys.path.
+    folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=folders)}
     installed.pop("dolphin-train", None)  # the editable install of this checkout
     installed.pop("pip", None)  # the venv's own, which the lock does not manage
     assert installed == locked_pins(LOCK.read_text())
