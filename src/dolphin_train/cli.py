@@ -247,7 +247,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else default_gpu_memory()
     if args.max_context:
-        return _print_longest_context(cfg, args.config, gpus, memory, args.device)
+        return _print_longest_context(cfg, args.config, gpus, memory, args.device, overrides)
     plan = make_plan(cfg, gpus, memory, args.device)
     console = _console()
     for part in render(plan):
@@ -267,7 +267,8 @@ def _refuse_a_run_still_training(adapter: str) -> None:
                              f"(--adapter {adapter}/checkpoint-N)")  # fmt: skip
 
 
-def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: str) -> int:
+def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: str,
+                           overrides: dict[str, Any]) -> int:  # fmt: skip
     from dolphin_train.plan.context import STEP, longest_context
     from dolphin_train.plan.memory import GiB
 
@@ -285,7 +286,10 @@ def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: 
         console.print(reason)
     chosen = {k: getattr(fit.cfg, k) for k in ("micro_batch_size", "gradient_checkpointing", "activation_offloading",
                                                "tiled_mlp")}  # fmt: skip
-    said = " ".join(f"--{k} {str(v).lower()}" for k, v in chosen.items() if getattr(cfg, k) != v)
+    # the command line's own overrides too, so that the command plans this very config
+    given = {k: v for k, v in overrides.items() if k != "sequence_len" and k not in chosen}
+    given.update({k: v for k, v in chosen.items() if getattr(cfg, k) != v or k in overrides})
+    said = " ".join(f"--{k} {str(v).lower()}" for k, v in given.items())
     where_said = f" --gpus {gpus}" if gpus > 1 else ""
     console.print(f"Plan it: dolphin-train plan {path}{where_said} --gpu-memory {memory / 1e9:g}GB --sequence_len "
                   f"{fit.sequence_len} {said}".rstrip())  # fmt: skip

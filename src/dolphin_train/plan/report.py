@@ -190,7 +190,7 @@ def _routes(cfg: Config, gpus: int) -> list[dict[str, Any]]:
     eight_bit = {"optimizer": "adamw_8bit"} if not cfg.adapter and cfg.optimizer in WIDE_OPTIMIZERS else {}
     routes: list[dict[str, Any]] = [{}, eight_bit] if eight_bit else [{}]
     if gpus == 1 and not cfg.adapter and not cfg.optimizer_in_backward:
-        # One GPU: bf16 weights updated in the backward pass, gradients never all held (README "Fitting on one GPU").
+        # One GPU: bf16 weights updated in the backward pass, gradients never all held (docs/one-gpu.md).
         unset = {k: None for k in ("deepspeed", "batch_size") if getattr(cfg, k) is not None}
         routes.append({**unset, **IN_BACKWARD})
     stage = plan_sharding(cfg, gpus).deepspeed_stage if cfg.deepspeed else None

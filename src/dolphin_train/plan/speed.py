@@ -1,5 +1,5 @@
 """Expected time per trained token of a setting: how `plan` orders the changes that would make a run fit, and
-how much slower it says each is than the fastest (README, "Plan before you launch").
+how much slower it says each is than the fastest (docs/plan.md).
 
 A model from the assumptions below, not a measurement: it compares settings of one model and one dataset,
 so only its ratios are used. Time per optimizer step, per GPU, divided by the tokens that GPU trains:
