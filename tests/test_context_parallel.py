@@ -201,8 +201,9 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
     tmp_path: Path, base_dir: Path, sharding: str
 ) -> None:
     """Two plain SGD steps (the update shows the gradient itself) with the chunked loss, which takes each
-    share's shifted labels: ZeRO-3 or FSDP over a context-parallel group of 2 against one process. Per-step
-    losses, evaluation losses and the saved weights agree."""
+    share's shifted labels: ZeRO-3 or FSDP over a context-parallel group of 2, with the tiled MLP (whose
+    weight gradients, summed over the chunks, must reach ZeRO-3's and FSDP2's reductions once), against one
+    plain process. Per-step losses, evaluation losses and the saved weights agree."""
     from safetensors.torch import load_file
 
     common = {**SGD_STEPS, "base_model": str(base_dir), "train_from_scratch": False,
@@ -210,9 +211,11 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
     _train(write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", **common)), [sys.executable])
     shard = {"deepspeed": str(REPO / "deepspeed_configs/zero3.json")} if sharding == "zero3" else \
         {"fsdp": ["full_shard", "auto_wrap"]}  # fmt: skip
-    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, **shard, **common)
+    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, tiled_mlp=True, tiled_mlp_num_shards=3, **shard,
+                      **common)  # fmt: skip
     result = _train(write_config(tmp_path / "cp.yml", cfg), TORCHRUN)
     assert "context_parallel_size: 2 runs attention through our entry point" in result.stdout + result.stderr
+    assert "MLPs run over 1/3 of the sequence at a time" in result.stdout + result.stderr
     (losses, evals), (cp_losses, cp_evals) = _history(tmp_path / "one/out"), _history(tmp_path / "cp/out")
     assert len(losses) == 2 and len(evals) >= 2
     assert cp_losses == pytest.approx(losses, rel=1e-5)
