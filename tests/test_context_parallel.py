@@ -107,6 +107,18 @@ def test_the_world_size_must_be_a_multiple_of_the_group_named_with_the_numbers(t
         set_up_process_environment(cfg, runtime)
 
 
+def test_the_plan_says_a_groups_batch_and_each_gpus_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """On 4 GPUs in groups of 2, a step trains micro-batch x accumulation x 2 rows (one batch per group), and
+    each GPU holds half of a row's tokens."""
+    from dolphin_train.cli import main
+
+    cfg = tiny_config(tmp_path, context_parallel_size=2, micro_batch_size=3, gradient_accumulation_steps=5,
+                      sequence_len=1000)  # fmt: skip
+    assert main(["plan", str(write_config(tmp_path / "c.yml", cfg)), "--gpus", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "3 x 1000 tokens per context-parallel group of 2 GPUs (500 per GPU), 30 rows (30,000 tokens)" in out
+
+
 def test_attention_runs_through_the_entry_point_under_context_parallelism(tmp_path: Path) -> None:
     cfg = validate_mapping(tiny_config(tmp_path, context_parallel_size=2))
     assert resolve_runtime(cfg, CPU).attn_implementation == SDPA_VARLEN  # SDPA per sequence on the CPU
