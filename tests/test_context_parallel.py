@@ -107,6 +107,18 @@ def test_the_world_size_must_be_a_multiple_of_the_group_named_with_the_numbers(t
         set_up_process_environment(cfg, runtime)
 
 
+def test_the_plan_says_a_groups_batch_and_each_gpus_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """On 4 GPUs in groups of 2, a step trains micro-batch x accumulation x 2 rows (one batch per group), and
+    each GPU holds half of a row's tokens."""
+    from dolphin_train.cli import main
+
+    cfg = tiny_config(tmp_path, context_parallel_size=2, micro_batch_size=3, gradient_accumulation_steps=5,
+                      sequence_len=1000)  # fmt: skip
+    assert main(["plan", str(write_config(tmp_path / "c.yml", cfg)), "--gpus", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "3 x 1000 tokens per context-parallel group of 2 GPUs (500 per GPU), 30 rows (30,000 tokens)" in out
+
+
 def test_attention_runs_through_the_entry_point_under_context_parallelism(tmp_path: Path) -> None:
     cfg = validate_mapping(tiny_config(tmp_path, context_parallel_size=2))
     assert resolve_runtime(cfg, CPU).attn_implementation == SDPA_VARLEN  # SDPA per sequence on the CPU
@@ -158,13 +170,12 @@ def _probe_run(tmp_path: Path, name: str, launcher: list[str], **overrides) -> d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [2, 4], ids=["one-group", "two-groups"])
-def test_a_training_step_and_evaluation_with_context_parallel_2_equal_one_process(tmp_path: Path,
-                                                                                  processes: int) -> None:  # fmt: skip
+def test_a_training_step_and_evaluation_with_context_parallel_2_equal_one_process(tmp_path: Path) -> None:
     """The tiny default, packed rows of several conversations, micro batch 2 per group: one process with the
-    same global batch against 1 or 2 context-parallel groups of 2 (with 2 groups, the groups get different
-    rows, the processes of a group the same). Loss, every gradient and the evaluation loss agree to float32
-    rounding."""
+    same global batch against 2 context-parallel groups of 2 on 4 processes (the groups get different rows,
+    the processes of a group the same; one group alone is the 2-process runs' case below). Loss, every
+    gradient and the evaluation loss agree to float32 rounding."""
+    processes = 4
     groups = processes // 2
     one = _probe_run(tmp_path, "one", [sys.executable], micro_batch_size=2 * groups)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
@@ -201,8 +212,9 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
     tmp_path: Path, base_dir: Path, sharding: str
 ) -> None:
     """Two plain SGD steps (the update shows the gradient itself) with the chunked loss, which takes each
-    share's shifted labels: ZeRO-3 or FSDP over a context-parallel group of 2 against one process. Per-step
-    losses, evaluation losses and the saved weights agree."""
+    share's shifted labels: ZeRO-3 or FSDP over a context-parallel group of 2, with the tiled MLP (whose
+    weight gradients, summed over the chunks, must reach ZeRO-3's and FSDP2's reductions once), against one
+    plain process. Per-step losses, evaluation losses and the saved weights agree."""
     from safetensors.torch import load_file
 
     common = {**SGD_STEPS, "base_model": str(base_dir), "train_from_scratch": False,
@@ -210,9 +222,11 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
     _train(write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", **common)), [sys.executable])
     shard = {"deepspeed": str(REPO / "deepspeed_configs/zero3.json")} if sharding == "zero3" else \
         {"fsdp": ["full_shard", "auto_wrap"]}  # fmt: skip
-    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, **shard, **common)
+    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, tiled_mlp=True, tiled_mlp_num_shards=3, **shard,
+                      **common)  # fmt: skip
     result = _train(write_config(tmp_path / "cp.yml", cfg), TORCHRUN)
     assert "context_parallel_size: 2 runs attention through our entry point" in result.stdout + result.stderr
+    assert "MLPs run over 1/3 of the sequence at a time" in result.stdout + result.stderr
     (losses, evals), (cp_losses, cp_evals) = _history(tmp_path / "one/out"), _history(tmp_path / "cp/out")
     assert len(losses) == 2 and len(evals) >= 2
     assert cp_losses == pytest.approx(losses, rel=1e-5)

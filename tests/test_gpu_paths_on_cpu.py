@@ -543,6 +543,28 @@ def test_liger_leaves_the_fused_lora_mlp_in_place(tmp_path: Path, stand_in_liger
     assert outputs == ["FusedLoRAGatedMLPBackward"] * len(mlps)
 
 
+def test_liger_leaves_the_tiled_mlp_in_place(tmp_path: Path, stand_in_liger: list[str]) -> None:
+    """`tiled_mlp: true` with Liger on: the tiled MLP (a subclass, as the fused one) must be what runs, not
+    Liger's SwiGLU bound onto each MLP instance at the start of `train()`; Liger's loss still applies."""
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from dolphin_train.train.arguments import liger_settings
+
+    cfg = validate_mapping(tiny_config(tmp_path, tiled_mlp=True, tiled_mlp_num_shards=2))
+    model = _model_as_training_builds_it(cfg)
+    settings = liger_settings(cfg, GPU_WITH_LIGER)
+    assert settings is not None
+    apply_liger_kernel(model, settings)
+    outputs: list[str] = []
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert stand_in_liger == ["liger fused loss"]  # Liger applied, but not its MLP
+    assert outputs == ["TiledMLPFunctionBackward"] * len(mlps)
+
+
 def test_lora_on_the_output_head_trains_where_liger_applies(tmp_path: Path, stand_in_liger: list[str]) -> None:
     """Liger's fused output head + loss computes the logits from `lm_head.weight`: with LoRA on the head
     (`lm_head` in `lora_target_modules`) that is the frozen base weight, and the head's adapter would get no
@@ -595,6 +617,24 @@ def test_the_plan_counts_the_mlp_that_runs_under_liger(tmp_path: Path, stand_in_
     liger, plain = activations(), activations(liger_kernel=False)
     assert fused == fused_without_liger
     assert fused < liger < plain
+
+
+def test_the_plan_counts_liger_s_rms_norm_and_plans_for_a_machine_with_or_without_liger(tmp_path: Path) -> None:
+    """Liger's RMSNorm keeps its input and a float32 scale per token, not a float32 copy of its input: counted
+    where Liger will apply it. `plan --liger/--no-liger` plans for a GPU machine whose packages differ from this
+    one's (none here: Liger is not installed on the test machine)."""
+    from dolphin_train.plan.report import make_plan, parse_memory
+
+    def activations(liger: bool, **keys: Any) -> int:
+        cfg = validate_mapping(tiny_config(tmp_path, liger_glu_activation=False, **keys))
+        return make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"), liger=liger).memory.activations
+
+    plain = activations(liger=False)
+    assert activations(liger=True) < plain
+    assert activations(liger=True, liger_rms_norm=False) == plain
+    cfg = validate_mapping(tiny_config(tmp_path))
+    assert make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB"), liger=True).runtime.liger
+    assert not make_plan(cfg, gpus=1, gpu_memory=parse_memory("80GB")).runtime.liger  # as installed here
 
 
 # ---- D6: fp16 and the optimizer step in the backward pass -----------------------------------------------------

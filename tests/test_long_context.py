@@ -155,6 +155,22 @@ def test_longest_context_of_8b_qlora_on_80_gb(tmp_path: Path, llama3_dir: str) -
     assert found.longest.estimate.total <= parse_memory("80GB") and found.longest.cfg.tiled_mlp is True
 
 
+def test_8b_full_fine_tuning_on_8_gpus_fits_4m_tokens_per_sequence(tmp_path: Path, llama3_dir: str) -> None:
+    """The issue's multi-GPU target (ALST: 3.7M on 8 H100s): full fine-tuning under ZeRO-3 with context
+    parallelism over the 8 GPUs, the tiled MLP over ZeRO-3's sharded weights, offloaded checkpoints, Liger's
+    kernels (`plan --liger`) and one 4M-token row per step. Without the tiled MLP it does not fit."""
+    from dolphin_train.plan.report import make_plan
+
+    keys = {"deepspeed": str(REPO / "deepspeed_configs/zero3.json"), "optimizer": "adamw_8bit",
+            "context_parallel_size": 8, "sequence_len": 4_000_000, "gradient_accumulation_steps": 1, **AUTO,
+            "micro_batch_size": 1}  # fmt: skip
+    cfg = _config_8b(tmp_path, llama3_dir, **keys)
+    plan = make_plan(cfg, 8, parse_memory("80GB"), liger=True)
+    assert plan.fits and plan.cfg.tiled_mlp is True and plan.cfg.offloads_activations, plan.auto
+    untiled = make_plan(cfg.model_copy(update={"tiled_mlp": False}), 8, parse_memory("80GB"), liger=True)
+    assert not untiled.fits
+
+
 def test_longest_context_grows_with_memory_and_tiling(tmp_path: Path, llama3_dir: str,
                                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     from dolphin_train.cli import main

@@ -114,6 +114,51 @@ def test_tiled_mlp_keys_are_checked(tmp_path: Path) -> None:
         validate_mapping(tiny_config(tmp_path, tiled_mlp_num_shards=4))
 
 
+def test_what_the_tiled_mlp_cannot_run_with_is_refused_and_auto_does_not_try_it(tmp_path: Path) -> None:
+    """Liger's MLP named too (both replace the MLP's forward), and FSDP1 (it computes with views of its flat
+    parameter, whose gradients the tiled function would not take). `auto` then leaves the MLP untiled."""
+    from dolphin_train.plan.auto import _candidates
+
+    fsdp1 = {"fsdp": ["full_shard", "auto_wrap"], "fsdp_version": 1}
+    with pytest.raises(ConfigError, match="tiled_mlp: true and liger_glu_activation: true"):
+        validate_mapping(tiny_config(tmp_path, tiled_mlp=True, liger_glu_activation=True))
+    with pytest.raises(ConfigError, match="tiled_mlp with FSDP1"):
+        validate_mapping(tiny_config(tmp_path, tiled_mlp=True, **fsdp1))
+    fsdp2 = {"fsdp": ["full_shard", "auto_wrap"]}
+    for keys, tiling in ((fsdp1, {False}), ({"liger_glu_activation": True}, {False}), (fsdp2, {False, True}),
+                         ({"deepspeed": "deepspeed_configs/zero3.json"}, {False, True})):  # fmt: skip
+        cfg = validate_mapping(tiny_config(tmp_path, tiled_mlp="auto", micro_batch_size=1, **keys))
+        assert {c["tiled_mlp"] for c in _candidates(cfg, rows=None)} == tiling, keys
+
+
+def test_compiled_layers_run_the_tiled_mlp_eagerly_with_the_plain_gradients(tmp_path: Path) -> None:
+    """`torch_compile`: each decoder layer compiled (`compile_layers`) around the tiled MLP, which dynamo
+    cannot trace (the random state's replay, the backward's own autograd calls): the layer breaks its graph
+    there and nowhere else, gives the plain model's values and gradients, and rows of other lengths compile
+    nothing new. The aot_eager backend: the graph capture is what is tested here (inductor's code generation
+    for the layers is tested in test_gpu_paths_on_cpu.py)."""
+    from torch._dynamo.utils import counters
+
+    from dolphin_train.config.resolve import resolve_runtime
+    from dolphin_train.model.load import compile_layers
+
+    cfg = validate_mapping(tiny_config(tmp_path, torch_compile=True, torch_compile_backend="aot_eager"))
+    plain = full_model()
+    tiled = copy.deepcopy(plain)
+    use_tiled_mlp(tiled, 3)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(tiled, cfg, resolve_runtime(cfg))
+    assert_same(plain, tiled, IDS, expected_grads=len(list(plain.parameters())))
+    breaks = counters["graph_break"]
+    assert breaks and all("tiled_mlp" in reason for reason in breaks), list(breaks)
+    graphs = counters["stats"]["unique_graphs"]
+    for length in (40, 24, 56):
+        ids = IDS[:, :length]
+        tiled(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
+
+
 def test_a_run_with_tiled_mlp_and_checkpointing_takes_the_plain_gradients(tmp_path: Path) -> None:
     """Through training's own model loading (`tiled_mlp: true`), under non-reentrant checkpointing, whose
     recomputation runs the tiled function again inside the backward pass."""

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-context", action="store_true",
                       help="find the longest sequence_len that fits (with `auto` memory settings chosen at each "
                       "length)")  # fmt: skip
+    plan.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
+                      help="plan for a GPU machine with (or without) liger-kernel installed, whatever is installed "
+                      "here (default: as here; Liger's kernels run by default where installed)")  # fmt: skip
     plan.add_argument("--check", action="store_true",
                       help="exit with status 3 when the run is not expected to fit (for launch scripts)")  # fmt: skip
     commands["inspect"].add_argument("--n", type=int, default=3, help="number of examples to show (default 3)")
@@ -247,8 +250,8 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--gpus {gpus}: at least 1"], source="command line")
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else default_gpu_memory()
     if args.max_context:
-        return _print_longest_context(cfg, args.config, gpus, memory, args.device, overrides)
-    plan = make_plan(cfg, gpus, memory, args.device)
+        return _print_longest_context(cfg, args.config, gpus, memory, args.device, overrides, args.liger)
+    plan = make_plan(cfg, gpus, memory, args.device, args.liger)
     console = _console()
     for part in render(plan):
         console.print(part)
@@ -268,11 +271,11 @@ def _refuse_a_run_still_training(adapter: str) -> None:
 
 
 def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: str,
-                           overrides: dict[str, Any]) -> int:  # fmt: skip
+                           overrides: dict[str, Any], liger: bool | None) -> int:  # fmt: skip
     from dolphin_train.plan.context import STEP, longest_context
     from dolphin_train.plan.memory import GiB
 
-    found = longest_context(cfg, gpus, memory, device)
+    found = longest_context(cfg, gpus, memory, device, liger)
     where = f"{gpus} x {memory / 1e9:g} GB GPU" if device == "cuda" else "the CPU"
     console = _console()
     if found.longest is None:
@@ -290,7 +293,7 @@ def _print_longest_context(cfg: Any, path: str, gpus: int, memory: int, device: 
     given = {k: v for k, v in overrides.items() if k != "sequence_len" and k not in chosen}
     given.update({k: v for k, v in chosen.items() if getattr(cfg, k) != v or k in overrides})
     said = " ".join(f"--{k} {str(v).lower()}" for k, v in given.items())
-    where_said = f" --gpus {gpus}" if gpus > 1 else ""
+    where_said = (f" --gpus {gpus}" if gpus > 1 else "") + {None: "", True: " --liger", False: " --no-liger"}[liger]
     console.print(f"Plan it: dolphin-train plan {path}{where_said} --gpu-memory {memory / 1e9:g}GB --sequence_len "
                   f"{fit.sequence_len} {said}".rstrip())  # fmt: skip
     return 0

@@ -319,6 +319,7 @@ class CrossSectionChecks:
         if self.tiled_mlp_num_shards is not None and self.tiled_mlp is False:
             problems.append("tiled_mlp_num_shards sets the chunks of the tiled MLP: set tiled_mlp: true (or auto), "
                             "or remove tiled_mlp_num_shards")  # fmt: skip
+        problems.extend(self.tiled_mlp_problems())
         fixed_micro = self.micro_batch_size != "auto"
         if self.batch_size is not None and fixed_micro and self.batch_size != self.micro_batch_size * (
             self.gradient_accumulation_steps
@@ -345,6 +346,23 @@ class CrossSectionChecks:
             if self.optimizer not in IN_BACKWARD_OPTIMIZERS:
                 problems.append(f"optimizer_in_backward with optimizer: {self.optimizer}: use one of "
                                 f"{', '.join(IN_BACKWARD_OPTIMIZERS)}")  # fmt: skip
+        return problems
+
+    def tiled_mlp_problems(self) -> list[str]:
+        """What `tiled_mlp: true` cannot run with (also read by the plan's `auto`, which tries it only where
+        it can)."""
+        problems: list[str] = []
+        if self.tiled_mlp is True and self.liger_kernel_config.get("swiglu"):
+            problems.append("tiled_mlp: true and liger_glu_activation: true (or flash_attn_fuse_mlp) both "
+                            "replace the gated MLP's forward, and only one can run: keep one (the tiled MLP "
+                            "already keeps only a chunk's intermediates)")  # fmt: skip
+        fsdp1 = self.fsdp and (self.fsdp_config or {}).get("version", self.fsdp_version) == 1
+        if self.tiled_mlp is True and fsdp1:
+            # FSDP1 runs the MLP on views of its flat parameter, not on the module's parameters: the tiled MLP
+            # would compute no weight gradients there (model/tiled_mlp.py).
+            problems.append("tiled_mlp with FSDP1 (fsdp_version: 1): FSDP1 computes with views of its flat "
+                            "parameter, which the tiled MLP cannot take gradients for: use FSDP2 (fsdp_version: 2, "
+                            "the default) or DeepSpeed ZeRO-3, or set tiled_mlp: false")  # fmt: skip
         return problems
 
     def _context_parallel_problems(self) -> list[str]:

@@ -45,9 +45,10 @@ class Machine:
         )
 
     @classmethod
-    def planned(cls, device: str, gpus: int, memory: int | None = None) -> Machine:
+    def planned(cls, device: str, gpus: int, memory: int | None = None, liger: bool | None = None) -> Machine:
         """The machine `dolphin-train plan` plans for: GPUs of the Ampere generation or newer (bf16, TF32 and
-        flash attention), with the kernel packages installed here; or a CPU."""
+        flash attention), with the kernel packages installed here (`liger`: liger-kernel there or not, when
+        the GPU machine's packages differ from this one's); or a CPU."""
         cuda = device == "cuda"
         return cls(
             device=device,
@@ -55,7 +56,7 @@ class Machine:
             tf32=cuda,
             varlen_attention=cuda,
             flash_attn=cuda and package_installed("flash_attn"),
-            liger=cuda and package_installed("liger_kernel"),
+            liger=cuda and (package_installed("liger_kernel") if liger is None else liger),
             fp8=cuda,
             world_size=gpus,
             device_name="planned GPU" if cuda else "cpu",

@@ -9,6 +9,10 @@ would silently run its MLP instead of the fused one. The rule:
 - `lora_mlp_kernel: true` names the fused MLP; Liger's MLP kernel is on only by default (its apply functions
   default `swiglu`/`geglu` to true), so the fused MLP wins and Liger is told to leave the MLP alone. Its other
   kernels (RMSNorm, RoPE, the fused loss) still apply. Asking for both by name is refused at load.
+- `tiled_mlp: true` (model/tiled_mlp.py) runs the MLP's class forward (the model's own or the fused one)
+  over chunks of the sequence, also through a subclass: Liger's MLP would replace it the same way, so it
+  leaves the MLP alone then too (a chunk's intermediates are small: what Liger's MLP saves, tiling already
+  has). Asking for both by name is refused at load;
 - otherwise, with Liger applied and its GLU kernel not turned off, Liger's MLP runs;
 - otherwise the model's own.
 """
@@ -43,9 +47,15 @@ def mlp_forward(cfg: Config, runtime: RuntimeSettings) -> MlpForward:
     """The forward each gated MLP runs in training (see the module docstring for the precedence)."""
     if fused_lora_mlp(cfg):
         return MlpForward.FUSED_LORA
-    if use_liger(cfg, runtime) and cfg.liger_kernel_config.get("swiglu", True):
+    if use_liger(cfg, runtime) and cfg.liger_kernel_config.get("swiglu", True) and cfg.tiled_mlp is not True:
         return MlpForward.LIGER
     return MlpForward.PLAIN
+
+
+def liger_rms_norm(cfg: Config, runtime: RuntimeSettings) -> bool:
+    """Liger's RMSNorm replaces the model's (its apply functions default `rms_norm` to true): it keeps its
+    input and one float32 scale per token for the backward pass, not a float32 copy of the input."""
+    return use_liger(cfg, runtime) and cfg.liger_kernel_config.get("rms_norm", True)
 
 
 def liger_mlp_settings(choice: MlpForward) -> dict[str, bool]:

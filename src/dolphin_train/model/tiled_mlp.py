@@ -13,10 +13,14 @@ How: the decoder layers' MLP modules get a subclass (as the fused LoRA kernels d
 parameter names, `isinstance` checks and peft's wrappers stay as they were) whose forward calls
 `TiledMLPFunction` with the class's own forward as the computation: peft's LoRA projections, the fused LoRA
 MLP and quantised layers all run inside it unchanged. The parameter gradients are summed over the chunks
-and returned from the function's backward (not accumulated into `.grad` chunk by chunk), so DDP and
-DeepSpeed ZeRO-1/2 see each gradient once, as from any other module; trained weights sharded by ZeRO-3 or
-FSDP are refused (their gradients would come back at the gathered size). Dropout inside the MLP (LoRA dropout) draws the
-same masks in the recomputation: the random state is restored first.
+and returned from the function's backward (not accumulated into `.grad` chunk by chunk), so DDP, DeepSpeed
+ZeRO-1/2 and FSDP2 (whose decoder-layer unit holds the MLP's weights gathered, as plain parameters, while
+it runs) see each gradient once, as from any other module. DeepSpeed ZeRO-3 gathers a weight only inside
+its own linear layer's call, so its weights cannot be inputs of the function: there each chunk's backward
+accumulates into `.grad`, and DeepSpeed's `ds_grad_is_ready` flag (its hook for tiled computation, which its
+own TiledMLP uses) holds the reduction back until the last chunk. FSDP1 computes with views of its flat
+parameter, not the module's parameters, so it is refused at load (config/checks.py). Dropout inside the MLP
+(LoRA dropout) draws the same masks in the recomputation: the random state is restored first.
 """
 
 from __future__ import annotations
@@ -66,13 +70,15 @@ class _RandomState:
 class TiledMLPFunction(torch.autograd.Function):
     """`compute(x)` over `shards` chunks of the sequence (dimension -2), keeping only `x`; the backward pass
     recomputes one chunk at a time. `params`: the trainable parameters `compute` uses, inputs of the function
-    so that their gradients (summed over the chunks) come back through it."""
+    so that their gradients (summed over the chunks) come back through it. `zero3_params`: ZeRO-3's instead,
+    whose gradients are accumulated chunk by chunk (see the module's docstring)."""
 
     @staticmethod
     def forward(ctx: Any, compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, shards: int,
-                *params: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                zero3_params: tuple[torch.Tensor, ...], *params: torch.Tensor) -> torch.Tensor:  # fmt: skip
         device = x.device.type
         ctx.compute, ctx.shards, ctx.device, ctx.params = compute, shards, device, params
+        ctx.zero3_params = zero3_params
         ctx.autocast = (
             (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             if device in AUTOCAST_DEVICES
@@ -88,7 +94,7 @@ class TiledMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         (x,) = ctx.saved_tensors
-        wanted = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[3 + i]]
+        wanted = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[4 + i]]
         totals: dict[int, torch.Tensor] = {}
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[1] else None
         cast = ctx.autocast
@@ -96,39 +102,64 @@ class TiledMLPFunction(torch.autograd.Function):
         replay = ctx.random.replay() if ctx.random is not None else None
         try:
             start = 0
-            for chunk, chunk_grad in zip(x.chunk(ctx.shards, dim=-2), grad.chunk(ctx.shards, dim=-2), strict=True):
+            chunks = zip(x.chunk(ctx.shards, dim=-2), grad.chunk(ctx.shards, dim=-2), strict=True)
+            for index, (chunk, chunk_grad) in enumerate(chunks):
                 chunk = chunk.detach().requires_grad_(grad_x is not None)
                 with torch.enable_grad(), autocast:
                     out = ctx.compute(chunk)
-                inputs = ([chunk] if grad_x is not None else []) + [ctx.params[i] for i in wanted]
-                grads = list(torch.autograd.grad(out, inputs, chunk_grad, allow_unused=True))
+                if ctx.zero3_params:
+                    last = index == ctx.shards - 1
+                    chunk_grad_x = _accumulate_zero3(out, chunk_grad, chunk, ctx.zero3_params, last)
+                else:
+                    inputs = ([chunk] if grad_x is not None else []) + [ctx.params[i] for i in wanted]
+                    grads = list(torch.autograd.grad(out, inputs, chunk_grad, allow_unused=True))
+                    chunk_grad_x = grads.pop(0) if grad_x is not None else None
+                    for i, g in zip(wanted, grads, strict=True):
+                        if g is not None:
+                            totals[i] = totals[i].add_(g) if i in totals else g
                 if grad_x is not None:
-                    grad_x.narrow(-2, start, chunk.shape[-2]).copy_(grads.pop(0))
-                for i, g in zip(wanted, grads, strict=True):
-                    if g is not None:
-                        totals[i] = totals[i].add_(g) if i in totals else g
+                    grad_x.narrow(-2, start, chunk.shape[-2]).copy_(chunk_grad_x)
                 start += chunk.shape[-2]
         finally:
             if replay is not None:
                 replay.__exit__(None, None, None)
-        return (None, grad_x, None, *(totals.get(i) for i in range(len(ctx.params))))
+        return (None, grad_x, None, None, *(totals.get(i) for i in range(len(ctx.params))))
 
 
+def _accumulate_zero3(out: torch.Tensor, out_grad: torch.Tensor, chunk: torch.Tensor,
+                      params: tuple[torch.Tensor, ...], last: bool) -> torch.Tensor | None:  # fmt: skip
+    """One chunk's backward under ZeRO-3: the weights' gradients accumulate into `.grad`, and DeepSpeed adds
+    them to its reduction bucket only once the last chunk's are in (`ds_grad_is_ready`, read by its gradient
+    hook). Returns the chunk's input gradient."""
+    for param in params:
+        param.ds_grad_is_ready = last
+    try:
+        torch.autograd.backward(out, out_grad, inputs=[*([chunk] if chunk.requires_grad else []), *params])
+    finally:
+        for param in params:
+            param.ds_grad_is_ready = True
+    return chunk.grad
+
+
+# Left out of a compiled decoder layer (`torch_compile`): dynamo cannot trace the random state's replay or the
+# backward's own autograd calls, and would split the layer into several graphs around them. This way the
+# layer compiles into its graphs before and after the MLP, and the MLP's chunks run eagerly.
+@torch.compiler.disable
 def tiled_mlp(compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, shards: int,
               params: list[torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """`compute(x)` tiled over `shards` chunks of the sequence; `params`: the trainable parameters it uses."""
-    return TiledMLPFunction.apply(compute, x, shards, *params)
+    if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3's partitioned weights
+        return TiledMLPFunction.apply(compute, x, shards, tuple(params))
+    if any(type(p).__name__ == "DTensor" for p in params):  # sharded while it runs: not a case we know
+        from dolphin_train.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("tiled_mlp: the MLP's trained weights are sharded tensors (DTensor) while it "
+                                 "runs, which the tiled MLP does not support: set tiled_mlp: false")  # fmt: skip
+    return TiledMLPFunction.apply(compute, x, shards, (), *params)
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in params):
-        # Their gradients would come back at the gathered size for a sharded parameter: not supported yet.
-        from dolphin_train.errors import EnvironmentProblem
-
-        raise EnvironmentProblem("tiled_mlp: the MLP's trained weights are sharded (DeepSpeed ZeRO-3 or FSDP), "
-                                 "which the tiled MLP does not support yet: set tiled_mlp: false, or use ZeRO-1/2")
-    return params
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 @cache

@@ -68,10 +68,14 @@ def _settings(cfg: Config, micro: int, checkpointing: tuple[bool, int, bool]) ->
 
 
 def _candidates(cfg: Config, rows: int | None) -> Iterator[dict[str, Any]]:
-    """With `tiled_mlp: auto`, every setting untiled first: tiling costs one more MLP forward pass (and it is not
-    tried with DeepSpeed or FSDP, whose sharded weights it does not support yet)."""
-    tiling = cfg.tiled_mlp == "auto" and not (cfg.fsdp or cfg.deepspeed)  # sharded weights: not supported yet
-    for tiled in (False, True) if tiling else (False,) if cfg.tiled_mlp == "auto" else (None,):
+    """With `tiled_mlp: auto`, every setting untiled first: tiling costs one more MLP forward pass. Not tried
+    where the config's checks would refuse `tiled_mlp: true` (Liger's MLP asked for by name, FSDP1)."""
+    if cfg.tiled_mlp == "auto":
+        tiling = not cfg.model_copy(update={"tiled_mlp": True}).tiled_mlp_problems()
+        choices: tuple[bool | None, ...] = (False, True) if tiling else (False,)
+    else:
+        choices = (None,)
+    for tiled in choices:
         for checkpointing in _checkpointing_options(cfg):
             for micro in _micro_batches(cfg, rows):
                 yield _settings(cfg, micro, checkpointing) | ({"tiled_mlp": tiled} if tiled is not None else {})

@@ -65,11 +65,12 @@ class _Fitter:
         return estimate.total <= self.budget, ContextFit(length, cfg, estimate, ())
 
 
-def longest_context(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> LongestContext:
+def longest_context(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda",
+                    liger: bool | None = None) -> LongestContext:  # fmt: skip
     from dolphin_train.plan.report import model_facts, planned_runtime
 
     facts = model_facts(cfg)
-    runtime = planned_runtime(cfg, gpus, device, gpu_memory)
+    runtime = planned_runtime(cfg, gpus, device, gpu_memory, liger)
     fitter = _Fitter(cfg, facts, runtime, gpu_memory)
     start = max(STEP, cfg.sequence_len // STEP * STEP)
     fits, fit = fitter.at(start)

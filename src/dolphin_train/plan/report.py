@@ -13,7 +13,14 @@ from dolphin_train.config.resolve import RuntimeSettings, resolve_runtime
 from dolphin_train.config.schema import Config
 from dolphin_train.errors import ConfigError
 from dolphin_train.plan.auto import AutoChoice, resolve_for_runtime
-from dolphin_train.plan.memory import GiB, MemoryEstimate, estimate_memory, measure_model, plan_sharding
+from dolphin_train.plan.memory import (
+    GiB,
+    MemoryEstimate,
+    estimate_memory,
+    measure_model,
+    plan_sharding,
+    tokens_per_device,
+)
 from dolphin_train.plan.steps import DataPlan, plan_data
 from dolphin_train.train.schedule import batch_shape
 
@@ -130,9 +137,10 @@ def model_facts(cfg: Config, loaded: Any | None = None) -> ModelFacts:
     return ModelFacts(config, source, rows, list(new_ids), tokenizer, note, said)
 
 
-def planned_runtime(cfg: Config, gpus: int, device: str, gpu_memory: int | None = None) -> RuntimeSettings:
-    """`auto` settings as training will resolve them on the machine planned for."""
-    return resolve_runtime(cfg, Machine.planned(device, gpus, gpu_memory))
+def planned_runtime(cfg: Config, gpus: int, device: str, gpu_memory: int | None = None,
+                    liger: bool | None = None) -> RuntimeSettings:  # fmt: skip
+    """`auto` settings as training will resolve them on the machine planned for (`liger`: Machine.planned)."""
+    return resolve_runtime(cfg, Machine.planned(device, gpus, gpu_memory, liger))
 
 
 def plan_memory(cfg: Config, facts: ModelFacts, runtime: RuntimeSettings) -> MemoryEstimate:
@@ -153,9 +161,9 @@ def resolve_auto_settings(
     return choice, memory.estimate(choice.cfg)
 
 
-def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda") -> Plan:
+def make_plan(cfg: Config, gpus: int, gpu_memory: int, device: str = "cuda", liger: bool | None = None) -> Plan:
     facts = model_facts(cfg)
-    runtime = planned_runtime(cfg, gpus, device, gpu_memory)
+    runtime = planned_runtime(cfg, gpus, device, gpu_memory, liger)
     rows = None
     if cfg.has_auto_memory_settings:  # the training rows bound the micro-batch
         rows = plan_data(cfg.model_copy(update={"micro_batch_size": 1}), facts.tokenizer, gpus).train_rows
@@ -334,10 +342,12 @@ def render(plan: Plan) -> list[Any]:
     shape = f"{plan.model.config.model_type}, {p.layers} layers, hidden {p.hidden_size}, vocabulary {p.vocab_size:,}"
     overview.add_row("model", f"{shape} (shapes: {plan.model.source}; {plan.model.tokenizer_note})")
     overview.add_row("parameters", f"{p.total:,} total, {p.trainable:,} trainable ({p.trainable / p.total:.2%})")
-    batch = batch_shape(cfg, plan.gpus)
-    tokens = batch.tokens_per_micro_batch
-    overview.add_row("batch", f"{batch.micro_batch_size} x {batch.sequence_len} tokens per GPU, {batch.rows_per_step} "
-                     f"rows ({batch.tokens_per_step:,} tokens) per optimizer step")  # fmt: skip
+    batch = batch_shape(cfg, max(1, plan.gpus // cfg.cp_size))  # a context-parallel group shares its rows
+    tokens = batch.micro_batch_size * tokens_per_device(cfg)  # on one GPU: its share under context parallelism
+    per = "GPU" if cfg.cp_size == 1 else \
+        f"context-parallel group of {cfg.cp_size} GPUs ({tokens_per_device(cfg):,} per GPU)"  # fmt: skip
+    overview.add_row("batch", f"{batch.micro_batch_size} x {batch.sequence_len} tokens per {per}, "
+                     f"{batch.rows_per_step} rows ({batch.tokens_per_step:,} tokens) per optimizer step")  # fmt: skip
     if data.known:
         label = "" if data.exact else "~"
         overview.add_row("data", f"{label}{data.conversations:,} conversations, {label}{data.tokens:,} tokens, "

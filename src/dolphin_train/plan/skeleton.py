@@ -16,10 +16,10 @@ import torch
 from dolphin_train.config.resolve import RuntimeSettings
 from dolphin_train.config.schema import Config
 from dolphin_train.model.adapters import new_adapter, prepare_base_for_adapter, quantization_config
-from dolphin_train.model.kernel_choice import MlpForward, mlp_forward
+from dolphin_train.model.kernel_choice import MlpForward, liger_rms_norm, mlp_forward
 from dolphin_train.model.load import apply_tiled_mlp, freeze_except, load_dtype
 from dolphin_train.plan.architectures import text_config
-from dolphin_train.plan.trace import register_trace_attention, use_liger_like_mlps
+from dolphin_train.plan.trace import register_trace_attention, use_liger_like_mlps, use_liger_like_rms_norms
 
 QUANTISED_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' parameter classes
 
@@ -46,6 +46,8 @@ def build_meta_model(
     freeze_except(cfg, model)
     if mlp_forward(cfg, runtime) is MlpForward.LIGER:  # the MLP training will run (model/kernel_choice.py)
         use_liger_like_mlps(model)
+    if liger_rms_norm(cfg, runtime):
+        use_liger_like_rms_norms(model)
     apply_tiled_mlp(cfg, model)
     return model
 

@@ -124,6 +124,37 @@ def use_liger_like_mlps(model: Any) -> int:
     return changed
 
 
+class _LigerLikeRmsNorm(torch.autograd.Function):
+    """What Liger's RMSNorm keeps for its backward pass: its input, its weight and one float32 reciprocal root
+    mean square per token (the model's own RMSNorm keeps a float32 copy of its input and its bf16 output)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never run: the trace has no backward pass
+        raise NotImplementedError
+
+
+def _liger_like_rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return _LigerLikeRmsNorm.apply(x, self.weight)
+
+
+def use_liger_like_rms_norms(model: Any) -> int:
+    """Give each RMSNorm with a weight what Liger's RMSNorm keeps, bound on the instance as Liger binds its own
+    forward (the gated RMSNorms of linear-attention layers are another kernel). Returns the norms changed."""
+    changed = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.__dict__["forward"] = _liger_like_rms_norm_forward.__get__(module, type(module))
+            changed += 1
+    return changed
+
+
 def _trace_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
     return _FlashLikeAttention.apply(query, key, value), None
 
