@@ -199,7 +199,8 @@ class TrainingKeys(Section):
         "Run each decoder layer's MLP over the sequence a chunk at a time, keeping only its input and "
         "recomputing each chunk in the backward pass (Arctic Long Sequence Training's TiledMLP): the MLP's "
         "intermediates, the largest activations of a layer, then scale with a chunk instead of the sequence. "
-        "For long contexts; costs one more MLP forward pass. `auto`: when the plan finds it needed to fit.",
+        "For long contexts; costs one more MLP forward pass. Runs under DeepSpeed ZeRO-3 and FSDP2 (not "
+        "FSDP1); Liger's MLP kernel is then left off. `auto`: when the plan finds it needed to fit.",
     )
     tiled_mlp_num_shards: int | None = key(
         None,
