@@ -14,6 +14,6 @@ diff <(grep -E '^[a-z0-9]' locks/cpu-py311.txt | cut -d' ' -f1) <(grep -E '^[a-z
   | sed -n 's/^> /  /p' || true
 [ -x .venv-latest/bin/python ] || python3 -m venv .venv-latest
 FIND_LINKS=${TORCH_FIND_LINKS:-/opt/wheels}
-.venv/bin/uv pip sync --quiet --python .venv-latest/bin/python --require-hashes --find-links "$FIND_LINKS" "$LATEST"
+.venv/bin/uv pip sync --quiet --python .venv-latest/bin/python --require-hashes --compile-bytecode --find-links "$FIND_LINKS" "$LATEST"
 .venv/bin/uv pip install --quiet --python .venv-latest/bin/python --no-deps --no-build-isolation -e .
 .venv-latest/bin/python -m pytest "$@"
