@@ -519,50 +519,45 @@ def _model_as_training_builds_it(cfg: Any) -> Any:
     return load_model(cfg, CPU, load_tokenizer(cfg))
 
 
-def test_liger_leaves_the_fused_lora_mlp_in_place(tmp_path: Path, stand_in_liger: list[str]) -> None:
-    """`lora_mlp_kernel: true` with Liger on (its default on CUDA): the model set-up swaps in the fused MLP,
-    then the Trainer applies Liger at the start of `train()` with the settings `liger_settings` chose (as
-    `apply_liger_kernel` here). The fused MLP must be what runs: Liger's RMSNorm, RoPE and loss still apply,
-    its SwiGLU does not."""
+def _mlp_backward_names_under_liger(cfg: Any) -> tuple[list[str], int]:
+    """The model as training builds it, Liger applied as the Trainer applies it at the start of `train()`
+    (with the settings `liger_settings` chose), one step: the autograd node each decoder MLP's output has,
+    and the number of layers."""
     from transformers.integrations.liger import apply_liger_kernel
 
+    from dolphin_train.model.layers import decoder_layers
     from dolphin_train.train.arguments import liger_settings
 
-    cfg = validate_mapping(tiny_config(tmp_path, **LORA, lora_mlp_kernel=True))
     model = _model_as_training_builds_it(cfg)
     settings = liger_settings(cfg, GPU_WITH_LIGER)
     assert settings is not None  # Liger is applied: its other kernels still run
     apply_liger_kernel(model, settings)
     outputs: list[str] = []
-    mlps = [layer.mlp for layer in model.base_model.model.model.layers]
-    for mlp in mlps:
-        mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
     ids = torch.tensor([[1, 2, 3, 4]])
     model(input_ids=ids, labels=ids).loss.backward()
+    return outputs, len(layers)
+
+
+def test_liger_leaves_the_fused_lora_mlp_in_place(tmp_path: Path, stand_in_liger: list[str]) -> None:
+    """`lora_mlp_kernel: true` with Liger on (its default on CUDA): the model set-up swaps in the fused MLP,
+    then the Trainer applies Liger. The fused MLP must be what runs: Liger's RMSNorm, RoPE and loss still
+    apply, its SwiGLU does not."""
+    cfg = validate_mapping(tiny_config(tmp_path, **LORA, lora_mlp_kernel=True))
+    names, layers = _mlp_backward_names_under_liger(cfg)
     assert stand_in_liger == ["liger fused loss"]  # Liger applied, but not its MLP
-    assert outputs == ["FusedLoRAGatedMLPBackward"] * len(mlps)
+    assert names == ["FusedLoRAGatedMLPBackward"] * layers
 
 
 def test_liger_leaves_the_tiled_mlp_in_place(tmp_path: Path, stand_in_liger: list[str]) -> None:
     """`tiled_mlp: true` with Liger on: the tiled MLP (a subclass, as the fused one) must be what runs, not
-    Liger's SwiGLU bound onto each MLP instance at the start of `train()`; Liger's loss still applies."""
-    from transformers.integrations.liger import apply_liger_kernel
-
-    from dolphin_train.train.arguments import liger_settings
-
+    Liger's SwiGLU bound onto each MLP instance; Liger's loss still applies."""
     cfg = validate_mapping(tiny_config(tmp_path, tiled_mlp=True, tiled_mlp_num_shards=2))
-    model = _model_as_training_builds_it(cfg)
-    settings = liger_settings(cfg, GPU_WITH_LIGER)
-    assert settings is not None
-    apply_liger_kernel(model, settings)
-    outputs: list[str] = []
-    mlps = [layer.mlp for layer in model.model.layers]
-    for mlp in mlps:
-        mlp.register_forward_hook(lambda module, args, out: outputs.append(out.grad_fn.name()))
-    ids = torch.tensor([[1, 2, 3, 4]])
-    model(input_ids=ids, labels=ids).loss.backward()
+    names, layers = _mlp_backward_names_under_liger(cfg)
     assert stand_in_liger == ["liger fused loss"]  # Liger applied, but not its MLP
-    assert outputs == ["TiledMLPFunctionBackward"] * len(mlps)
+    assert names == ["TiledMLPFunctionBackward"] * layers
 
 
 def test_lora_on_the_output_head_trains_where_liger_applies(tmp_path: Path, stand_in_liger: list[str]) -> None:
