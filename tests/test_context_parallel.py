@@ -213,7 +213,8 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
 ) -> None:
     """Two plain SGD steps (the update shows the gradient itself) with the chunked loss, which takes each
     share's shifted labels: ZeRO-3 or FSDP over a context-parallel group of 2, with the tiled MLP (whose
-    weight gradients, summed over the chunks, must reach ZeRO-3's and FSDP2's reductions once), against one
+    weight gradients, summed over the chunks, must reach ZeRO-3's and FSDP2's reductions once) and gradient
+    checkpointing (whose recomputation in the backward pass must exchange heads for tokens too), against one
     plain process. Per-step losses, evaluation losses and the saved weights agree."""
     from safetensors.torch import load_file
 
@@ -222,8 +223,8 @@ def test_context_parallel_2_under_sharding_follows_one_process_step_by_step(
     _train(write_config(tmp_path / "one.yml", tiny_config(tmp_path / "one", **common)), [sys.executable])
     shard = {"deepspeed": str(REPO / "deepspeed_configs/zero3.json")} if sharding == "zero3" else \
         {"fsdp": ["full_shard", "auto_wrap"]}  # fmt: skip
-    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, tiled_mlp=True, tiled_mlp_num_shards=3, **shard,
-                      **common)  # fmt: skip
+    cfg = tiny_config(tmp_path / "cp", context_parallel_size=2, tiled_mlp=True, tiled_mlp_num_shards=3,
+                      gradient_checkpointing=True, **shard, **common)  # fmt: skip
     result = _train(write_config(tmp_path / "cp.yml", cfg), TORCHRUN)
     assert "context_parallel_size: 2 runs attention through our entry point" in result.stdout + result.stderr
     assert "MLPs run over 1/3 of the sequence at a time" in result.stdout + result.stderr

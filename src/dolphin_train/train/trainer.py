@@ -138,7 +138,12 @@ class DolphinTrainer(Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.throughput is not None:
             self.throughput.count_batch(inputs)  # what this micro-batch really computes, for MFU
-        return super().training_step(model, inputs, num_items_in_batch)
+        if self.context_group is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Context parallelism: the backward pass recomputes checkpointed layers, whose attention must
+        # exchange heads for tokens as in the forward pass: the whole step runs with the sequence sharded.
+        with sharded_sequence(self.context_group):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.throughput is not None and "loss" in logs:
