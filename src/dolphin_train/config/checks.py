@@ -272,8 +272,7 @@ class CrossSectionChecks:
     def _fp8_problems(self) -> list[str]:
         if not self.fp8_enable_fsdp_float8_all_gather:
             return []
-        fsdp_version = (self.fsdp_config or {}).get("version", self.fsdp_version or 2)
-        if not (self.fp8 and self.fsdp and fsdp_version == 2):
+        if not (self.fp8 and self.fsdp_version_in_use == 2):
             return ["fp8_enable_fsdp_float8_all_gather gathers FSDP2's float8 weights: it needs fp8: true and FSDP2 "
                     "(fsdp_version: 2 with fsdp_config)"]  # fmt: skip
         return []
@@ -356,8 +355,7 @@ class CrossSectionChecks:
             problems.append("tiled_mlp: true and liger_glu_activation: true (or flash_attn_fuse_mlp) both "
                             "replace the gated MLP's forward, and only one can run: keep one (the tiled MLP "
                             "already keeps only a chunk's intermediates)")  # fmt: skip
-        fsdp1 = self.fsdp and (self.fsdp_config or {}).get("version", self.fsdp_version) == 1
-        if self.tiled_mlp is True and fsdp1:
+        if self.tiled_mlp is True and self.fsdp_version_in_use == 1:
             # FSDP1 runs the MLP on views of its flat parameter, not on the module's parameters: the tiled MLP
             # would compute no weight gradients there (model/tiled_mlp.py).
             problems.append("tiled_mlp with FSDP1 (fsdp_version: 1): FSDP1 computes with views of its flat "

@@ -35,7 +35,7 @@ def fsdp_settings(cfg: Config) -> dict[str, Any] | None:
     if not cfg.fsdp:
         return None
     settings = {k.removeprefix("fsdp_"): v for k, v in (cfg.fsdp_config or {}).items()}
-    return {"version": 2, **settings}
+    return {**settings, "version": cfg.fsdp_version_in_use}
 
 
 def fsdp_options(cfg: Config) -> list[str]:

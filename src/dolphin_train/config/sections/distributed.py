@@ -81,6 +81,15 @@ class DistributedKeys(Section):
     )
 
     @property
+    def fsdp_version_in_use(self) -> int | None:
+        """The FSDP version a run with `fsdp` uses (None without FSDP): `fsdp_config`'s `version` (axolotl's
+        `fsdp_` prefix accepted), else `fsdp_version`, else 2. Read by the checks and the Trainer's settings."""
+        if not self.fsdp:
+            return None
+        settings = {k.removeprefix("fsdp_"): v for k, v in (self.fsdp_config or {}).items()}
+        return int(settings.get("version", self.fsdp_version or 2))
+
+    @property
     def cp_size(self) -> int:
         """Processes per context-parallel group: `context_parallel_size`, or its former name."""
         return self.sequence_parallel_degree or self.context_parallel_size
